@@ -1,0 +1,47 @@
+# tasklease — the commands the README promises and CI runs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install spire dev test test-unit lint bench clean help
+
+help:
+	@echo "make dev    - start the real local stack (OpenBao, SPIRE, Redis, PostgreSQL) and the broker"
+	@echo "make test   - run every test (unit + against the real stack), with coverage"
+	@echo "make lint   - ruff, mypy --strict, import-linter"
+	@echo "make bench  - benchmarks (figures printed, nothing asserted)"
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+spire:
+	bash deploy/build-spire.sh
+
+dev: install spire
+	$(BIN)/tasklease dev
+
+test: install spire
+	$(BIN)/coverage erase
+	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	$(BIN)/coverage report
+
+test-unit: install
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check broker tests bench
+	$(BIN)/ruff format --check broker tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+bench: install spire
+	@for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,0 +1,1 @@
+"""Adapters: one module per technology, each satisfying a port of ``broker.core.ports``."""

@@ -1,0 +1,163 @@
+"""Typed settings: ``config/broker.toml``, overridable by ``TASKLEASE_*`` environment variables.
+
+The file is named by ``TASKLEASE_CONFIG`` (default ``config/broker.toml``). Nested keys map to
+environment variables with ``__``: ``[vault] addr`` is ``TASKLEASE_VAULT__ADDR``. Environment
+wins over the file. A bad setting stops start-up with a :class:`ConfigurationError` that names
+the key and the variable that sets it; secrets are :class:`pydantic.SecretStr` and never shown.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from broker.errors import ConfigurationError
+
+DEFAULT_CONFIG_PATH = Path("config/broker.toml")
+ENV_PREFIX = "TASKLEASE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    """Where the broker listens. TLS with its own X.509-SVID is always on."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+    # How long /readyz waits on each dependency before calling it down.
+    readiness_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+
+
+class SpiffeSettings(_Section):
+    """The broker's own workload identity and what it accepts from callers."""
+
+    trust_domain: str = "tasklease.test"
+    # Workload API socket, e.g. unix:///run/spire/agent.sock; empty = SPIFFE_ENDPOINT_SOCKET.
+    workload_api_socket: str = ""
+    # The audience callers' JWT-SVIDs must carry. Never empty (SECURITY.md 15).
+    jwt_audience: str = "tasklease"
+    # A trust bundle older than this is stale: its SVIDs are rejected (fail closed).
+    bundle_max_age_seconds: int = Field(default=3600, gt=0)
+    x509_clock_skew_seconds: int = Field(default=30, ge=0, le=300)
+    jwt_leeway_seconds: int = Field(default=30, ge=0, le=300)
+    jwt_max_lifetime_seconds: int = Field(default=3600, gt=0)
+    max_chain_depth: int = Field(default=4, ge=1, le=8)
+
+    @field_validator("jwt_audience")
+    @classmethod
+    def _audience_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty: an empty audience would accept any JWT-SVID")
+        return value
+
+
+class VaultSettings(_Section):
+    """OpenBao/Vault: where it is, how the broker logs in, how task tokens are minted."""
+
+    addr: str = "http://127.0.0.1:8200"
+    # jwt-svid: log in with the broker's own JWT-SVID (no long-lived secret on the broker).
+    # token: a token of the broker's policy from `token` / TASKLEASE_VAULT__TOKEN (dev only).
+    auth_method: Literal["jwt-svid", "token"] = "jwt-svid"
+    jwt_mount: str = "spiffe-jwt"
+    jwt_role: str = "tasklease-broker"
+    jwt_audience: str = "openbao"
+    token: SecretStr | None = None
+    task_token_role: str = "tasklease-task"  # noqa: S105 - a role name, not a secret
+    request_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    # Renew (re-login) when less than this fraction of the broker's token TTL is left.
+    renew_at_fraction: float = Field(default=0.5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _token_when_token_auth(self) -> VaultSettings:
+        if self.auth_method == "token" and self.token is None:
+            raise ValueError("auth_method 'token' needs vault.token (TASKLEASE_VAULT__TOKEN)")
+        return self
+
+
+class RedisSettings(_Section):
+    """The shared ledger."""
+
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    # Refuse to start on a Redis that evicts keys or does not persist, unless explicitly
+    # configured to run degraded (with an alarm on /readyz and in the logs).
+    insecure_allow_degraded_durability: bool = False
+    socket_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+
+
+class Settings(BaseSettings):
+    """All broker settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerSettings = ServerSettings()
+    spiffe: SpiffeSettings = SpiffeSettings()
+    vault: VaultSettings = VaultSettings()
+    redis: RedisSettings = RedisSettings()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Init arguments, then environment, then the TOML file (lowest)."""
+        toml_path = _config_path()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+
+def _config_path() -> Path | None:
+    named = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigurationError(
+                f"{ENV_PREFIX}CONFIG names {str(path)!r}, which is not a readable file"
+            )
+        return path
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def load_settings() -> Settings:
+    """Load and validate settings; raise :class:`ConfigurationError` naming each bad key."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            dotted = ".".join(str(part) for part in error["loc"])
+            env_name = ENV_PREFIX + "__".join(str(p) for p in error["loc"]).upper()
+            problems.append(f"{dotted} ({env_name}): {error['msg']}")
+        raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
+    except ValueError as exc:  # TOML syntax errors surface as ValueError subclasses
+        raise ConfigurationError(f"cannot read the configuration file: {exc}") from None

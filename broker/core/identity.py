@@ -1,0 +1,29 @@
+"""Authenticated identities: what a verified SVID or OIDC token proves about a caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from broker.core.spiffe_id import SpiffeId
+
+
+class AuthMethod(StrEnum):
+    """How a caller proved its identity."""
+
+    X509_SVID = "x509-svid"
+    JWT_SVID = "jwt-svid"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadIdentity:
+    """A workload whose SVID was verified against the bundle of its own trust domain.
+
+    ``expires_at`` is the SVID's expiry (timezone-aware UTC): a credential issued to this
+    identity never outlives it when the SVID is a JWT-SVID.
+    """
+
+    spiffe_id: SpiffeId
+    expires_at: datetime
+    method: AuthMethod

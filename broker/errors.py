@@ -1,0 +1,186 @@
+"""The one error tree of tasklease.
+
+Every error the broker raises on purpose is a :class:`TaskleaseError`. Each class maps to one
+HTTP status and a stable ``code`` used in RFC 9457 problem+json bodies; an instance may carry a
+finer ``reason`` (a stable, dotted reason code such as ``x509.leaf_is_ca``) that tests and
+clients can rely on. Messages (``detail``) say what was checked, what was found and what was
+expected, and never contain a secret; untrusted values in them are escaped and truncated with
+:func:`broker.core.untrusted.printable`.
+
+::
+
+    TaskleaseError                         500 internal_error
+    ├── ConfigurationError                 (start-up only) configuration_error
+    ├── BadRequestError                    400 bad_request
+    │   └── InputTooLargeError             400 input_too_large
+    ├── AuthenticationError                401 unauthenticated
+    │   ├── SpiffeIdError                  401 invalid_spiffe_id
+    │   ├── SvidRejectedError              401 svid_rejected
+    │   │   ├── X509SvidRejectedError      401 x509_svid_rejected
+    │   │   └── JwtSvidRejectedError       401 jwt_svid_rejected
+    │   ├── UntrustedDomainError           401 untrusted_trust_domain
+    │   └── OidcTokenRejectedError         401 oidc_token_rejected
+    ├── ForbiddenError                     403 forbidden
+    ├── NotFoundError                      404 not_found
+    ├── ConflictError                      409 conflict
+    └── UnavailableError                   503 unavailable
+        ├── BundleUnavailableError         503 bundle_unavailable
+        ├── VaultUnavailableError          503 vault_unavailable
+        ├── LedgerUnavailableError         503 ledger_unavailable
+        └── StackError                     (dev stack) stack_error
+
+Foreign exceptions are translated at the adapter that met them and chained
+(``raise VaultUnavailableError(...) from exc``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class TaskleaseError(Exception):
+    """Base of every deliberate tasklease error."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str, *, reason: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.reason = reason or self.code
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class ConfigurationError(TaskleaseError):
+    """A setting or configuration file is invalid; start-up stops and names the key."""
+
+    code = "configuration_error"
+    title = "Invalid configuration"
+
+
+class BadRequestError(TaskleaseError):
+    """The request is malformed or fails validation."""
+
+    status = 400
+    code = "bad_request"
+    title = "Bad request"
+
+
+class InputTooLargeError(BadRequestError):
+    """An input exceeds a fixed size budget and was not parsed."""
+
+    code = "input_too_large"
+    title = "Input too large"
+
+
+class AuthenticationError(TaskleaseError):
+    """The caller's identity could not be established."""
+
+    status = 401
+    code = "unauthenticated"
+    title = "Authentication failed"
+
+
+class SpiffeIdError(AuthenticationError):
+    """A SPIFFE ID or trust domain name does not follow the SPIFFE-ID specification."""
+
+    code = "invalid_spiffe_id"
+    title = "Invalid SPIFFE ID"
+
+
+class SvidRejectedError(AuthenticationError):
+    """An SVID failed verification."""
+
+    code = "svid_rejected"
+    title = "SVID rejected"
+
+
+class X509SvidRejectedError(SvidRejectedError):
+    """An X.509-SVID failed verification (chain, dates or a SPIFFE leaf rule)."""
+
+    code = "x509_svid_rejected"
+    title = "X.509-SVID rejected"
+
+
+class JwtSvidRejectedError(SvidRejectedError):
+    """A JWT-SVID failed verification (header, signature, claims)."""
+
+    code = "jwt_svid_rejected"
+    title = "JWT-SVID rejected"
+
+
+class UntrustedDomainError(AuthenticationError):
+    """The SVID's trust domain is not one the broker trusts."""
+
+    code = "untrusted_trust_domain"
+    title = "Untrusted trust domain"
+
+
+class OidcTokenRejectedError(AuthenticationError):
+    """A human OIDC ID token failed verification."""
+
+    code = "oidc_token_rejected"
+    title = "OIDC token rejected"
+
+
+class ForbiddenError(TaskleaseError):
+    """The caller is authenticated but not allowed to do this."""
+
+    status = 403
+    code = "forbidden"
+    title = "Forbidden"
+
+
+class NotFoundError(TaskleaseError):
+    """The named resource does not exist (or the caller may not know it exists)."""
+
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class ConflictError(TaskleaseError):
+    """The request conflicts with the current state."""
+
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class UnavailableError(TaskleaseError):
+    """A dependency is unavailable; nothing was issued."""
+
+    status = 503
+    code = "unavailable"
+    title = "Service unavailable"
+
+
+class BundleUnavailableError(UnavailableError):
+    """No fresh trust bundle is available for a trust domain: fail closed."""
+
+    code = "bundle_unavailable"
+    title = "Trust bundle unavailable"
+
+
+class VaultUnavailableError(UnavailableError):
+    """OpenBao/Vault is sealed, unreachable, rate limiting or refused the broker."""
+
+    code = "vault_unavailable"
+    title = "Vault unavailable"
+
+
+class LedgerUnavailableError(UnavailableError):
+    """The Redis ledger is unreachable or misconfigured."""
+
+    code = "ledger_unavailable"
+    title = "Ledger unavailable"
+
+
+class StackError(UnavailableError):
+    """A part of the local development stack failed to start or answer."""
+
+    code = "stack_error"
+    title = "Local stack error"

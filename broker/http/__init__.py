@@ -1,0 +1,1 @@
+"""The aiohttp application: routes, auth middleware, problem+json errors, wire models."""

@@ -1,0 +1,4 @@
+# Task tokens for the `demo-kv` target (kind vault-token) may read the demo KV secrets.
+path "kv/data/demo/*" {
+  capabilities = ["read"]
+}
