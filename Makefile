@@ -35,8 +35,8 @@ test-unit: install
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check broker tests bench
-	$(BIN)/ruff format --check broker tests bench
+	$(BIN)/ruff check broker tests $(wildcard bench)
+	$(BIN)/ruff format --check broker tests $(wildcard bench)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

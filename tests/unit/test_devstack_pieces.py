@@ -12,7 +12,9 @@ def test_placeholders_are_filled_but_vault_templates_are_kept() -> None:
         "nested": [{"td": "spiffe://{trust_domain}/x"}],
         "flag": True,
     }
-    filled = _fill(step, {"{pg_port}": "5432", "{jwt_pubkeys}": ["PEM"], "{trust_domain}": "t.test"})
+    filled = _fill(
+        step, {"{pg_port}": "5432", "{jwt_pubkeys}": ["PEM"], "{trust_domain}": "t.test"}
+    )
     assert filled == {
         "url": "postgresql://{{username}}:{{password}}@127.0.0.1:5432/demo",
         "keys": ["PEM"],
