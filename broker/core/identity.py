@@ -27,3 +27,23 @@ class WorkloadIdentity:
     spiffe_id: SpiffeId
     expires_at: datetime
     method: AuthMethod
+
+
+@dataclass(frozen=True, slots=True)
+class HumanIdentity:
+    """A person (approver or admin) whose OIDC ID token was verified against its issuer.
+
+    ``subject`` is the issuer's stable ``sub``; ``display`` is a readable name (email or
+    preferred username) for audit and logs, never used for authorisation.
+    """
+
+    issuer: str
+    subject: str
+    display: str
+    expires_at: datetime
+    groups: tuple[str, ...] = ()
+
+    @property
+    def principal_id(self) -> str:
+        """A stable identifier that cannot collide with a SPIFFE ID: ``oidc:<issuer>#<sub>``."""
+        return f"oidc:{self.issuer}#{self.subject}"

@@ -47,7 +47,8 @@ class SlowCheck:
 
 async def test_all_ok_is_ready() -> None:
     readiness = Readiness(
-        checks=[StaticCheck("a", True), StaticCheck("b", True)], clock=FixedClock(),
+        checks=[StaticCheck("a", True), StaticCheck("b", True)],
+        clock=FixedClock(),
         timeout_seconds=1,
     )
     assert (await readiness.report()).ready is True
@@ -55,7 +56,8 @@ async def test_all_ok_is_ready() -> None:
 
 async def test_a_raising_or_slow_check_is_not_ready_with_its_reason() -> None:
     readiness = Readiness(
-        checks=[StaticCheck("a", True), RaisingCheck(), SlowCheck()], clock=FixedClock(),
+        checks=[StaticCheck("a", True), RaisingCheck(), SlowCheck()],
+        clock=FixedClock(),
         timeout_seconds=0.05,
     )
     report = await readiness.report()
@@ -69,7 +71,8 @@ async def test_a_raising_or_slow_check_is_not_ready_with_its_reason() -> None:
 
 async def test_readyz_answers_503_with_each_check_and_healthz_200() -> None:
     readiness = Readiness(
-        checks=[StaticCheck("a", True), StaticCheck("b", False)], clock=FixedClock(),
+        checks=[StaticCheck("a", True), StaticCheck("b", False)],
+        clock=FixedClock(),
         timeout_seconds=1,
     )
     async with TestClient(TestServer(create_app(readiness=readiness))) as client:
