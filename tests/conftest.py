@@ -38,9 +38,9 @@ def stack() -> Iterator[DevStack]:
         dev.stop()
 
 
-@pytest.fixture(scope="session")
-def broker_env(stack: DevStack) -> Iterator[dict[str, str]]:
-    """Environment that points broker settings at the stack."""
+@pytest.fixture
+def broker_env(stack: DevStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment (for this test only) that points broker settings at the stack."""
     endpoints = stack.endpoints
     assert endpoints is not None
     env = {
@@ -52,16 +52,9 @@ def broker_env(stack: DevStack) -> Iterator[dict[str, str]]:
         "TASKLEASE_SERVER__PORT": "0",
         "TASKLEASE_SERVER__READINESS_TIMEOUT_SECONDS": "3",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ from broker.errors import ConfigurationError
 
 @pytest.fixture
 def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for key in list(os.environ):
+        if key.startswith("TASKLEASE_"):
+            monkeypatch.delenv(key)
     path = tmp_path / "broker.toml"
     path.write_text('[vault]\naddr = "http://vault.example:8200"\n[server]\nport = 9443\n')
     monkeypatch.setenv("TASKLEASE_CONFIG", str(path))
