@@ -13,18 +13,37 @@ import logging
 import signal
 import ssl
 import sys
-from collections.abc import Callable
+import tomllib
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import structlog
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
+from broker.adapters.bundle_sources import (
+    FederationEndpointSource,
+    StaticBundleFile,
+    WorkloadApiBundleFeed,
+)
 from broker.adapters.clock import SystemClock
 from broker.adapters.redis_ledger import RedisLedger, RedisReadiness
 from broker.adapters.tls import RotatingServerTls, build_server_context
 from broker.adapters.vault import HvacVault, VaultReadiness
 from broker.adapters.workload_api import WorkloadApiReadiness, WorkloadApiSource
 from broker.config import Settings
+from broker.core.authn import CallerAuthenticator
+from broker.core.bundle import TrustStore
+from broker.core.jwtsvid import JwtSvidVerifier
+from broker.core.roles import RoleMap, parse_role_map
+from broker.core.spiffe_id import TrustDomain
+from broker.core.x509svid import TrustStoreX509Authenticator
+from broker.errors import ConfigurationError, TaskleaseError
 from broker.http.app import create_app
 from broker.service import Readiness
 
@@ -59,7 +78,13 @@ class BrokerRuntime:
     workload: WorkloadApiSource
     vault: HvacVault
     ledger: RedisLedger
+    trust_store: TrustStore
+    http_session: aiohttp.ClientSession
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` until :meth:`close`."""
+        self._tasks.append(asyncio.create_task(work))
 
     async def close(self) -> None:
         """Stop background work and close every connection."""
@@ -68,29 +93,126 @@ class BrokerRuntime:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.http_session.close()
         await self.ledger.close()
         self.vault.close()
         self.workload.close()
 
 
-def _server_context(workload: WorkloadApiSource) -> ssl.SSLContext:
+def _server_context(workload: WorkloadApiSource, store: TrustStore) -> ssl.SSLContext:
     svid = workload.own_svid()
-    bundles = workload.bundles()
-    roots = [cert for certs in bundles.x509_authorities.values() for cert in certs]
-    return build_server_context(chain=svid.chain, private_key=svid.private_key, client_roots=roots)
+    return build_server_context(
+        chain=svid.chain, private_key=svid.private_key, client_roots=_all_roots(store)
+    )
+
+
+def _all_roots(store: TrustStore) -> list[x509.Certificate]:
+    # The TLS layer only checks proof of possession and that *some* trusted root signed the
+    # chain; the per-trust-domain verification happens in TrustStoreX509Authenticator.
+    roots: list[x509.Certificate] = []
+    for trust_domain in sorted(store.trust_domains, key=lambda td: td.name):
+        with contextlib.suppress(TaskleaseError):
+            roots.extend(store.bundle_for(trust_domain, datetime.now(UTC)).x509_authorities)
+    return roots
+
+
+async def _follow_roots(
+    tls: RotatingServerTls, workload: WorkloadApiSource, store: TrustStore
+) -> None:
+    """Rebuild the TLS context when the set of trusted roots changes (federation refreshes)."""
+    current = {cert.fingerprint(hashes.SHA256()) for cert in _all_roots(store)}
+    while True:
+        await asyncio.sleep(5)
+        roots = {cert.fingerprint(hashes.SHA256()) for cert in _all_roots(store)}
+        if roots != current:
+            tls.replace(_server_context(workload, store))
+            current = roots
+            _log.info("tls.client_roots_changed", roots=len(roots))
+
+
+def _role_map(path: Path) -> RoleMap:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(
+            f"identities_file {str(path)!r} cannot be read: {type(exc).__name__}: {exc}"
+        ) from None
+    return parse_role_map({k: v for k, v in data.items() if k != "oidc_issuer"})
+
+
+def _bundle_sources(
+    settings: Settings, store: TrustStore, clock: SystemClock
+) -> tuple[list[StaticBundleFile], list[FederationEndpointSource]]:
+    files: list[StaticBundleFile] = []
+    endpoints: list[FederationEndpointSource] = []
+    for entry in settings.spiffe.federation:
+        trust_domain = TrustDomain(entry.trust_domain)
+        if entry.bundle_file:
+            source = StaticBundleFile(
+                trust_domain=trust_domain, path=Path(entry.bundle_file), store=store, now=clock.now
+            )
+            source.load()
+            files.append(source)
+        else:
+            context = None
+            if entry.endpoint_ca_file:
+                context = ssl.create_default_context(cafile=entry.endpoint_ca_file)
+            endpoints.append(
+                FederationEndpointSource(
+                    trust_domain=trust_domain,
+                    url=entry.endpoint_url,
+                    store=store,
+                    now=clock.now,
+                    ssl_context=context,
+                )
+            )
+    return files, endpoints
 
 
 async def build_runtime(settings: Settings) -> BrokerRuntime:
     """Connect every adapter and build the app; raise a TaskleaseError if a part is unfit."""
     clock = SystemClock()
-    workload = WorkloadApiSource(socket_path=settings.spiffe.workload_api_socket)
+    roles = _role_map(settings.identities_file)
+    spiffe = settings.spiffe
+    store = TrustStore(
+        max_staleness=timedelta(seconds=spiffe.bundle_max_age_seconds),
+        max_staleness_for={
+            TrustDomain(f.trust_domain): timedelta(seconds=f.max_age_seconds)
+            for f in spiffe.federation
+            if f.max_age_seconds is not None
+        },
+    )
+    workload = WorkloadApiSource(socket_path=spiffe.workload_api_socket)
     await workload.start()
     ledger: RedisLedger | None = None
     vault: HvacVault | None = None
+    http_session: aiohttp.ClientSession | None = None
     try:
-        tls = RotatingServerTls(_server_context(workload))
-        rotate: Callable[[], None] = lambda: tls.replace(_server_context(workload))  # noqa: E731
+        WorkloadApiBundleFeed(source=workload, store=store, now=clock.now).start()
+        bundle_files, bundle_endpoints = _bundle_sources(settings, store, clock)
+        http_session = aiohttp.ClientSession()
+        for endpoint in bundle_endpoints:
+            # The first fetch happens before serving: a federated domain is trusted from start.
+            with contextlib.suppress(TaskleaseError):
+                await endpoint.refresh_once(http_session)
+        tls = RotatingServerTls(_server_context(workload, store))
+        rotate: Callable[[], None] = lambda: tls.replace(_server_context(workload, store))  # noqa: E731
         workload.subscribe(rotate)
+        authenticator = CallerAuthenticator(
+            x509_svids=TrustStoreX509Authenticator(
+                trust_store=store,
+                max_chain_depth=spiffe.max_chain_depth,
+                skew=timedelta(seconds=spiffe.x509_clock_skew_seconds),
+            ),
+            jwt_svids=JwtSvidVerifier(
+                audience=spiffe.jwt_audience,
+                trust_store=store,
+                max_lifetime=timedelta(seconds=spiffe.jwt_max_lifetime_seconds),
+                leeway=timedelta(seconds=spiffe.jwt_leeway_seconds),
+            ),
+            oidc=None,
+            roles=roles,
+        )
 
         ledger = RedisLedger(settings=settings.redis)
         await ledger.ping()
@@ -117,8 +239,10 @@ async def build_runtime(settings: Settings) -> BrokerRuntime:
             clock=clock,
             timeout_seconds=settings.server.readiness_timeout_seconds,
         )
-        app = create_app(readiness=readiness)
+        app = create_app(readiness=readiness, authenticator=authenticator, now=clock.now)
     except BaseException:
+        if http_session is not None:
+            await http_session.close()
         if ledger is not None:
             await ledger.close()
         if vault is not None:
@@ -126,9 +250,21 @@ async def build_runtime(settings: Settings) -> BrokerRuntime:
         workload.close()
         raise
     runtime = BrokerRuntime(
-        settings=settings, app=app, tls=tls, workload=workload, vault=vault, ledger=ledger
+        settings=settings,
+        app=app,
+        tls=tls,
+        workload=workload,
+        vault=vault,
+        ledger=ledger,
+        trust_store=store,
+        http_session=http_session,
     )
-    runtime._tasks.append(asyncio.create_task(vault.keep_session()))
+    runtime.start_background(vault.keep_session())
+    runtime.start_background(_follow_roots(tls, workload, store))
+    for bundle_file in bundle_files:
+        runtime.start_background(bundle_file.run())
+    for endpoint in bundle_endpoints:
+        runtime.start_background(endpoint.run(http_session))
     return runtime
 
 

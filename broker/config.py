@@ -47,6 +47,30 @@ class ServerSettings(_Section):
     readiness_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
 
 
+class FederationSettings(_Section):
+    """Another trust domain whose SVIDs the broker accepts, and where its bundle comes from.
+
+    Exactly one source: a SPIFFE bundle file (re-read every minute) or a bundle endpoint with
+    the https_web profile (refreshed on the bundle's refresh hint). Trust domains that the
+    local SPIRE agent federates with arrive through the Workload API and need no entry here.
+    """
+
+    trust_domain: str
+    bundle_file: str = ""
+    endpoint_url: str = ""
+    # PEM file of the CA that signs the endpoint's server certificate; empty: system roots.
+    endpoint_ca_file: str = ""
+    max_age_seconds: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> FederationSettings:
+        if bool(self.bundle_file) == bool(self.endpoint_url):
+            raise ValueError("set exactly one of bundle_file and endpoint_url")
+        if self.endpoint_url and not self.endpoint_url.startswith("https://"):
+            raise ValueError("endpoint_url must be https:// (the https_web profile)")
+        return self
+
+
 class SpiffeSettings(_Section):
     """The broker's own workload identity and what it accepts from callers."""
 
@@ -61,6 +85,7 @@ class SpiffeSettings(_Section):
     jwt_leeway_seconds: int = Field(default=30, ge=0, le=300)
     jwt_max_lifetime_seconds: int = Field(default=3600, gt=0)
     max_chain_depth: int = Field(default=4, ge=1, le=8)
+    federation: tuple[FederationSettings, ...] = ()
 
     @field_validator("jwt_audience")
     @classmethod
@@ -118,6 +143,8 @@ class Settings(BaseSettings):
     vault: VaultSettings = VaultSettings()
     redis: RedisSettings = RedisSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Roles of workloads (SPIFFE ID patterns) and people (OIDC issuers and claims).
+    identities_file: Path = Path("config/identities.toml")
 
     @classmethod
     def settings_customise_sources(

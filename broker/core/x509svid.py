@@ -42,6 +42,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from broker.core.bundle import TrustBundle, TrustStore
 from broker.core.identity import AuthMethod, WorkloadIdentity
 from broker.core.spiffe_id import SpiffeId, TrustDomain
 from broker.core.untrusted import printable
@@ -315,6 +316,51 @@ class X509SvidAuthenticator:
                 f"{printable(str(spiffe_id))} is not trusted (trusted: {trusted})",
                 reason="x509.untrusted_trust_domain",
             )
+        return verifier._verify(leaf, extensions, spiffe_id, intermediates, now=now)
+
+
+class TrustStoreX509Authenticator:
+    """Authenticates X.509-SVIDs against the live :class:`~broker.core.bundle.TrustStore`.
+
+    The leaf's own trust domain picks the bundle (unknown → ``trust_domain.untrusted``, stale →
+    ``bundle.stale``: fail closed). One :class:`X509SvidVerifier` is cached per trust domain and
+    rebuilt whenever the store holds a different bundle object for it, so a refresh that drops
+    an authority takes effect on the next request and nothing is ever merged.
+    """
+
+    __slots__ = ("_cache", "_max_chain_depth", "_skew", "_store")
+
+    def __init__(
+        self,
+        *,
+        trust_store: TrustStore,
+        max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
+        skew: timedelta = DEFAULT_SKEW,
+    ) -> None:
+        self._store = trust_store
+        self._max_chain_depth = max_chain_depth
+        self._skew = skew
+        self._cache: dict[TrustDomain, tuple[TrustBundle, X509SvidVerifier]] = {}
+
+    def authenticate(self, chain: Sequence[x509.Certificate], *, now: datetime) -> WorkloadIdentity:
+        """Authenticate a peer from its TLS chain (leaf first, from a completed handshake)."""
+        if not chain:
+            raise _reject("no client certificate was presented", "empty_chain")
+        leaf, *intermediates = chain
+        extensions = _extension_map(leaf, "leaf")
+        spiffe_id = _leaf_spiffe_id(extensions)
+        bundle = self._store.bundle_for(spiffe_id.trust_domain, now)
+        cached = self._cache.get(spiffe_id.trust_domain)
+        if cached is None or cached[0] is not bundle:
+            verifier = X509SvidVerifier(
+                trust_domain=spiffe_id.trust_domain,
+                authorities=bundle.x509_authorities,
+                max_chain_depth=self._max_chain_depth,
+                skew=self._skew,
+            )
+            self._cache[spiffe_id.trust_domain] = (bundle, verifier)
+        else:
+            verifier = cached[1]
         return verifier._verify(leaf, extensions, spiffe_id, intermediates, now=now)
 
 

@@ -7,7 +7,12 @@ from datetime import UTC, datetime
 
 from aiohttp.test_utils import TestClient, TestServer
 
+from broker.core.authn import CallerAuthenticator
+from broker.core.bundle import TrustStore
+from broker.core.jwtsvid import JwtSvidVerifier
 from broker.core.ports import CheckResult
+from broker.core.roles import RoleMap
+from broker.core.x509svid import TrustStoreX509Authenticator
 from broker.errors import LedgerUnavailableError
 from broker.http.app import create_app
 from broker.service import Readiness
@@ -45,6 +50,17 @@ class SlowCheck:
         return CheckResult(self.name, ok=True, detail="late")
 
 
+def _no_auth() -> CallerAuthenticator:
+    """An authenticator that trusts nothing (these tests only touch public paths)."""
+    store = TrustStore()
+    return CallerAuthenticator(
+        x509_svids=TrustStoreX509Authenticator(trust_store=store),
+        jwt_svids=JwtSvidVerifier(audience="tasklease", trust_store=store),
+        oidc=None,
+        roles=RoleMap((), ()),
+    )
+
+
 async def test_all_ok_is_ready() -> None:
     readiness = Readiness(
         checks=[StaticCheck("a", True), StaticCheck("b", True)],
@@ -75,7 +91,9 @@ async def test_readyz_answers_503_with_each_check_and_healthz_200() -> None:
         clock=FixedClock(),
         timeout_seconds=1,
     )
-    async with TestClient(TestServer(create_app(readiness=readiness))) as client:
+    async with TestClient(
+        TestServer(create_app(readiness=readiness, authenticator=_no_auth(), now=FixedClock().now))
+    ) as client:
         ready = await client.get("/readyz")
         assert ready.status == 503
         assert await ready.json() == {
@@ -86,11 +104,19 @@ async def test_readyz_answers_503_with_each_check_and_healthz_200() -> None:
         assert (health.status, await health.json()) == (200, {"status": "ok"})
 
 
-async def test_unknown_routes_are_problem_json() -> None:
+async def test_unauthenticated_requests_are_401_problem_json_even_for_unknown_routes() -> None:
+    """Nothing beyond the public paths answers before authentication (no route probing)."""
     readiness = Readiness(checks=[], clock=FixedClock(), timeout_seconds=1)
-    async with TestClient(TestServer(create_app(readiness=readiness))) as client:
+    async with TestClient(
+        TestServer(create_app(readiness=readiness, authenticator=_no_auth(), now=FixedClock().now))
+    ) as client:
         response = await client.get("/v1/nope", headers={"X-Request-Id": "req-1"})
-        assert response.status == 404
+        assert response.status == 401
         assert response.content_type == "application/problem+json"
         body = await response.json()
-        assert (body["status"], body["code"], body["request_id"]) == (404, "http_404", "req-1")
+        assert (body["status"], body["code"], body["reason"], body["request_id"]) == (
+            401,
+            "unauthenticated",
+            "auth.missing",
+            "req-1",
+        )
