@@ -6,14 +6,74 @@ Locally, a machine without the stack's binaries skips the stack tests with the r
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import IO
 
 import pytest
+import structlog
 
 from broker.devstack import DevStack, missing_parts
+from tests.secret_scan import scan_paths
 
 REQUIRE_STACK = os.environ.get("TASKLEASE_REQUIRE_STACK") == "1"
+
+# Everything the suite logs lands here and is scanned for secrets when the session ends
+# (SECURITY.md 38): the broker's structlog JSON, the standard library's records, and the logs
+# of OpenBao, SPIRE, Redis and PostgreSQL.
+LOG_DIR = Path(os.environ.get("TASKLEASE_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="tl-test-logs-"))
+KNOWN_SECRETS: list[str] = []
+_log_file: IO[str] | None = None
+
+
+def remember_secret(value: str) -> str:
+    """Register a secret the suite handled: the final log scan fails if it shows up anywhere."""
+    KNOWN_SECRETS.append(value)
+    return value
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _log_file  # noqa: PLW0603 - one log file per test session
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    _log_file = (LOG_DIR / "broker.jsonl").open("a", encoding="utf-8")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=True),
+        ],
+        logger_factory=structlog.WriteLoggerFactory(file=_log_file),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.FileHandler(LOG_DIR / "stdlib.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _log_file is not None:
+        _log_file.flush()
+    findings = scan_paths([LOG_DIR], known=KNOWN_SECRETS)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if findings:
+        if reporter is not None:
+            reporter.write_line(f"SECRET SCAN: {len(findings)} finding(s) in the logs of this run:")
+            for finding in findings[:50]:
+                reporter.write_line(f"  {finding.path}:{finding.line}: {finding.kind}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif reporter is not None:
+        files = sum(1 for p in LOG_DIR.rglob("*") if p.is_file())
+        reporter.write_line(
+            f"secret scan: {files} log files in {LOG_DIR}, {len(KNOWN_SECRETS)} known secrets, "
+            "no findings"
+        )
 
 
 def _stack_or_skip() -> None:
@@ -30,12 +90,25 @@ def _stack_or_skip() -> None:
 def stack() -> Iterator[DevStack]:
     """OpenBao, SPIRE server + agent, Redis and PostgreSQL on free loopback ports."""
     _stack_or_skip()
-    dev = DevStack(x509_svid_ttl="1h", jwt_svid_ttl="5m")
-    dev.start()
+    runtime = Path(tempfile.mkdtemp(prefix="tl-", dir="/tmp"))
+    dev = DevStack(x509_svid_ttl="1h", jwt_svid_ttl="5m", runtime_dir=runtime)
     try:
+        endpoints = dev.start()
+        for secret in (
+            endpoints.openbao_root_token,
+            endpoints.openbao_unseal_key,
+            endpoints.postgres_superuser_password,
+            endpoints.redis_url.split("@")[0].rsplit(":", 1)[-1],
+        ):
+            remember_secret(secret)
         yield dev
     finally:
         dev.stop()
+        # Keep the services' logs for the secret scan; drop everything else (stack.json holds
+        # the dev secrets).
+        if (runtime / "logs").exists():
+            shutil.copytree(runtime / "logs", LOG_DIR / "stack", dirs_exist_ok=True)
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from broker.bootstrap import RunningBroker, start_broker
 from broker.config import load_settings
 from broker.devstack import DevStack
+from tests.conftest import LOG_DIR
 from tests.jwt_tokens import Signer, bundle_json, ec_key, token, x509_jwk
 from tests.pki import make_root, new_key
 
@@ -344,3 +345,33 @@ async def test_the_broker_keeps_serving_across_its_own_svid_rotation(
         assert (status, body["principal"]) == (200, _agent_id(stack))
     finally:
         _set_broker_x509_ttl(stack, 3600)
+
+
+async def test_hostile_values_are_logged_as_one_escaped_truncated_line(
+    stack: DevStack, start: StartBroker, tmp_path: Path
+) -> None:
+    """SECURITY 38: CR/LF, ANSI escapes and a long value in an untrusted field (a JWT's kid)
+    become one JSON log line with the value escaped and cut to a fixed budget."""
+    broker = await start()
+    hostile_kid = "evil\r\nlevel=critical fake=1\x1b[31m" + "K" * 5000
+    signer = Signer(kid="ok", key=ec_key(label="hostile"), alg="ES256")
+    forged = token(signer, header={"kid": hostile_kid}, sub=_agent_id(stack))
+    request_id = "hostile-kid-1"
+    status, body = await _get(
+        broker,
+        _client_context(stack, tmp_path),
+        headers={"Authorization": f"Bearer {forged}", "X-Request-Id": request_id},
+    )
+    assert (status, body["reason"]) == (401, "jwt.kid_malformed")
+    assert "\r" not in body["detail"] and "\x1b" not in body["detail"]
+    lines = [
+        line
+        for line in (LOG_DIR / "broker.jsonl").read_text().splitlines()
+        if request_id in line and "identity.rejected" in line
+    ]
+    assert len(lines) == 1
+    event = json.loads(lines[0])
+    assert "\\r\\n" in event["detail"] and "\\x1b" in event["detail"]
+    assert "\r" not in event["detail"] and "\x1b" not in event["detail"]
+    assert len(lines[0]) < 2000
+    assert forged not in lines[0]

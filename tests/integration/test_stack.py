@@ -23,6 +23,7 @@ from broker.adapters.workload_api import WorkloadApiSource
 from broker.config import RedisSettings
 from broker.devstack import DevStack
 from broker.errors import LedgerUnavailableError
+from tests.conftest import remember_secret
 
 pytestmark = pytest.mark.stack
 
@@ -96,10 +97,10 @@ def test_per_task_child_token_reads_database_creds_and_revocation_ends_the_login
     assert created["renewable"] is False
     assert created["lease_duration"] <= 30
     assert created["orphan"] is True
-    task = hvac.Client(url=e.openbao_addr, token=created["client_token"])
+    task = hvac.Client(url=e.openbao_addr, token=remember_secret(created["client_token"]))
     creds = task.secrets.database.generate_credentials("demo-readonly")
     lease_id = creds["lease_id"]
-    user, password = creds["data"]["username"], creds["data"]["password"]
+    user, password = creds["data"]["username"], remember_secret(creds["data"]["password"])
 
     def login() -> int:
         with psycopg.connect(
