@@ -310,14 +310,16 @@ class StaticBundleFile:
             fd = os.open(self._path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise self._unreadable(type(exc).__name__) from exc
-        with os.fdopen(fd, "rb") as file:
-            try:
-                if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                    raise self._unreadable("not a regular file")
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise self._unreadable("not a regular file")
+            with os.fdopen(fd, "rb", closefd=False) as file:
                 # One byte over the limit is enough for the parser to refuse it as too large.
                 return file.read(self._max_bytes + 1)
-            except OSError as exc:
-                raise self._unreadable(type(exc).__name__) from exc
+        except OSError as exc:
+            raise self._unreadable(type(exc).__name__) from exc
+        finally:
+            os.close(fd)
 
     def _unreadable(self, why: str) -> BundleUnavailableError:
         return BundleUnavailableError(
@@ -394,19 +396,20 @@ class FederationEndpointSource:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         try:
+            parts = urlsplit(url)
             origin: tuple[str, str, int] | None = _origin(url)
         except ValueError:
             origin = None
+        if origin is not None and (parts.username is not None or parts.password is not None):
+            # §5.2.1.1: MUST NOT include userinfo (and a password would end up in logs, so
+            # this message does not echo the URL).
+            raise ConfigurationError(
+                f"federation endpoint URL for {trust_domain} must not contain userinfo"
+            )
         if origin is None or origin[0] != "https":
             raise ConfigurationError(
                 f"federation endpoint for {trust_domain} must be an https:// URL with a host "
                 f"(https_web profile), got {printable(url)}"
-            )
-        parts = urlsplit(url)
-        if parts.username is not None or parts.password is not None:
-            # §5.2.1.1: MUST NOT include userinfo (and a password would end up in logs).
-            raise ConfigurationError(
-                f"federation endpoint URL for {trust_domain} must not contain userinfo"
             )
         context = ssl_context if ssl_context is not None else ssl.create_default_context()
         if context.verify_mode != ssl.CERT_REQUIRED or not context.check_hostname:
@@ -567,12 +570,12 @@ class FederationEndpointSource:
             raise self._status_error(
                 f"redirected to a malformed URL {printable(location)}"
             ) from None
+        if parts.username is not None or parts.password is not None:
+            raise self._status_error("redirected to a URL with userinfo, refused")
         if origin[0] != "https":
             raise self._status_error(
                 f"redirected to {printable(target)}: plain HTTP or another scheme is refused"
             )
-        if parts.username is not None or parts.password is not None:
-            raise self._status_error("redirected to a URL with userinfo, refused")
         if origin != self._origin:
             raise self._status_error(
                 f"redirected to {printable(target)}: another host or port than the configured "

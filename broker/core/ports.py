@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from broker.core.model import (
+    Decision,
+    DelegationChain,
+    Lease,
+    LeaseState,
+    Sensitivity,
+    Target,
+    WorkflowRun,
+)
 
 
 class Clock(Protocol):
@@ -32,4 +43,186 @@ class ReadinessCheck(Protocol):
 
     async def check(self, now: datetime) -> CheckResult:
         """Probe the dependency."""
+        ...
+
+
+# --------------------------------------------------------------------------- issuance ports
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRequest:
+    """Everything a policy decision may look at, evaluated at request time."""
+
+    principal: str
+    principal_roles: frozenset[str]
+    trust_domain: str
+    action: str
+    target: Target
+    run: WorkflowRun
+    chain: DelegationChain
+    task_id: str
+    tool: str
+    justification: str
+    ttl: timedelta
+    now: datetime
+    # None: no approval presented. Otherwise its state as the broker verified it.
+    approval: ApprovalState | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalState:
+    """An approval presented with a request, as verified by the broker."""
+
+    approval_id: str
+    approved: bool
+    approvers: tuple[str, ...]
+    expires_at: datetime
+
+
+class PolicyEngine(Protocol):
+    """Decides a :class:`PolicyRequest`. Anything but an explicit allow is not an allow."""
+
+    def decide(self, request: PolicyRequest) -> Decision:
+        """The decision, with the policy ids and the evaluated context."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class MintSpec:
+    """What to mint: one credential for one task, with a TTL Vault will enforce."""
+
+    credential_id: str
+    workflow_id: str
+    task_id: str
+    holder: str
+    owner: str
+    chain: DelegationChain
+    target: Target
+    ttl: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class MintedCredential:
+    """What Vault returned. ``secret`` is handed to the caller once and never stored or logged."""
+
+    token_accessor: str
+    vault_lease_ids: tuple[str, ...]
+    expires_at: datetime
+    secret: Mapping[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeOutcome:
+    """What a revocation confirmed: revoked only when Vault no longer knows token and leases."""
+
+    confirmed: bool
+    still_live: tuple[str, ...] = ()
+    error: str = ""
+
+
+class SecretMinter(Protocol):
+    """Mints per-task credentials and revokes them (OpenBao/Vault)."""
+
+    async def mint(self, spec: MintSpec) -> MintedCredential:
+        """Create the per-task token and read the target's secret with it."""
+        ...
+
+    async def revoke(
+        self, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
+    ) -> RevokeOutcome:
+        """Revoke the task token by accessor and each lease; confirm with lookups."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSelector:
+    """Which leases a query or a forced revocation addresses. Empty fields match anything;
+    ``everything`` must be set explicitly to address every lease."""
+
+    workflow_id: str | None = None
+    task_id: str | None = None
+    holder: str | None = None
+    holder_prefix: str | None = None
+    owner: str | None = None
+    target: str | None = None
+    sensitivity: Sensitivity | None = None
+    states: frozenset[LeaseState] | None = None
+    everything: bool = False
+
+    def matches(self, lease: Lease) -> bool:
+        """True when ``lease`` satisfies every set field."""
+        checks = [
+            self.workflow_id is None or lease.workflow_id == self.workflow_id,
+            self.task_id is None or lease.task_id == self.task_id,
+            self.holder is None or lease.holder == self.holder,
+            self.holder_prefix is None or lease.holder.startswith(self.holder_prefix),
+            self.owner is None or lease.owner == self.owner,
+            self.target is None or lease.target == self.target,
+            self.sensitivity is None or lease.sensitivity is self.sensitivity,
+            self.states is None or lease.state in self.states,
+        ]
+        return all(checks)
+
+
+class Ledger(Protocol):
+    """The lease ledger (Redis in production, in memory in unit tests). Never a secret."""
+
+    async def create_run(self, run: WorkflowRun) -> bool:
+        """Store a new run; False if the id is taken."""
+        ...
+
+    async def get_run(self, workflow_id: str) -> WorkflowRun | None:
+        """The run, or None."""
+        ...
+
+    async def save_run(self, run: WorkflowRun) -> None:
+        """Overwrite a run (state changes)."""
+        ...
+
+    async def write_ahead(self, lease: Lease) -> None:
+        """Record a lease in state issuing *before* minting, indexed and due at its expiry,
+        so that even a mint whose answer is lost is found and revoked."""
+        ...
+
+    async def activate(
+        self, credential_id: str, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
+    ) -> Lease:
+        """issuing → active with the Vault references, durably acknowledged. Raises
+        ConflictError (``lease.tombstoned``) if the task was revoked meanwhile."""
+        ...
+
+    async def get_lease(self, credential_id: str) -> Lease | None:
+        """The lease, or None."""
+        ...
+
+    async def save_lease(self, lease: Lease) -> None:
+        """Overwrite a lease (state transitions), keeping indexes consistent."""
+        ...
+
+    async def find_leases(self, selector: LeaseSelector, *, limit: int = 1000) -> list[Lease]:
+        """Leases matching ``selector``, using the narrowest index available."""
+        ...
+
+    async def remember_idempotency(
+        self, key: str, fingerprint: str, credential_id: str, *, ttl: timedelta
+    ) -> str | None:
+        """Bind ``key`` to ``credential_id`` unless bound already; return the existing
+        credential id when the key was seen (ConflictError if with another fingerprint)."""
+        ...
+
+    async def tombstone_task(self, workflow_id: str, task_id: str, *, until: datetime) -> None:
+        """Block activation of any further lease of this task (it was revoked)."""
+        ...
+
+    async def schedule(self, credential_id: str, due_at: datetime) -> None:
+        """(Re)place a lease in the due index."""
+        ...
+
+    async def claim_due(self, now: datetime, *, limit: int, visibility: timedelta) -> list[str]:
+        """Atomically claim up to ``limit`` due leases (oldest first) for ``visibility``;
+        claims not acknowledged in time come back."""
+        ...
+
+    async def ack(self, credential_id: str) -> None:
+        """Done with a claimed lease (revoked, or rescheduled with :meth:`schedule`)."""
         ...
