@@ -126,6 +126,26 @@ class RedisSettings(_Section):
     # configured to run degraded (with an alarm on /readyz and in the logs).
     insecure_allow_degraded_durability: bool = False
     socket_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    # What "durably acknowledged" means for the write a secret is returned on (SECURITY.md 32):
+    # fsync: the AOF is fsynced (appendfsync always, or WAITAOF on Redis >= 7.2);
+    # replicas: `WAIT durability_replicas` replicas hold the write;
+    # none: no acknowledgement at all (only with insecure_allow_degraded_durability).
+    durability: Literal["fsync", "replicas", "none"] = "fsync"
+    durability_replicas: int = Field(default=1, ge=1, le=16)
+    # How long WAIT / WAITAOF may block an issuance before it counts as not acknowledged.
+    durability_timeout_ms: int = Field(default=1000, ge=1, le=30_000)
+    # Shards of the due index. Every replica must use the same number: the ledger records it
+    # in Redis and refuses a different one (items in other shards would never be swept).
+    due_buckets: int = Field(default=16, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _no_acknowledgement_only_when_degraded(self) -> RedisSettings:
+        if self.durability == "none" and not self.insecure_allow_degraded_durability:
+            raise ValueError(
+                "durability = 'none' returns secrets on writes Redis may lose; it needs "
+                "insecure_allow_degraded_durability = true"
+            )
+        return self
 
 
 class Settings(BaseSettings):

@@ -21,8 +21,10 @@ expected, and never contain a secret; untrusted values in them are escaped and t
     │   ├── UntrustedDomainError           401 untrusted_trust_domain
     │   └── OidcTokenRejectedError         401 oidc_token_rejected
     ├── ForbiddenError                     403 forbidden
+    │   └── PolicyDeniedError              403 policy_denied (carries policy_ids)
     ├── NotFoundError                      404 not_found
     ├── ConflictError                      409 conflict
+    │   └── IdempotentReplayError          409 idempotency_replayed (carries credential_id)
     └── UnavailableError                   503 unavailable
         ├── BundleUnavailableError         503 bundle_unavailable
         ├── VaultUnavailableError          503 vault_unavailable
@@ -35,6 +37,7 @@ Foreign exceptions are translated at the adapter that met them and chained
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 
@@ -52,6 +55,10 @@ class TaskleaseError(Exception):
 
     def __str__(self) -> str:
         return self.detail
+
+    def extra(self) -> dict[str, object]:
+        """Additional problem+json members a client can act on (never a secret)."""
+        return {}
 
 
 class ConfigurationError(TaskleaseError):
@@ -134,6 +141,21 @@ class ForbiddenError(TaskleaseError):
     title = "Forbidden"
 
 
+class PolicyDeniedError(ForbiddenError):
+    """The policy decided deny; carries the determining policy ids."""
+
+    code = "policy_denied"
+    title = "Denied by policy"
+
+    def __init__(self, detail: str, *, policy_ids: Sequence[str]) -> None:
+        super().__init__(detail, reason="policy.deny")
+        self.policy_ids = tuple(policy_ids)
+
+    def extra(self) -> dict[str, object]:
+        """The determining policy ids."""
+        return {"policy_ids": list(self.policy_ids)}
+
+
 class NotFoundError(TaskleaseError):
     """The named resource does not exist (or the caller may not know it exists)."""
 
@@ -148,6 +170,26 @@ class ConflictError(TaskleaseError):
     status = 409
     code = "conflict"
     title = "Conflict"
+
+
+class IdempotentReplayError(ConflictError):
+    """The Idempotency-Key was used before: the credential exists, its secret was sent once."""
+
+    code = "idempotency_replayed"
+    title = "Request already processed"
+
+    def __init__(self, credential_id: str) -> None:
+        super().__init__(
+            f"this Idempotency-Key already produced credential {credential_id}; its secret was "
+            "returned once and is not stored. If that response was lost, release the credential "
+            "(DELETE /v1/credentials/{id}) and ask again with a new key",
+            reason="idempotency.replayed",
+        )
+        self.credential_id = credential_id
+
+    def extra(self) -> dict[str, object]:
+        """The credential the key produced."""
+        return {"credential_id": self.credential_id}
 
 
 class UnavailableError(TaskleaseError):

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,10 +22,12 @@ import hvac
 import hvac.exceptions
 import requests
 
+from broker.adapters.kinds import KindSecret, SecretKind
 from broker.config import VaultSettings
-from broker.core.ports import CheckResult
+from broker.core.model import TargetKind
+from broker.core.ports import CheckResult, MintedCredential, MintSpec, RevokeOutcome
 from broker.core.untrusted import printable
-from broker.errors import VaultUnavailableError
+from broker.errors import BadRequestError, ConfigurationError, VaultUnavailableError
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +78,28 @@ class HvacVault:  # the broker's OpenBao/Vault adapter
             return None
         return (self._session.expires_at - self._now()).total_seconds()
 
+    @property
+    def client(self) -> hvac.Client:
+        """The broker's own client (for adapters in this module, inside worker threads)."""
+        return self._client
+
+    @property
+    def settings(self) -> VaultSettings:
+        """The Vault settings."""
+        return self._settings
+
+    async def call(self, what: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run blocking hvac work in a thread, translating hvac/requests errors."""
+        return await self._call(what, func, *args, **kwargs)
+
     async def _call(self, what: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return await asyncio.to_thread(func, *args, **kwargs)
+        except hvac.exceptions.InvalidRequest as exc:
+            raise BadRequestError(
+                f"{what}: OpenBao refused the request (400): {printable(_errors_of(exc))}",
+                reason="vault.invalid_request",
+            ) from exc
         except hvac.exceptions.VaultDown as exc:
             raise VaultUnavailableError(
                 f"{what}: OpenBao is sealed", reason="vault.sealed"
@@ -223,4 +245,220 @@ class VaultReadiness:  # satisfies core.ports.ReadinessCheck
             ok=True,
             detail=f"unsealed (version {health.version}); broker session valid for "
             f"{int(remaining)} s with policies {', '.join(session.policies)}",
+        )
+
+
+_LEASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)+")
+
+
+def _is_wellformed_lease_id(lease_id: str) -> bool:
+    # SECURITY 25: sys/leases/revoke answers success for ids it does not know, and a malformed
+    # id fails every lookup the same way a revoked one does; so it is never counted as revoked.
+    return (
+        0 < len(lease_id) <= 512
+        and _LEASE_ID.fullmatch(lease_id) is not None
+        and not any(part in {".", ".."} for part in lease_id.split("/"))
+    )
+
+
+def _says(exc: Exception, words: str) -> bool:
+    return words in str(exc).lower()
+
+
+class VaultMinter:  # satisfies core.ports.SecretMinter
+    """Mints per-task credentials: a per-task child token, then the secret read *with it*.
+
+    The task token is created through the task token role (orphan, not renewable, service
+    type), with ``ttl = explicit_max_ttl =`` the credential TTL, the target's policies and
+    metadata naming the credential, run, task, holder and owner. Every lease read with it
+    belongs to it, so Vault revokes everything when the token ends — even with the broker and
+    Redis down. Anything that would outlive the token (a lease or a certificate NotAfter) is
+    shortened or refused; on any failure after the token exists, the token is revoked.
+    """
+
+    def __init__(
+        self,
+        *,
+        vault: HvacVault,
+        kinds: Mapping[TargetKind, SecretKind],
+        now: Callable[[], datetime],
+        slack: timedelta = timedelta(seconds=2),
+    ) -> None:
+        self._vault = vault
+        self._kinds = kinds
+        self._now = now
+        self._slack = slack
+
+    async def mint(self, spec: MintSpec) -> MintedCredential:
+        """Mint one credential for ``spec``; raise a TaskleaseError with nothing left behind."""
+        kind = self._kinds.get(spec.target.kind)
+        if kind is None:
+            raise VaultUnavailableError(
+                f"no secret kind {spec.target.kind!r} is configured", reason="vault.unknown_kind"
+            )
+        minted: MintedCredential = await self._vault.call(
+            f"minting {spec.target.kind} for {spec.credential_id}", self._mint_blocking, spec, kind
+        )
+        return minted
+
+    def _mint_blocking(self, spec: MintSpec, kind: SecretKind) -> MintedCredential:
+        settings = self._vault.settings
+        ttl_seconds = int(spec.ttl.total_seconds())
+        started = self._now()
+        response = self._vault.client.auth.token.create(
+            role_name=settings.task_token_role,
+            policies=list(spec.target.policies),
+            ttl=f"{ttl_seconds}s",
+            explicit_max_ttl=f"{ttl_seconds}s",
+            renewable=False,
+            display_name=f"tasklease-{spec.credential_id}"[:64],
+            meta={
+                "tasklease": "1",
+                "credential_id": spec.credential_id,
+                "workflow_id": spec.workflow_id,
+                "task_id": spec.task_id,
+                "holder": spec.holder,
+                "owner": spec.owner,
+                "target": spec.target.name,
+                "chain": spec.chain.compact()[:1024],
+            },
+        )
+        auth = response["auth"]
+        accessor = str(auth["accessor"])
+        token = str(auth["client_token"])
+        try:
+            self._check_task_token(auth, ttl_seconds)
+            token_expires = started + timedelta(seconds=int(auth["lease_duration"]))
+            task = hvac.Client(
+                url=settings.addr, token=token, timeout=settings.request_timeout_seconds
+            )
+            try:
+                read = kind.read(task, spec, token=token)
+            finally:
+                task.adapter.close()
+            lease_ids: tuple[str, ...] = (read.lease_id,) if read.lease_id else ()
+            if read.lease_id:
+                self._bound_lease(read, token_expires)
+            if read.not_after is not None and read.not_after > token_expires + self._slack:
+                raise VaultUnavailableError(
+                    f"the {spec.target.kind} credential would be valid until "
+                    f"{read.not_after.isoformat()}, after the task token ends at "
+                    f"{token_expires.isoformat()}; refused and revoked",
+                    reason="vault.outlives_task",
+                )
+            return MintedCredential(
+                token_accessor=accessor,
+                vault_lease_ids=lease_ids,
+                expires_at=min(token_expires, read.not_after or token_expires),
+                secret=read.secret,
+            )
+        except BaseException:
+            # Nothing half-minted survives: the token (and every lease under it) goes now.
+            with contextlib.suppress(Exception):
+                self._vault.client.auth.token.revoke_accessor(accessor)
+            raise
+
+    async def check_task_token_role(self) -> None:
+        """Refuse to start on a task token role that could yield unsafe tokens (SECURITY 28)."""
+        role = self._vault.settings.task_token_role
+        response = await self._vault.call(
+            f"reading the task token role {role!r}",
+            self._vault.client.read,
+            f"auth/token/roles/{role}",
+        )
+        data = (response or {}).get("data") or {}
+        problems = []
+        if data.get("renewable", True):
+            problems.append("renewable must be false")
+        if not data.get("orphan", False):
+            problems.append("orphan must be true")
+        if data.get("token_type") not in ("service", "default-service"):
+            problems.append(f"token_type must be service (is {data.get('token_type')!r})")
+        if int(data.get("token_period") or data.get("period") or 0):
+            problems.append("token_period must be unset (periodic tokens never expire)")
+        if problems:
+            raise ConfigurationError(
+                f"the task token role {role!r} is unsafe: " + "; ".join(problems)
+            )
+
+    def _check_task_token(self, auth: Mapping[str, Any], ttl_seconds: int) -> None:
+        # SECURITY 28 at run time: whatever the role says, a task token that is renewable,
+        # not an orphan, not a service token or longer than asked is refused (and revoked).
+        problems = []
+        if auth.get("renewable") is not False:
+            problems.append("renewable")
+        if auth.get("orphan") is not True:
+            problems.append("not an orphan")
+        if auth.get("token_type", "service") != "service":
+            problems.append(f"token_type {auth.get('token_type')!r}")
+        lease = int(auth.get("lease_duration") or 0)
+        if not 0 < lease <= ttl_seconds:
+            problems.append(f"ttl {lease} s for a {ttl_seconds} s credential")
+        if problems:
+            raise VaultUnavailableError(
+                "the task token role produced an unsafe token (" + ", ".join(problems) + "); "
+                "fix the role (renewable=false, orphan=true, token_type=service)",
+                reason="vault.unsafe_task_token",
+            )
+
+    def _bound_lease(self, read: KindSecret, token_expires: datetime) -> None:
+        remaining = int((token_expires - self._now()).total_seconds())
+        if read.lease_seconds <= remaining + self._slack.total_seconds():
+            return
+        if not read.lease_renewable:
+            raise VaultUnavailableError(
+                f"lease {read.lease_id} lasts {read.lease_seconds} s, beyond the task token's "
+                f"{remaining} s, and cannot be shortened; refused and revoked",
+                reason="vault.outlives_task",
+            )
+        # The engine's default TTL is longer than the task: shorten the lease to the task.
+        # (Revoking the token would revoke it anyway; this makes the bound visible and exact.)
+        renewed = self._vault.client.sys.renew_lease(read.lease_id, increment=max(remaining, 1))
+        if int(renewed.get("lease_duration") or 0) > max(remaining, 1):
+            raise VaultUnavailableError(
+                f"lease {read.lease_id} would outlive the task token and could not be shortened",
+                reason="vault.outlives_task",
+            )
+
+    async def revoke(
+        self, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
+    ) -> RevokeOutcome:
+        """Revoke the task token by accessor and each lease (sync), then confirm by lookup."""
+        outcome: RevokeOutcome = await self._vault.call(
+            "revoking a task credential", self._revoke_blocking, token_accessor, vault_lease_ids
+        )
+        return outcome
+
+    def _revoke_blocking(self, accessor: str, lease_ids: tuple[str, ...]) -> RevokeOutcome:
+        client = self._vault.client
+        still_live: list[str] = []
+        errors: list[str] = []
+        if accessor:
+            client.auth.token.revoke_accessor(accessor)
+        for lease_id in lease_ids:
+            if not _is_wellformed_lease_id(lease_id):
+                still_live.append(lease_id[:80])
+                errors.append("malformed lease id, never counted as revoked")
+                continue
+            client.sys.revoke_lease(lease_id)
+        # Confirm: Vault says "success" for unknown ids, so only a lookup failure that says
+        # the thing is gone counts.
+        if accessor:
+            try:
+                client.auth.token.lookup_accessor(accessor)
+                still_live.append(f"token:{accessor}")
+            except hvac.exceptions.InvalidRequest as exc:
+                if not _says(exc, "invalid accessor"):
+                    raise
+        for lease_id in lease_ids:
+            if not _is_wellformed_lease_id(lease_id):
+                continue
+            try:
+                client.sys.read_lease(lease_id)
+                still_live.append(lease_id)
+            except hvac.exceptions.InvalidRequest as exc:
+                if not _says(exc, "invalid lease"):
+                    raise
+        return RevokeOutcome(
+            confirmed=not still_live, still_live=tuple(still_live), error="; ".join(errors)
         )

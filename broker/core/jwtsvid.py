@@ -38,10 +38,10 @@ from __future__ import annotations
 import base64
 import heapq
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeAlias
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from jwt.algorithms import Algorithm, get_default_algorithms
@@ -74,6 +74,10 @@ __all__ = [
     "MAX_LIFETIME_LIMIT",
     "JtiReplayCache",
     "JwtSvidVerifier",
+    "Rejecter",
+    "b64url_segment",
+    "numeric_date",
+    "strict_json_object",
 ]
 
 DEFAULT_MAX_LIFETIME: Final = timedelta(hours=1)
@@ -102,6 +106,14 @@ _SIGNERS: Final[Mapping[str, Algorithm]] = MappingProxyType(
 
 def _reject(detail: str, reason: str) -> NoReturn:
     raise JwtSvidRejectedError(detail, reason=f"jwt.{reason}")
+
+
+Rejecter: TypeAlias = Callable[[str, str], NoReturn]
+"""Raises the caller's typed error from ``(detail, reason)``; ``reason`` has no prefix yet.
+
+The token-parsing helpers below are shared with the OIDC verifier, which raises its own error
+type and ``oidc.*`` reasons through this hook; here they default to ``jwt.*`` rejections.
+"""
 
 
 class JtiReplayCache:
@@ -218,15 +230,15 @@ class JwtSvidVerifier:
         if not isinstance(now, datetime) or now.utcoffset() is None:
             raise TypeError(f"now must be a timezone-aware datetime, got {now!r}")
         header_b64, payload_b64, signature_b64 = self._split(token)
-        header_raw = _b64url_decode(header_b64, "header")
-        payload_raw = _b64url_decode(payload_b64, "payload")
-        signature = _b64url_decode(signature_b64, "signature")
+        header_raw = b64url_segment(header_b64, "header")
+        payload_raw = b64url_segment(payload_b64, "payload")
+        signature = b64url_segment(signature_b64, "signature")
 
-        header = _json_object(header_raw, "header")
+        header = strict_json_object(header_raw, "header")
         alg_name, kid = _check_header(header)
         algorithm = JWT_SVID_ALGORITHMS[alg_name]
 
-        claims = _json_object(payload_raw, "payload")
+        claims = strict_json_object(payload_raw, "payload")
         subject = _check_subject(claims)
         self._check_audience(claims)
         now_ts = now.timestamp()
@@ -327,9 +339,9 @@ class JwtSvidVerifier:
     def _check_times(self, claims: Mapping[str, Any], now_ts: float) -> int:
         if "exp" not in claims:
             _reject("token has no exp claim (JWT-SVID §3.3: MUST be set)", "exp_missing")
-        exp = _numeric_date(claims, "exp")
-        nbf = _numeric_date(claims, "nbf") if "nbf" in claims else None
-        iat = _numeric_date(claims, "iat") if "iat" in claims else None
+        exp = numeric_date(claims, "exp")
+        nbf = numeric_date(claims, "nbf") if "nbf" in claims else None
+        iat = numeric_date(claims, "iat") if "iat" in claims else None
         leeway = self._leeway_s
         if exp + leeway <= now_ts:
             _reject(
@@ -377,27 +389,37 @@ class JwtSvidVerifier:
         return jti
 
 
-def _b64url_decode(segment: str, name: str) -> bytes:
+def b64url_segment(segment: str, name: str, *, reject: Rejecter = _reject) -> bytes:
+    """Decode one segment of a compact JWS (RFC 7515 §7.1).
+
+    Anything but canonical, unpadded base64url is refused through ``reject`` with reason
+    ``bad_base64``.
+    """
     # RFC 7515 §2: base64url without padding; no '+', '/', '=' or whitespace. A segment
     # whose length is 1 mod 4 cannot encode whole bytes.
     if len(segment) % 4 == 1 or _B64URL.fullmatch(segment) is None:
-        _reject(f"{name} segment is not unpadded base64url", "bad_base64")
+        reject(f"{name} segment is not unpadded base64url", "bad_base64")
     raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
     # Refuse non-canonical encodings (non-zero trailing bits): one token, one spelling.
     if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment.encode("ascii"):
-        _reject(f"{name} segment is non-canonical base64url", "bad_base64")
+        reject(f"{name} segment is non-canonical base64url", "bad_base64")
     return raw
 
 
-def _json_object(raw: bytes, name: str) -> dict[str, Any]:
+def strict_json_object(raw: bytes, name: str, *, reject: Rejecter = _reject) -> dict[str, Any]:
+    """Parse a decoded JOSE header or claims set as a strict JSON object.
+
+    Refusals go through ``reject``: ``duplicate_member`` for a repeated member name anywhere,
+    ``<name>_malformed`` for anything else that is not one UTF-8 JSON object.
+    """
     try:
         value = loads_strict_json(raw)
     except StrictJsonError as exc:
         if exc.reason == "duplicate":
-            _reject(f"{name} JSON has a {exc} (RFC 7515 §5.2: MUST reject)", "duplicate_member")
-        _reject(f"{name} is not strict UTF-8 JSON: {printable(str(exc), 120)}", f"{name}_malformed")
+            reject(f"{name} JSON has a {exc} (RFC 7515 §5.2: MUST reject)", "duplicate_member")
+        reject(f"{name} is not strict UTF-8 JSON: {printable(str(exc), 120)}", f"{name}_malformed")
     if not isinstance(value, dict):
-        _reject(f"{name} is not a JSON object", f"{name}_malformed")
+        reject(f"{name} is not a JSON object", f"{name}_malformed")
     return value
 
 
@@ -453,16 +475,20 @@ def _check_subject(claims: Mapping[str, Any]) -> SpiffeId:
     return subject
 
 
-def _numeric_date(claims: Mapping[str, Any], name: str) -> int:
+def numeric_date(claims: Mapping[str, Any], name: str, *, reject: Rejecter = _reject) -> int:
+    """The claim ``name`` as an integer NumericDate in [0, 9999-12-31T23:59:59Z].
+
+    Refusals go through ``reject``: ``<name>_not_integer`` or ``<name>_out_of_range``.
+    """
     value = claims[name]
     # RFC 7519 §2 allows fractions; the broker accepts integers only, and never a bool.
     if type(value) is not int:
-        _reject(
+        reject(
             f"{name} is {printable(value, 40)}, expected an integer NumericDate",
             f"{name}_not_integer",
         )
     if not 0 <= value <= _MAX_NUMERIC_DATE:
-        _reject(
+        reject(
             f"{name} is {printable(value, 40)}, outside [0, {_MAX_NUMERIC_DATE}]",
             f"{name}_out_of_range",
         )

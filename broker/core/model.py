@@ -93,6 +93,8 @@ class Target:
     # A standing static secret: isolated, shortest lifetime, reported for burn-down.
     legacy: bool = False
     description: str = ""
+    # Kind-specific settings (pki: domain; ssh: valid_principals).
+    params: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_id(self.name, "target name")
@@ -237,6 +239,12 @@ class CredentialRequest:
                 f"ttl must be between 1 s and 1 day, got {self.ttl.total_seconds():.0f} s",
                 reason="invalid.ttl",
             )
+
+
+class ActionName(StrEnum):
+    """What a policy decision is about: the ``Action::"<name>"`` ids of the Cedar schema."""
+
+    REQUEST_CREDENTIAL = "request_credential"
 
 
 class DecisionOutcome(StrEnum):

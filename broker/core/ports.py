@@ -99,6 +99,8 @@ class MintSpec:
     chain: DelegationChain
     target: Target
     ttl: timedelta
+    # Kind-specific request parameters (e.g. the agent's SSH public key).
+    params: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from aiohttp import web
 
 from broker.core.authn import CallerAuthenticator
 from broker.core.identity import WorkloadIdentity
+from broker.core.model import CredentialRequest
+from broker.core.ports import Clock
 from broker.core.roles import Role
-from broker.http.auth import make_auth_middleware, require_roles
+from broker.errors import BadRequestError
+from broker.http.auth import CALLER_KEY, make_auth_middleware, require_roles
 from broker.http.problems import problem_middleware
-from broker.service import Readiness
+from broker.http.wire import (
+    CredentialRequestBody,
+    StartWorkflowBody,
+    lease_json,
+    parse_body,
+    run_json,
+)
+from broker.service import CredentialBroker, Readiness
 
 READINESS_KEY = web.AppKey("readiness", Readiness)
+BROKER_KEY = web.AppKey("broker", CredentialBroker)
+CLOCK_KEY = web.AppKey("clock", Clock)
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -59,11 +71,78 @@ async def whoami(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+async def start_workflow(request: web.Request) -> web.Response:
+    """POST /v1/workflows: an orchestrator starts a run for an accountable owner."""
+    body = await parse_body(request, StartWorkflowBody)
+    now = request.app[CLOCK_KEY].now()
+    if (body.deadline is None) == (body.ttl_seconds is None):
+        raise BadRequestError("give exactly one of deadline and ttl_seconds", reason="body.invalid")
+    if body.deadline is not None and body.deadline.utcoffset() is None:
+        raise BadRequestError("deadline needs a timezone (RFC 3339)", reason="body.invalid")
+    deadline = body.deadline or now + timedelta(seconds=body.ttl_seconds or 0)
+    run = await request.app[BROKER_KEY].start_workflow(
+        request[CALLER_KEY],
+        workflow_id=body.id,
+        owner=body.owner,
+        purpose=body.purpose,
+        deadline=deadline,
+        labels=body.labels,
+        participants=body.participants,
+    )
+    return web.json_response(run_json(run), status=201)
+
+
+async def get_workflow(request: web.Request) -> web.Response:
+    """GET /v1/workflows/{id}: the run and its credentials' metadata."""
+    run, leases = await request.app[BROKER_KEY].get_workflow(
+        request[CALLER_KEY], request.match_info["workflow_id"]
+    )
+    return web.json_response({**run_json(run), "credentials": [lease_json(x) for x in leases]})
+
+
+async def request_credential(request: web.Request) -> web.Response:
+    """POST /v1/credentials: 201 with the secret, exactly once."""
+    body = await parse_body(request, CredentialRequestBody)
+    idempotency_key = request.headers.get("Idempotency-Key")
+    issued = await request.app[BROKER_KEY].request_credential(
+        request[CALLER_KEY],
+        CredentialRequest(
+            workflow_id=body.workflow_id,
+            task_id=body.task_id,
+            target=body.target,
+            ttl=timedelta(seconds=body.ttl_seconds),
+            justification=body.justification,
+            tool=body.tool,
+            approval_id=body.approval_id,
+            idempotency_key=idempotency_key,
+        ),
+        params=body.params,
+    )
+    lease = issued.lease
+    ttl = int((lease.expires_at - lease.issued_at).total_seconds())
+    payload = {
+        **lease_json(lease),
+        "ttl_seconds": ttl,
+        "policy_ids": list(issued.decision.policy_ids),
+        "secret": dict(issued.secret),
+    }
+    if not lease.revocable:
+        payload["note"] = (
+            "this credential cannot be revoked early; its lifetime is clamped to the task TTL"
+        )
+    response = web.json_response(payload, status=201)
+    # The secret must not be cached anywhere on its way.
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 def create_app(
     *,
     readiness: Readiness,
     authenticator: CallerAuthenticator,
     now: Callable[[], datetime],
+    broker: CredentialBroker | None = None,
+    clock: Clock | None = None,
 ) -> web.Application:
     """The broker's HTTP application."""
     app = web.Application(
@@ -77,4 +156,10 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/whoami", whoami)
+    if broker is not None and clock is not None:
+        app[BROKER_KEY] = broker
+        app[CLOCK_KEY] = clock
+        app.router.add_post("/v1/workflows", start_workflow)
+        app.router.add_get("/v1/workflows/{workflow_id}", get_workflow)
+        app.router.add_post("/v1/credentials", request_credential)
     return app

@@ -78,6 +78,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             detail=exc.detail,
             reason=exc.reason,
             request_id=request_id,
+            extra=exc.extra(),
         )
     except web.HTTPException as exc:
         if exc.status < 400:

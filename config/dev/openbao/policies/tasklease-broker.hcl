@@ -36,3 +36,15 @@ path "auth/token/lookup-self" {
 path "auth/token/renew-self" {
   capabilities = ["update"]
 }
+
+# Shorten a dynamic secret's lease to the task token's remaining TTL (a database role's
+# default_ttl may be longer than the task): the lease then never outlives the task.
+path "sys/leases/renew" {
+  capabilities = ["update"]
+}
+
+# Start-up check (SECURITY 28): the broker reads its task token role and refuses to start if
+# it would produce batch, periodic, renewable or non-orphan tokens.
+path "auth/token/roles/tasklease-task" {
+  capabilities = ["read"]
+}

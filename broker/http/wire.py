@@ -1,0 +1,104 @@
+"""Wire models: what the API accepts and returns (pydantic; the OpenAPI schema comes from these).
+
+Parsing is strict: unknown fields are refused, sizes are bounded, and a validation failure is a
+400 problem that names the fields without echoing their values.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from broker.core.model import Lease, WorkflowRun
+from broker.errors import BadRequestError
+
+_M = TypeVar("_M", bound=BaseModel)
+MAX_BODY = 64 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=4096)
+
+
+class StartWorkflowBody(_Strict):
+    """POST /v1/workflows"""
+
+    id: str = Field(min_length=1, max_length=128)
+    owner: str = Field(min_length=1, max_length=256, description="the accountable human")
+    purpose: str = Field(min_length=1, max_length=1024, description="why; a ticket reference")
+    deadline: datetime | None = Field(default=None, description="RFC 3339, with a timezone")
+    ttl_seconds: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    participants: list[str] = Field(default_factory=list, max_length=32)
+
+
+class CredentialRequestBody(_Strict):
+    """POST /v1/credentials"""
+
+    workflow_id: str = Field(min_length=1, max_length=128)
+    task_id: str = Field(min_length=1, max_length=128)
+    target: str = Field(min_length=1, max_length=128)
+    ttl_seconds: int = Field(default=300, ge=1, le=24 * 3600)
+    justification: str = Field(default="", max_length=1024)
+    tool: str = Field(default="", max_length=256)
+    approval_id: str | None = Field(default=None, max_length=128)
+    params: dict[str, str] = Field(default_factory=dict, max_length=8)
+
+
+async def parse_body(request: web.Request, model: type[_M]) -> _M:
+    """Read and validate a JSON body; a typed 400 naming the bad fields on failure."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise BadRequestError(f"body is larger than {MAX_BODY} bytes", reason="body.too_large")
+    raw = await request.read()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = sorted(
+            {f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()}
+        )
+        raise BadRequestError(
+            "invalid request body: " + "; ".join(problems[:10]), reason="body.invalid"
+        ) from None
+
+
+def run_json(run: WorkflowRun) -> dict[str, Any]:
+    """A run as the API shows it."""
+    return {
+        "id": run.id,
+        "owner": run.owner,
+        "purpose": run.purpose,
+        "started_by": run.started_by,
+        "created_at": run.created_at.isoformat(),
+        "deadline": run.deadline.isoformat(),
+        "labels": dict(run.labels),
+        "participants": list(run.participants),
+        "state": run.state.value,
+        "ended_at": run.ended_at.isoformat() if run.ended_at else None,
+        "outcome": run.outcome,
+        "delegation_chain": run.chain.as_list(),
+    }
+
+
+def lease_json(lease: Lease) -> dict[str, Any]:
+    """A lease's metadata (never a secret)."""
+    return {
+        "credential_id": lease.credential_id,
+        "workflow_id": lease.workflow_id,
+        "task_id": lease.task_id,
+        "target": lease.target,
+        "kind": lease.kind.value,
+        "sensitivity": lease.sensitivity.value,
+        "holder": lease.holder,
+        "owner": lease.owner,
+        "state": lease.state.value,
+        "issued_at": lease.issued_at.isoformat(),
+        "expires_at": lease.expires_at.isoformat(),
+        "revocable": lease.revocable,
+        "approval_id": lease.approval_id,
+        "token_accessor": lease.token_accessor,
+        "delegation_chain": lease.chain.as_list(),
+        "revoke_reason": lease.revoke_reason,
+    }
