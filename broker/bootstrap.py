@@ -32,6 +32,7 @@ from broker.adapters.bundle_sources import (
     WorkloadApiBundleFeed,
 )
 from broker.adapters.clock import SystemClock
+from broker.adapters.oidc_jwks import OidcJwksSource
 from broker.adapters.redis_ledger import RedisLedger, RedisReadiness
 from broker.adapters.tls import RotatingServerTls, build_server_context
 from broker.adapters.vault import HvacVault, VaultReadiness
@@ -40,6 +41,7 @@ from broker.config import Settings
 from broker.core.authn import CallerAuthenticator
 from broker.core.bundle import TrustStore
 from broker.core.jwtsvid import JwtSvidVerifier
+from broker.core.oidc import OidcIssuerConfig, OidcVerifier, parse_oidc_issuers
 from broker.core.roles import RoleMap, parse_role_map
 from broker.core.spiffe_id import TrustDomain
 from broker.core.x509svid import TrustStoreX509Authenticator
@@ -130,14 +132,15 @@ async def _follow_roots(
             _log.info("tls.client_roots_changed", roots=len(roots))
 
 
-def _role_map(path: Path) -> RoleMap:
+def _identities(path: Path) -> tuple[RoleMap, list[OidcIssuerConfig]]:
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigurationError(
             f"identities_file {str(path)!r} cannot be read: {type(exc).__name__}: {exc}"
         ) from None
-    return parse_role_map({k: v for k, v in data.items() if k != "oidc_issuer"})
+    roles = parse_role_map({k: v for k, v in data.items() if k != "oidc_issuer"})
+    return roles, parse_oidc_issuers(data.get("oidc_issuer", []))
 
 
 def _bundle_sources(
@@ -172,7 +175,8 @@ def _bundle_sources(
 async def build_runtime(settings: Settings) -> BrokerRuntime:
     """Connect every adapter and build the app; raise a TaskleaseError if a part is unfit."""
     clock = SystemClock()
-    roles = _role_map(settings.identities_file)
+    roles, oidc_issuers = _identities(settings.identities_file)
+    oidc = OidcVerifier(issuers=oidc_issuers) if oidc_issuers else None
     spiffe = settings.spiffe
     store = TrustStore(
         max_staleness=timedelta(seconds=spiffe.bundle_max_age_seconds),
@@ -210,9 +214,27 @@ async def build_runtime(settings: Settings) -> BrokerRuntime:
                 max_lifetime=timedelta(seconds=spiffe.jwt_max_lifetime_seconds),
                 leeway=timedelta(seconds=spiffe.jwt_leeway_seconds),
             ),
-            oidc=None,
+            oidc=oidc,
             roles=roles,
         )
+        jwks_sources = [
+            OidcJwksSource(
+                config=config,
+                verifier=oidc,
+                now=clock.now,
+                session=http_session,
+                base_dir=settings.identities_file.parent,
+            )
+            for config in oidc_issuers
+            if oidc is not None
+        ]
+        for jwks in jwks_sources:
+            # Keys before serving; a failure here leaves that issuer failing closed (503)
+            # until a refresh succeeds.
+            try:
+                await jwks.refresh_once()
+            except TaskleaseError as exc:
+                _log.error("oidc.jwks_failed", issuer=jwks.location, reason=exc.reason)
 
         ledger = RedisLedger(settings=settings.redis)
         await ledger.ping()
@@ -265,6 +287,8 @@ async def build_runtime(settings: Settings) -> BrokerRuntime:
         runtime.start_background(bundle_file.run())
     for endpoint in bundle_endpoints:
         runtime.start_background(endpoint.run(http_session))
+    for jwks in jwks_sources:
+        runtime.start_background(jwks.run())
     return runtime
 
 

@@ -375,3 +375,59 @@ async def test_hostile_values_are_logged_as_one_escaped_truncated_line(
     assert "\r" not in event["detail"] and "\x1b" not in event["detail"]
     assert len(lines[0]) < 2000
     assert forged not in lines[0]
+
+
+async def test_a_person_with_an_oidc_id_token_from_a_configured_issuer_is_authenticated(
+    stack: DevStack, start: StartBroker, tmp_path: Path
+) -> None:
+    """A human approver/admin: an ID token from a test issuer (JWKS file), claims → roles."""
+    issuer = "https://idp.tasklease.test/realms/ops"
+    signer = Signer(kid="idp-key-1", key=ec_key(label="idp"), alg="ES256")
+    jwks_file = tmp_path / "idp-jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [{**signer.jwk(), "use": "sig"}]}))
+    identities = tmp_path / "identities.toml"
+    identities.write_text(
+        Path("config/identities.toml").read_text()
+        + f'\n[[oidc_issuer]]\nissuer = "{issuer}"\naudience = "tasklease"\n'
+        f'algorithms = ["ES256"]\njwks_file = "{jwks_file}"\n'
+        f'\n[[human]]\nissuer = "{issuer}"\nclaim = "groups"\nvalue = "security-team"\n'
+        'roles = ["admin", "approver"]\n'
+    )
+    broker = await start(TASKLEASE_IDENTITIES_FILE=str(identities))
+    issued = int(time.time())
+
+    def id_token(groups: list[str], audience: str = "tasklease") -> str:
+        return token(
+            signer,
+            sub="user-7",
+            claims={
+                "iss": issuer,
+                "aud": audience,
+                "iat": issued,
+                "exp": issued + 300,
+                "email": "alice@example.test",
+                "groups": groups,
+            },
+        )
+
+    context = _client_context(stack, tmp_path)
+    status, body = await _get(
+        broker, context, headers={"Authorization": f"Bearer {id_token(['security-team'])}"}
+    )
+    assert (status, body["principal"], body["method"], body["roles"], body["display"]) == (
+        200,
+        f"oidc:{issuer}#user-7",
+        "oidc",
+        ["admin", "approver"],
+        "alice@example.test",
+    )
+    status, body = await _get(
+        broker, context, headers={"Authorization": f"Bearer {id_token(['developers'])}"}
+    )
+    assert (status, body["reason"]) == (403, "auth.no_role")
+    status, body = await _get(
+        broker,
+        context,
+        headers={"Authorization": f"Bearer {id_token(['security-team'], 'other-app')}"},
+    )
+    assert (status, body["reason"]) == (401, "oidc.aud_mismatch")
