@@ -32,22 +32,25 @@ from broker.adapters.bundle_sources import (
     WorkloadApiBundleFeed,
 )
 from broker.adapters.clock import SystemClock
+from broker.adapters.kinds import all_kinds
 from broker.adapters.oidc_jwks import OidcJwksSource
 from broker.adapters.redis_ledger import RedisLedger, RedisReadiness
 from broker.adapters.tls import RotatingServerTls, build_server_context
-from broker.adapters.vault import HvacVault, VaultReadiness
+from broker.adapters.vault import HvacVault, VaultMinter, VaultReadiness
 from broker.adapters.workload_api import WorkloadApiReadiness, WorkloadApiSource
 from broker.config import Settings
 from broker.core.authn import CallerAuthenticator
 from broker.core.bundle import TrustStore
 from broker.core.jwtsvid import JwtSvidVerifier
 from broker.core.oidc import OidcIssuerConfig, OidcVerifier, parse_oidc_issuers
+from broker.core.policy import CedarPolicyEngine
 from broker.core.roles import RoleMap, parse_role_map
 from broker.core.spiffe_id import TrustDomain
+from broker.core.targets import load_target_catalog
 from broker.core.x509svid import TrustStoreX509Authenticator
 from broker.errors import ConfigurationError, TaskleaseError
 from broker.http.app import create_app
-from broker.service import Readiness
+from broker.service import CredentialBroker, Readiness
 
 _log = structlog.get_logger("broker")
 
@@ -176,6 +179,10 @@ async def build_runtime(settings: Settings) -> BrokerRuntime:
     """Connect every adapter and build the app; raise a TaskleaseError if a part is unfit."""
     clock = SystemClock()
     roles, oidc_issuers = _identities(settings.identities_file)
+    # Policies and targets are parsed and validated before anything connects: a bad policy
+    # or catalog stops start-up with the file and the problem.
+    policy = CedarPolicyEngine.load(settings.policy_dir)
+    targets = load_target_catalog(settings.targets_file)
     oidc = OidcVerifier(issuers=oidc_issuers) if oidc_issuers else None
     spiffe = settings.spiffe
     store = TrustStore(
@@ -244,6 +251,8 @@ async def build_runtime(settings: Settings) -> BrokerRuntime:
 
         vault = HvacVault(settings=settings.vault, jwt_svid=workload.fetch_jwt_svid, now=clock.now)
         session = await vault.login()
+        minter = VaultMinter(vault=vault, kinds=all_kinds(), now=clock.now)
+        await minter.check_task_token_role()
         _log.info(
             "vault.session",
             accessor=session.accessor,
@@ -261,7 +270,16 @@ async def build_runtime(settings: Settings) -> BrokerRuntime:
             clock=clock,
             timeout_seconds=settings.server.readiness_timeout_seconds,
         )
-        app = create_app(readiness=readiness, authenticator=authenticator, now=clock.now)
+        broker = CredentialBroker(
+            policy=policy, minter=minter, ledger=ledger, targets=targets, clock=clock
+        )
+        app = create_app(
+            readiness=readiness,
+            authenticator=authenticator,
+            now=clock.now,
+            broker=broker,
+            clock=clock,
+        )
     except BaseException:
         if http_session is not None:
             await http_session.close()

@@ -91,7 +91,7 @@ def dev(
         _out.print("\n[bold]tasklease dev stack[/]")
         for name, where in [
             ("OpenBao", endpoints.openbao_addr),
-            ("Redis", f"127.0.0.1:{endpoints.redis_port} (AOF everysec, noeviction)"),
+            ("Redis", f"127.0.0.1:{endpoints.redis_port} (AOF fsync always, noeviction)"),
             ("PostgreSQL", f"127.0.0.1:{endpoints.postgres_port} (database demo)"),
             ("SPIRE server", endpoints.spire_server_socket),
             ("SPIRE agent (Workload API)", endpoints.spire_agent_socket),

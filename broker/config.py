@@ -165,6 +165,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Roles of workloads (SPIFFE ID patterns) and people (OIDC issuers and claims).
     identities_file: Path = Path("config/identities.toml")
+    # Cedar policies (*.cedar) and their schema, validated at start-up.
+    policy_dir: Path = Path("config/policies")
+    # The catalog of targets agents may ask credentials for.
+    targets_file: Path = Path("config/targets.toml")
 
     @classmethod
     def settings_customise_sources(

@@ -431,7 +431,10 @@ class DevStack:
                     f"port {port}",
                     f"dir {data}",
                     "appendonly yes",
-                    "appendfsync everysec",
+                    # Every acknowledged ledger write is on disk before the secret leaves
+                    # (SECURITY.md 32). With Redis >= 7.2, `everysec` + WAITAOF does the same
+                    # per write; Debian 12's Redis 7.0 has no WAITAOF, so: always.
+                    "appendfsync always",
                     "maxmemory-policy noeviction",
                     'save ""',
                     f"requirepass {self._secrets['redis']}",

@@ -28,6 +28,7 @@ expected, and never contain a secret; untrusted values in them are escaped and t
     └── UnavailableError                   503 unavailable
         ├── BundleUnavailableError         503 bundle_unavailable
         ├── VaultUnavailableError          503 vault_unavailable
+        │   └── MintOutcomeUnknownError    503 mint_outcome_unknown (a token may exist)
         ├── LedgerUnavailableError         503 ledger_unavailable
         └── StackError                     (dev stack) stack_error
 
@@ -212,6 +213,15 @@ class VaultUnavailableError(UnavailableError):
 
     code = "vault_unavailable"
     title = "Vault unavailable"
+
+
+class MintOutcomeUnknownError(VaultUnavailableError):
+    """Minting failed in a way that may have left a task token behind (a timeout while it was
+    being created, or a failed revoke). The write-ahead record stays so the sweeper and the
+    reconciler find and revoke it; every other mint error means nothing was left behind."""
+
+    code = "mint_outcome_unknown"
+    title = "Mint outcome unknown"
 
 
 class LedgerUnavailableError(UnavailableError):

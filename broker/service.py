@@ -17,6 +17,7 @@ import structlog
 from broker.core.authn import Caller
 from broker.core.identity import AuthMethod, WorkloadIdentity
 from broker.core.model import (
+    ActionName,
     CredentialRequest,
     Decision,
     DecisionOutcome,
@@ -248,7 +249,7 @@ class CredentialBroker:
                 principal=caller.principal_id,
                 principal_roles=frozenset(r.value for r in caller.roles),
                 trust_domain=identity.spiffe_id.trust_domain.name,
-                action="request_credential",
+                action=ActionName.REQUEST_CREDENTIAL.value,
                 target=target,
                 run=run,
                 chain=chain,

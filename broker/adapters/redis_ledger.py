@@ -2,31 +2,204 @@
 
 A ledger that can lose or evict a lease record is worse than none: a credential without a
 record can never be revoked early. So start-up refuses a Redis whose ``maxmemory-policy`` is
-not ``noeviction`` or that persists nothing, unless the operator explicitly configured
+not ``noeviction``, that persists nothing, or on which the configured durable acknowledgement
+cannot be had, unless the operator explicitly configured
 ``redis.insecure_allow_degraded_durability`` (then every readiness check carries an alarm).
+
+Key layout (``tl`` is the namespace; ``W`` a run id, ``C`` a credential id, ``T`` a task id,
+``b`` = CRC32(C) mod ``due_buckets``). Everything of one run shares the hash tag ``{wf:W}``
+and so one Cluster slot; each due bucket is its own tag, so every Lua script touches one slot::
+
+    tl:meta                   hash    layout version, due_buckets (checked by every replica)
+    tl:{wf:W}:run             string  the run (compact JSON)
+    tl:{wf:W}:leases          hash    C → the lease (compact JSON; never a secret): the
+                                      run's leases and so also the by-run (and task) index
+    tl:{wf:W}:tombs           hash    T → tombstone "until" (µs since the epoch)
+    tl:creds:b                hash    C → W: where lease C lives; together the all-lease index
+    tl:idx:holder:<spiffe id> set     C
+    tl:idx:owner:<owner>      set     C
+    tl:idx:target:<name>      set     C
+    tl:idx:holders            zset    every holder (score 0) for prefix search (BYLEX)
+    tl:{due:b}                zset    C → due time (µs)
+    tl:{due:b}:inflight       zset    C → visibility deadline (µs) while claimed
+    tl:{due:b}:claimed        hash    C → the due time it was claimed at (while claimed)
+    tl:idem:<sha256(key)>     string  [fingerprint, C], expires after the idempotency TTL
+
+Memory, not convenience, shaped this (goal: 1 KiB per lease with its index entries, measured
+by ``bench/bench_ledger.py``): a hash field costs about half of a key, so leases are fields of
+their run's hash (which doubles as the run index) and the id → run pointers are fields of 16
+hashes (which double as the all-lease index); a lease record leaves out what its key says
+(credential and run id) and refers to the holder and owner instead of repeating them in its
+delegation chain. There is no task index: a task is found through its run's hash (runs are
+small); a task id alone scans every lease, in bounded batches.
+
+Times are integers in microseconds (exact in JSON and, below 2^53, in sorted-set scores).
+Every time is the caller's ``now``: no script reads the Redis server clock (SECURITY 36). The
+only server-clock use is the expiry of idempotency bindings, which is garbage collection.
+
+Lua scripts (each atomic on one slot; results are plain strings so no JSON is parsed in Lua):
+
+* ``cas`` (run leases; C, expected, new): set field C to ``new`` only if it holds exactly
+  ``expected``; 1 or 0. ``save_lease`` reads, checks the rewrite in Python, then CASes.
+* ``activate`` (run leases, run tombstones; C, expected, task, issued_at, activated,
+  refused): ``stale`` if the lease changed since it was read; ``tombstoned`` (after writing
+  ``refused`` when given: issuing, Vault references recorded) if the task's tombstone is later
+  than ``issued_at``; else writes ``activated`` and answers ``ok``.
+* ``tombstone`` (run tombstones; task, until): keep the later of the stored and the new until.
+* ``peek`` (due, in-flight, claimed; now, limit, cap): first return up to ``cap`` claims whose
+  deadline is ≤ now to the due set at the due time they were claimed at (a crashed claimer's
+  items come back: SECURITY 35), then list the ``limit`` oldest items due at ``now`` with
+  their scores, without claiming them.
+* ``claim`` (due, in-flight, claimed; cutoff, count, deadline): move the ``count`` oldest
+  items with due ≤ ``cutoff`` into in-flight, scored by ``deadline``; returns them with their
+  due times. Items another claimer took in between are simply not there any more, so two
+  claimers never hold the same item within a visibility window (SECURITY 34).
+
+``claim_due`` peeks every bucket in one pipeline, picks the globally oldest ``limit`` items,
+then claims exactly those per bucket (cutoff = the newest chosen there). A sweep costs
+O(buckets + due), not O(active): sorted-set range reads are O(log n + returned).
+
+Durably acknowledged (``redis.durability``), checked on the connection that wrote, in the
+same round trip as the ``activate`` script:
+
+* ``fsync`` (default): with WAITAOF (Redis >= 7.2), ``WAITAOF 1 0 <timeout>`` must report the
+  local AOF fsynced. Without it (Redis 7.0 has none), the server must run ``appendonly yes``
+  and ``appendfsync always``: Redis then fsyncs the AOF before it sends the reply, so the
+  script's answer is itself the acknowledgement. ``appendfsync everysec`` without WAITAOF can
+  lose up to about two seconds of acknowledged writes on a power loss or kernel crash, so it
+  is refused at start-up and at every activation.
+* ``replicas``: ``WAIT <durability_replicas> <timeout>`` must report that many replicas.
+* ``none``: nothing is awaited (needs ``insecure_allow_degraded_durability``).
+
+A barrier that is not met raises :class:`LedgerUnavailableError` (``ledger.not_acknowledged``);
+the write stays (the lease is active and due at its expiry) and the caller revokes.
+
+Every Redis exception becomes a :class:`LedgerUnavailableError` (chained) whose message names
+the operation and the exception type or Redis error code, never the URL or the password.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import heapq
+import json
+import re
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
 import redis.asyncio as aioredis
 import redis.exceptions
+import structlog
+from redis.asyncio.client import Pipeline
 
+from broker.adapters.memory_ledger import (
+    activated,
+    check_claim,
+    check_rewrite,
+    check_selector,
+    check_write_ahead,
+    key_reused_error,
+    lease_order,
+    refused_by_tombstone,
+    tombstoned_error,
+)
 from broker.config import RedisSettings
-from broker.core.ports import CheckResult
-from broker.errors import LedgerUnavailableError
+from broker.core.model import (
+    DelegationChain,
+    DelegationHop,
+    Lease,
+    LeaseState,
+    RunState,
+    Sensitivity,
+    TargetKind,
+    WorkflowRun,
+    check_id,
+)
+from broker.core.ports import CheckResult, LeaseSelector
+from broker.errors import ConflictError, LedgerUnavailableError, NotFoundError
+
+_log = structlog.get_logger("broker.ledger")
+
+LAYOUT_VERSION: Final = "1"
+# Every Lease field, and only those, is written by _encode_lease; a contract test compares this
+# with the dataclass, so a field added to Lease (a secret, say) cannot slip in or out unseen.
+STORED_LEASE_FIELDS: Final = frozenset(
+    {
+        "credential_id",  # in the key
+        "workflow_id",  # in the key
+        "task_id",
+        "target",
+        "kind",
+        "sensitivity",
+        "holder",
+        "owner",
+        "chain",
+        "issued_at",
+        "expires_at",
+        "state",
+        "approval_id",
+        "token_accessor",
+        "vault_lease_ids",
+        "revocable",
+        "revoke_reason",
+        "attempts",
+        "last_error",
+        "revoked_at",
+    }
+)
+_NAMESPACE = re.compile(r"[a-z][a-z0-9-]{0,15}")
+_SCAN_BATCH = 500
+_MAX_CONNECTIONS = 64
+# Claims whose deadline passed, returned per bucket and sweep: bounds one script's run time
+# after a claimer with many items died; the rest come back on the next sweeps.
+_RETURN_CAP = 1000
+# Compare-and-set retries when a lease changes between our read and our write.
+_CAS_ATTEMPTS = 8
+# Peek-and-claim rounds of one claim_due when other claimers took chosen items first.
+_CLAIM_ROUNDS = 3
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
+# --------------------------------------------------------------------------- durability
 
 
 @dataclass(frozen=True, slots=True)
 class RedisDurability:
-    """What ``CONFIG GET`` says about persistence and eviction."""
+    """What Redis says about persistence, eviction and acknowledgements, and what the
+    broker is configured to require (``mode``: ``redis.durability``)."""
 
     appendonly: bool
     appendfsync: str
     maxmemory_policy: str
     rdb_save: str
+    server_version: str = ""
+    waitaof: bool = False
+    connected_replicas: int = 0
+    mode: str = "fsync"
+    replicas_required: int = 1
+
+    @property
+    def acknowledgement(self) -> str | None:
+        """How an activation is durably acknowledged here, or None when it cannot be."""
+        if self.mode == "none":
+            return "none"
+        if self.mode == "replicas":
+            if self.connected_replicas >= self.replicas_required:
+                return f"WAIT {self.replicas_required}"
+            return None
+        if not self.appendonly:
+            return None
+        if self.waitaof:
+            return "WAITAOF 1"
+        if self.appendfsync == "always":
+            return "appendfsync always"
+        return None
 
     @property
     def problems(self) -> list[str]:
@@ -43,20 +216,390 @@ class RedisDurability:
             found.append(
                 "appendonly is off: only RDB snapshots persist, writes between them are lost"
             )
+        if self.mode == "none":
+            found.append(
+                "redis.durability is 'none': secrets are returned without a durable "
+                "acknowledgement of their lease"
+            )
+        elif self.mode == "replicas" and self.connected_replicas < self.replicas_required:
+            found.append(
+                f"redis.durability is 'replicas' and needs {self.replicas_required} connected "
+                f"replica(s) for WAIT, found {self.connected_replicas}"
+            )
+        elif self.mode == "fsync" and self.appendonly and self.acknowledgement is None:
+            version = self.server_version or "this server"
+            found.append(
+                f"appendfsync is {self.appendfsync!r} and Redis {version} has no WAITAOF "
+                "(Redis >= 7.2): an acknowledged lease can be lost on a power loss; set "
+                "appendfsync always, or redis.durability = 'replicas'"
+            )
         return found
 
 
-class RedisLedger:  # satisfies core.ports.Ledger (grows with issuance)
-    """The lease ledger in Redis."""
+# --------------------------------------------------------------------------- errors
 
-    def __init__(self, *, settings: RedisSettings) -> None:
+
+def _redis_error_code(exc: redis.exceptions.RedisError) -> str:
+    """The leading error code of a Redis error reply (OOM, READONLY, NOPERM …), else the
+    exception type: enough to act on, and never part of the connection URL."""
+    first = str(exc).split(" ", 1)[0]
+    if isinstance(exc, redis.exceptions.ResponseError) and re.fullmatch(r"[A-Z]{2,16}", first):
+        return first
+    return type(exc).__name__
+
+
+@contextlib.contextmanager
+def _translated(operation: str) -> Iterator[None]:
+    """Turn any Redis (or socket) exception into :class:`LedgerUnavailableError`, chained."""
+    try:
+        yield
+    except redis.exceptions.ResponseError as exc:
+        raise LedgerUnavailableError(
+            f"Redis refused the ledger's {operation} ({_redis_error_code(exc)})",
+            reason="ledger.refused",
+        ) from exc
+    except (redis.exceptions.RedisError, OSError) as exc:
+        code = (
+            _redis_error_code(exc)
+            if isinstance(exc, redis.exceptions.RedisError)
+            else (type(exc).__name__)
+        )
+        raise LedgerUnavailableError(
+            f"Redis is unreachable for the ledger's {operation} ({code})",
+            reason="ledger.unreachable",
+        ) from exc
+
+
+def _raise_first_error(results: Sequence[object]) -> None:
+    for result in results:
+        if isinstance(result, redis.exceptions.RedisError):
+            raise result
+
+
+def _corrupt(what: str, exc: Exception) -> LedgerUnavailableError:
+    return LedgerUnavailableError(
+        f"the ledger record {what} is unreadable ({type(exc).__name__}); it was not written "
+        "by this version of tasklease or was modified by hand",
+        reason="ledger.corrupt",
+    )
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _moment(micros: int) -> datetime:
+    if not isinstance(micros, int):
+        raise TypeError(f"expected integer microseconds, got {type(micros).__name__}")
+    return _EPOCH + micros * _MICROSECOND
+
+
+# A delegation hop's principal is usually the lease's holder or owner: stored as a reference.
+_HOLDER_REF, _OWNER_REF = 1, 2
+
+
+def _principal_ref(principal: str, lease: Lease) -> str | int:
+    if principal == lease.holder:
+        return _HOLDER_REF
+    if principal == lease.owner:
+        return _OWNER_REF
+    return principal
+
+
+def _principal(ref: object, holder: str, owner: str) -> str:
+    if isinstance(ref, str):
+        return ref
+    if ref == _HOLDER_REF and not isinstance(ref, bool):
+        return holder
+    if ref == _OWNER_REF and not isinstance(ref, bool):
+        return owner
+    raise ValueError(f"unknown principal reference {ref!r}")
+
+
+def _encode_lease(lease: Lease) -> str:
+    """Compact JSON of everything but the credential and run ids (the key holds those)."""
+    doc: dict[str, Any] = {
+        "v": 1,
+        "t": lease.task_id,
+        "g": lease.target,
+        "k": lease.kind.value,
+        "s": lease.sensitivity.value,
+        "h": lease.holder,
+        "o": lease.owner,
+        "ch": [
+            [hop.role, _principal_ref(hop.principal, lease), int(hop.verified)]
+            for hop in lease.chain.hops
+        ],
+        "ia": _micros(lease.issued_at),
+        "ea": _micros(lease.expires_at),
+        "st": lease.state.value,
+    }
+    # Fields at their defaults are left out: most leases carry few of them, and every byte is
+    # paid once per lease.
+    if lease.approval_id is not None:
+        doc["ap"] = lease.approval_id
+    if lease.token_accessor:
+        doc["ta"] = lease.token_accessor
+    if lease.vault_lease_ids:
+        doc["vl"] = list(lease.vault_lease_ids)
+    if not lease.revocable:
+        doc["rv"] = 0
+    if lease.revoke_reason:
+        doc["rr"] = lease.revoke_reason
+    if lease.attempts:
+        doc["at"] = lease.attempts
+    if lease.last_error:
+        doc["le"] = lease.last_error
+    if lease.revoked_at is not None:
+        doc["ra"] = _micros(lease.revoked_at)
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+
+def _decode_lease(raw: str, credential_id: str, workflow_id: str, where: str) -> Lease:
+    try:
+        doc = json.loads(raw)
+        holder, owner = str(doc["h"]), str(doc["o"])
+        revoked_at = doc.get("ra")
+        return Lease(
+            credential_id=credential_id,
+            workflow_id=workflow_id,
+            task_id=str(doc["t"]),
+            target=str(doc["g"]),
+            kind=TargetKind(doc["k"]),
+            sensitivity=Sensitivity(doc["s"]),
+            holder=holder,
+            owner=owner,
+            chain=DelegationChain(
+                tuple(
+                    DelegationHop(str(role), _principal(ref, holder, owner), bool(verified))
+                    for role, ref, verified in doc["ch"]
+                )
+            ),
+            issued_at=_moment(doc["ia"]),
+            expires_at=_moment(doc["ea"]),
+            state=LeaseState(doc["st"]),
+            approval_id=None if doc.get("ap") is None else str(doc["ap"]),
+            token_accessor=str(doc.get("ta", "")),
+            vault_lease_ids=tuple(str(i) for i in doc.get("vl", ())),
+            revocable=bool(doc.get("rv", 1)),
+            revoke_reason=str(doc.get("rr", "")),
+            attempts=int(doc.get("at", 0)),
+            last_error=str(doc.get("le", "")),
+            revoked_at=None if revoked_at is None else _moment(revoked_at),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _corrupt(where, exc) from exc
+
+
+def _encode_run(run: WorkflowRun) -> str:
+    doc: dict[str, Any] = {
+        "v": 1,
+        "id": run.id,
+        "o": run.owner,
+        "p": run.purpose,
+        "sb": run.started_by,
+        "ca": _micros(run.created_at),
+        "dl": _micros(run.deadline),
+        "st": run.state.value,
+    }
+    if run.labels:
+        doc["lb"] = dict(run.labels)
+    if run.participants:
+        doc["pt"] = list(run.participants)
+    if run.ended_at is not None:
+        doc["ed"] = _micros(run.ended_at)
+    if run.outcome:
+        doc["oc"] = run.outcome
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+
+def _decode_run(raw: str, where: str) -> WorkflowRun:
+    try:
+        doc = json.loads(raw)
+        ended = doc.get("ed")
+        return WorkflowRun(
+            id=str(doc["id"]),
+            owner=str(doc["o"]),
+            purpose=str(doc["p"]),
+            started_by=str(doc["sb"]),
+            created_at=_moment(doc["ca"]),
+            deadline=_moment(doc["dl"]),
+            labels={str(k): str(v) for k, v in doc.get("lb", {}).items()},
+            participants=tuple(str(p) for p in doc.get("pt", ())),
+            state=RunState(doc["st"]),
+            ended_at=None if ended is None else _moment(ended),
+            outcome=str(doc.get("oc", "")),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _corrupt(where, exc) from exc
+
+
+# --------------------------------------------------------------------------- keys and scripts
+
+
+class _Keys:
+    """Every key name of the layout in the module docstring."""
+
+    def __init__(self, namespace: str, due_buckets: int) -> None:
+        self.ns = namespace
+        self.due_buckets = due_buckets
+        self.meta = f"{namespace}:meta"
+        self.holders = f"{namespace}:idx:holders"
+
+    def run(self, workflow_id: str) -> str:
+        return f"{self.ns}:{{wf:{workflow_id}}}:run"
+
+    def leases(self, workflow_id: str) -> str:
+        return f"{self.ns}:{{wf:{workflow_id}}}:leases"
+
+    def tombstones(self, workflow_id: str) -> str:
+        return f"{self.ns}:{{wf:{workflow_id}}}:tombs"
+
+    def bucket(self, credential_id: str) -> int:
+        # CRC32, not hash(): every process must put an id in the same bucket.
+        return zlib.crc32(credential_id.encode()) % self.due_buckets
+
+    def creds(self, bucket: int) -> str:
+        return f"{self.ns}:creds:{bucket}"
+
+    def holder(self, holder: str) -> str:
+        return f"{self.ns}:idx:holder:{holder}"
+
+    def owner(self, owner: str) -> str:
+        return f"{self.ns}:idx:owner:{owner}"
+
+    def target(self, target: str) -> str:
+        return f"{self.ns}:idx:target:{target}"
+
+    def due(self, bucket: int) -> list[str]:
+        """The due set, its in-flight set and its claimed-at hash (one slot)."""
+        tag = f"{self.ns}:{{due:{bucket}}}"
+        return [tag, f"{tag}:inflight", f"{tag}:claimed"]
+
+    def idempotency(self, key: str) -> str:
+        # Hashed: keys embed the caller's SPIFFE ID and may be long or contain braces.
+        return f"{self.ns}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    name: str
+    text: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.text.encode(), usedforsecurity=False).hexdigest()
+
+    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[str | int]) -> None:
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+
+_CAS = _Script(
+    "cas",
+    """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+""",
+)
+
+_ACTIVATE = _Script(
+    "activate",
+    """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 'stale' end
+local tomb = redis.call('HGET', KEYS[2], ARGV[3])
+if tomb and tonumber(tomb) > tonumber(ARGV[4]) then
+  if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[6]) end
+  return 'tombstoned'
+end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[5]) end
+return 'ok'
+""",
+)
+
+_TOMBSTONE = _Script(
+    "tombstone",
+    """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if (not current) or tonumber(ARGV[2]) > tonumber(current) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return 1
+""",
+)
+
+_PEEK = _Script(
+    "peek",
+    """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, member in ipairs(expired) do
+  local due = redis.call('HGET', KEYS[3], member) or redis.call('ZSCORE', KEYS[2], member)
+  redis.call('ZADD', KEYS[1], due, member)
+  redis.call('ZREM', KEYS[2], member)
+  redis.call('HDEL', KEYS[3], member)
+end
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+""",
+)
+
+_CLAIM = _Script(
+    "claim",
+    """
+local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
+                         'LIMIT', 0, ARGV[2])
+for i = 1, #items, 2 do
+  redis.call('ZREM', KEYS[1], items[i])
+  redis.call('ZADD', KEYS[2], ARGV[3], items[i])
+  redis.call('HSET', KEYS[3], items[i], items[i + 1])
+end
+return items
+""",
+)
+
+_SCRIPTS: Final = (_CAS, _ACTIVATE, _TOMBSTONE, _PEEK, _CLAIM)
+
+
+def _pairs(flat: Sequence[str]) -> Iterator[tuple[int, str]]:
+    """(score, member) from a flat WITHSCORES reply; scores are whole microseconds."""
+    for i in range(0, len(flat), 2):
+        yield int(float(flat[i + 1])), flat[i]
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+class RedisLedger:  # satisfies core.ports.Ledger
+    """The lease ledger in Redis (single node or Sentinel; the layout is Cluster-ready).
+
+    ``namespace`` prefixes every key (tests and benchmarks use their own).
+    """
+
+    def __init__(self, *, settings: RedisSettings, namespace: str = "tl") -> None:
+        if _NAMESPACE.fullmatch(namespace) is None:
+            raise ValueError(f"namespace must match {_NAMESPACE.pattern}, got {namespace!r}")
         self._settings = settings
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+        self._keys = _Keys(namespace, settings.due_buckets)
+        # redis-py's default pool fails the 101st concurrent command at once ("Too many
+        # connections"); a burst of requests should wait briefly for a connection instead.
+        pool = aioredis.BlockingConnectionPool.from_url(
             settings.url.get_secret_value(),
+            max_connections=_MAX_CONNECTIONS,
+            timeout=settings.socket_timeout_seconds,
             socket_timeout=settings.socket_timeout_seconds,
             socket_connect_timeout=settings.socket_timeout_seconds,
             decode_responses=True,
         )
+        self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
+        self._layout_checked = False
+        self._waitaof: bool | None = None
+
+    @property
+    def namespace(self) -> str:
+        """The prefix of every key of this ledger."""
+        return self._keys.ns
 
     @property
     def allows_degraded(self) -> bool:
@@ -68,14 +611,18 @@ class RedisLedger:  # satisfies core.ports.Ledger (grows with issuance)
         """The underlying client (for adapters that share the connection pool)."""
         return self._redis
 
+    # ---- durability
+
     async def durability(self) -> RedisDurability:
-        """Read the persistence and eviction settings."""
+        """Read the persistence, eviction and replication settings."""
         try:
             values: dict[str, str] = {}
             for key in ("appendonly", "appendfsync", "maxmemory-policy", "save"):
                 reply = await self._redis.config_get(key)
                 values.update({str(k): str(v) for k, v in reply.items()})
-        except redis.exceptions.RedisError as exc:
+            server = await self._redis.info("server")
+            replication = await self._redis.info("replication")
+        except (redis.exceptions.RedisError, OSError) as exc:
             raise LedgerUnavailableError(
                 f"cannot read Redis configuration ({type(exc).__name__})",
                 reason="ledger.unreachable",
@@ -85,6 +632,11 @@ class RedisLedger:  # satisfies core.ports.Ledger (grows with issuance)
             appendfsync=values.get("appendfsync", ""),
             maxmemory_policy=values.get("maxmemory-policy", ""),
             rdb_save=values.get("save", ""),
+            server_version=str(server.get("redis_version", "")),
+            waitaof=await self._supports_waitaof(),
+            connected_replicas=int(replication.get("connected_slaves", 0)),
+            mode=self._settings.durability,
+            replicas_required=self._settings.durability_replicas,
         )
 
     async def check_durability(self) -> RedisDurability:
@@ -99,6 +651,69 @@ class RedisLedger:  # satisfies core.ports.Ledger (grows with issuance)
             )
         return durability
 
+    async def _supports_waitaof(self) -> bool:
+        """Whether the server knows WAITAOF (Redis >= 7.2), probed once with a no-op call
+        (0 local, 0 replicas: answers at once) rather than guessed from the version."""
+        if self._waitaof is None:
+            try:
+                await self._redis.execute_command(  # type: ignore[no-untyped-call]  # redis-py
+                    "WAITAOF", 0, 0, 1
+                )
+            except redis.exceptions.ResponseError:
+                self._waitaof = False
+            except redis.exceptions.RedisError as exc:
+                raise LedgerUnavailableError(
+                    f"Redis is unreachable ({type(exc).__name__})", reason="ledger.unreachable"
+                ) from exc
+            else:
+                self._waitaof = True
+        return self._waitaof
+
+    def _queue_barrier(self, pipe: Pipeline) -> None:
+        settings = self._settings
+        if settings.durability == "replicas":
+            pipe.wait(settings.durability_replicas, settings.durability_timeout_ms)
+        elif settings.durability == "fsync":
+            if self._waitaof:
+                pipe.execute_command("WAITAOF", 1, 0, settings.durability_timeout_ms)
+            else:
+                pipe.config_get("appendonly", "appendfsync")
+
+    def _check_barrier(self, replies: Sequence[object], credential_id: str) -> None:
+        """Raise ``ledger.not_acknowledged`` unless the barrier's reply confirms the write."""
+        settings = self._settings
+        if settings.durability == "none":
+            return
+        reply = replies[0] if replies else None
+        problem = ""
+        if isinstance(reply, redis.exceptions.RedisError):
+            problem = f"the acknowledgement failed ({_redis_error_code(reply)})"
+        elif settings.durability == "replicas":
+            if not isinstance(reply, int) or reply < settings.durability_replicas:
+                problem = (
+                    f"WAIT: {reply} of {settings.durability_replicas} replica(s) acknowledged "
+                    f"within {settings.durability_timeout_ms} ms"
+                )
+        elif self._waitaof:
+            if not isinstance(reply, list) or not reply or int(reply[0]) < 1:
+                problem = (
+                    f"WAITAOF: the AOF was not fsynced within {settings.durability_timeout_ms} ms"
+                )
+        else:
+            config = reply if isinstance(reply, dict) else {}
+            if config.get("appendonly") != "yes" or config.get("appendfsync") != "always":
+                problem = (
+                    f"Redis runs appendonly {config.get('appendonly')!r} with appendfsync "
+                    f"{config.get('appendfsync')!r} and has no WAITAOF, so the write is not "
+                    "known to be fsynced (needs appendonly yes and appendfsync always)"
+                )
+        if problem:
+            _log.warning("ledger.not_acknowledged", credential_id=credential_id, problem=problem)
+            raise LedgerUnavailableError(
+                f"lease {credential_id} was written but not durably acknowledged: {problem}",
+                reason="ledger.not_acknowledged",
+            )
+
     async def ping(self) -> None:
         """Raise :class:`LedgerUnavailableError` unless Redis answers."""
         try:
@@ -111,6 +726,509 @@ class RedisLedger:  # satisfies core.ports.Ledger (grows with issuance)
     async def close(self) -> None:
         """Close the connection pool."""
         await self._redis.aclose()
+
+    # ---- plumbing
+
+    async def _pipeline(
+        self, operation: str, build: Callable[[Pipeline], object], *, transaction: bool = False
+    ) -> list[Any]:
+        """Run the commands ``build`` queues in one round trip; replies (errors included,
+        not raised) in order. If Redis lost its script cache (restart, failover, SCRIPT
+        FLUSH), load the scripts and run the pipeline once more: a script that answered
+        NOSCRIPT did nothing."""
+        with _translated(operation):
+            for attempt in range(2):
+                async with self._redis.pipeline(transaction=transaction) as pipe:
+                    build(pipe)
+                    results: list[Any] = await pipe.execute(raise_on_error=False)
+                missing = any(isinstance(r, redis.exceptions.NoScriptError) for r in results)
+                if not missing or attempt == 1:
+                    return results
+                for script in _SCRIPTS:
+                    await self._redis.script_load(script.text)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _checked(
+        self, operation: str, build: Callable[[Pipeline], object], *, transaction: bool = False
+    ) -> list[Any]:
+        """:meth:`_pipeline`, raising the first error reply as :class:`LedgerUnavailableError`."""
+        results = await self._pipeline(operation, build, transaction=transaction)
+        with _translated(operation):
+            _raise_first_error(results)
+        return results
+
+    @staticmethod
+    def _script_call(
+        script: _Script, keys: list[str], args: list[str | int]
+    ) -> Callable[[Pipeline], None]:
+        def build(pipe: Pipeline) -> None:
+            script.queue(pipe, keys, args)
+
+        return build
+
+    async def _ensure_layout(self) -> None:
+        """Record the layout (version, bucket count) on first use, and refuse to run on a
+        Redis whose ledger was laid out differently: due items in buckets this replica does
+        not know would never be swept."""
+        if self._layout_checked:
+            return
+        meta = self._keys.meta
+
+        def build(pipe: Pipeline) -> None:
+            pipe.hsetnx(meta, "layout", LAYOUT_VERSION)
+            pipe.hsetnx(meta, "due_buckets", str(self._keys.due_buckets))
+            pipe.hmget(meta, ["layout", "due_buckets"])
+
+        stored = (await self._checked("layout check", build))[2]
+        expected = [LAYOUT_VERSION, str(self._keys.due_buckets)]
+        if stored != expected:
+            raise LedgerUnavailableError(
+                f"the ledger in Redis uses layout {stored[0]} with {stored[1]} due buckets; "
+                f"this broker uses layout {expected[0]} with {expected[1]} "
+                "(redis.due_buckets must be the same on every replica)",
+                reason="ledger.layout_mismatch",
+            )
+        self._layout_checked = True
+
+    # ---- runs
+
+    async def create_run(self, run: WorkflowRun) -> bool:
+        """Store a new run; False if the id is taken."""
+        check_id(run.id, "workflow id")
+        with _translated("create_run"):
+            created = await self._redis.set(self._keys.run(run.id), _encode_run(run), nx=True)
+        return bool(created)
+
+    async def get_run(self, workflow_id: str) -> WorkflowRun | None:
+        """The run, or None."""
+        check_id(workflow_id, "workflow id")
+        key = self._keys.run(workflow_id)
+        with _translated("get_run"):
+            raw = await self._redis.get(key)
+        return None if raw is None else _decode_run(str(raw), key)
+
+    async def save_run(self, run: WorkflowRun) -> None:
+        """Overwrite an existing run (:class:`NotFoundError` if there is none)."""
+        check_id(run.id, "workflow id")
+        with _translated("save_run"):
+            saved = await self._redis.set(self._keys.run(run.id), _encode_run(run), xx=True)
+        if not saved:
+            raise NotFoundError(
+                f"no workflow run {run.id!r} to update", reason="workflow.not_found"
+            )
+
+    # ---- leases
+
+    async def write_ahead(self, lease: Lease) -> None:
+        """Record an issuing lease, indexed and due at its expiry, in one MULTI/EXEC (one
+        round trip). Writing the same lease again is a no-op (a retried call whose reply was
+        lost); another lease with the same id is a ``lease.exists`` conflict, and the record
+        of the first one is left as it was (its index sets may gain harmless extra members,
+        and its due time can only move earlier: ZADD LT).
+        """
+        check_write_ahead(lease)
+        await self._ensure_layout()
+        keys = self._keys
+        cid, wid = lease.credential_id, lease.workflow_id
+        bucket = keys.bucket(cid)
+        raw = _encode_lease(lease)
+        due, in_flight, claimed = keys.due(bucket)
+
+        def build(pipe: Pipeline) -> None:
+            pipe.hsetnx(keys.creds(bucket), cid, wid)
+            pipe.hsetnx(keys.leases(wid), cid, raw)
+            pipe.sadd(keys.holder(lease.holder), cid)
+            pipe.sadd(keys.owner(lease.owner), cid)
+            pipe.sadd(keys.target(lease.target), cid)
+            pipe.zadd(keys.holders, {lease.holder: 0})
+            pipe.zrem(in_flight, cid)
+            pipe.hdel(claimed, cid)
+            pipe.zadd(due, {cid: _micros(lease.expires_at)}, lt=True)
+
+        results = await self._checked("write_ahead", build, transaction=True)
+        if results[0] and results[1]:
+            return
+        found = await self._read_lease(cid)
+        if results[1] and (found is None or found[0].workflow_id != wid):
+            # The id belongs to a lease of another run: take back the record just written.
+            with _translated("write_ahead"):
+                await self._redis.hdel(keys.leases(wid), cid)
+        if found is None or found[1] != raw or found[0].workflow_id != wid:
+            raise ConflictError(
+                f"credential id {cid} is taken by another lease", reason="lease.exists"
+            )
+
+    async def _read_lease(self, credential_id: str) -> tuple[Lease, str] | None:
+        """The lease and its stored text: its run from the credential hash, then the record."""
+        keys = self._keys
+        with _translated("get_lease"):
+            cid = credential_id
+            workflow_id = await self._redis.hget(keys.creds(keys.bucket(cid)), cid)
+            if workflow_id is None:
+                return None
+            key = keys.leases(str(workflow_id))
+            raw = await self._redis.hget(key, cid)
+        if raw is None:
+            return None
+        return _decode_lease(str(raw), cid, str(workflow_id), f"{key} {cid}"), str(raw)
+
+    async def get_lease(self, credential_id: str) -> Lease | None:
+        """The lease, or None."""
+        check_id(credential_id, "credential id")
+        found = await self._read_lease(credential_id)
+        return None if found is None else found[0]
+
+    async def activate(
+        self, credential_id: str, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
+    ) -> Lease:
+        """issuing → active with its Vault references, then the durability barrier.
+
+        Raises :class:`NotFoundError` (``lease.not_found``); :class:`ConflictError`
+        ``lease.tombstoned`` when the task was tombstoned — the lease stays issuing, records
+        the references and is due at once, so the next sweep revokes the credential — or
+        ``lease.not_issuing``; :class:`LedgerUnavailableError` ``ledger.not_acknowledged``
+        when the write is not durably acknowledged. Activating again with the same
+        references returns the active lease (a retry).
+        """
+        check_id(credential_id, "credential id")
+        if self._settings.durability == "fsync":
+            await self._supports_waitaof()
+        for _ in range(_CAS_ATTEMPTS):
+            found = await self._read_lease(credential_id)
+            if found is None:
+                raise NotFoundError(f"no lease {credential_id}", reason="lease.not_found")
+            lease, raw = found
+            conflict: ConflictError | None = None
+            try:
+                active = activated(
+                    lease, token_accessor=token_accessor, vault_lease_ids=vault_lease_ids
+                )
+            except ConflictError as exc:
+                active, conflict = lease, exc
+            refused = refused_by_tombstone(
+                lease, token_accessor=token_accessor, vault_lease_ids=vault_lease_ids
+            )
+            # Written even when unchanged (a retry): the barrier below then covers this
+            # connection's write, which follows the first attempt's in the replication stream.
+            active_raw = "" if conflict else _encode_lease(active)
+            refused_raw = "" if refused == lease else _encode_lease(refused)
+            build = self._activation(
+                [self._keys.leases(lease.workflow_id), self._keys.tombstones(lease.workflow_id)],
+                [
+                    credential_id,
+                    raw,
+                    lease.task_id,
+                    _micros(lease.issued_at),
+                    active_raw,
+                    refused_raw,
+                ],
+            )
+            replies = await self._pipeline("activate", build)
+            with _translated("activate"):
+                _raise_first_error(replies[:1])
+            outcome = replies[0]
+            if outcome == "stale":
+                continue
+            if outcome == "tombstoned":
+                await self.schedule(credential_id, lease.issued_at)
+                _log.warning(
+                    "ledger.activation_refused",
+                    credential_id=credential_id,
+                    workflow_id=lease.workflow_id,
+                    task_id=lease.task_id,
+                    reason="lease.tombstoned",
+                )
+                raise tombstoned_error(lease)
+            if conflict is not None:
+                raise conflict
+            self._check_barrier(replies[1:], credential_id)
+            return active
+        raise ConflictError(
+            f"lease {credential_id} kept changing while it was being activated",
+            reason="lease.contended",
+        )
+
+    def _activation(self, keys: list[str], args: list[str | int]) -> Callable[[Pipeline], None]:
+        """The activate script and, on the same connection, the durability barrier."""
+
+        def build(pipe: Pipeline) -> None:
+            _ACTIVATE.queue(pipe, keys, args)
+            self._queue_barrier(pipe)
+
+        return build
+
+    async def save_lease(self, lease: Lease) -> None:
+        """Overwrite an existing lease by compare-and-set; see
+        :func:`~broker.adapters.memory_ledger.check_rewrite` for the rewrites refused."""
+        cid = lease.credential_id
+        check_id(cid, "credential id")
+        check_id(lease.workflow_id, "workflow id")
+        key = self._keys.leases(lease.workflow_id)
+        new_raw = _encode_lease(lease)
+        for _ in range(_CAS_ATTEMPTS):
+            with _translated("save_lease"):
+                raw = await self._redis.hget(key, cid)
+            if raw is None:
+                # Not in this run: absent, or a rewrite that would move it to another run.
+                stored = await self.get_lease(cid)
+                if stored is None:
+                    raise NotFoundError(f"no lease {cid}", reason="lease.not_found")
+                check_rewrite(stored, lease)
+                continue  # it was written meanwhile: read it again
+            check_rewrite(_decode_lease(str(raw), cid, lease.workflow_id, f"{key} {cid}"), lease)
+            cas = self._script_call(_CAS, [key], [cid, str(raw), new_raw])
+            if (await self._checked("save_lease", cas))[0] == 1:
+                return
+        raise ConflictError(
+            f"lease {cid} kept changing while it was being saved", reason="lease.contended"
+        )
+
+    async def find_leases(self, selector: LeaseSelector, *, limit: int = 1000) -> list[Lease]:
+        """Up to ``limit`` matching leases, oldest issued first, read from the narrowest
+        index: the smallest of the run hash, holder, owner and target sets named by the
+        selector; else the holders matching ``holder_prefix``; else (task id alone,
+        sensitivity, everything) the credential hashes, i.e. every lease. Indexes are read in
+        SCAN batches and reading stops once ``limit`` leases matched, so memory stays
+        bounded; when more than ``limit`` match, which of them come back is unspecified."""
+        check_selector(selector, limit)
+        found: dict[str, Lease] = {}
+        async with contextlib.aclosing(self._candidates(selector)) as batches:
+            async for batch in batches:
+                for lease in batch:
+                    if selector.matches(lease):
+                        found[lease.credential_id] = lease
+                if len(found) >= limit:
+                    break
+        return sorted(found.values(), key=lease_order)[:limit]
+
+    async def _candidates(self, selector: LeaseSelector) -> AsyncGenerator[list[Lease]]:
+        """Batches of leases that may match, from the narrowest index the selector names."""
+        keys = self._keys
+        indexes: list[tuple[str, str]] = []  # (kind, key)
+        if selector.workflow_id is not None:
+            check_id(selector.workflow_id, "workflow id")
+            indexes.append(("run", keys.leases(selector.workflow_id)))
+        if selector.holder is not None:
+            indexes.append(("set", keys.holder(selector.holder)))
+        if selector.owner is not None:
+            indexes.append(("set", keys.owner(selector.owner)))
+        if selector.target is not None:
+            indexes.append(("set", keys.target(selector.target)))
+        if indexes:
+
+            def sizes(pipe: Pipeline) -> None:
+                for kind, key in indexes:
+                    if kind == "run":
+                        pipe.hlen(key)
+                    else:
+                        pipe.scard(key)
+
+            cards = await self._checked("find_leases", sizes)
+            size, (kind, key) = min(zip(cards, indexes, strict=True))
+            if not size:
+                return
+            if kind == "run" and selector.workflow_id is not None:
+                async for records in self._scan_hash(key):
+                    yield [
+                        _decode_lease(raw, cid, selector.workflow_id, f"{key} {cid}")
+                        for cid, raw in records
+                    ]
+                return
+            async for ids in self._scan_set(key):
+                yield await self._load_leases(ids)
+            return
+        if selector.holder_prefix is not None:
+            async for holder in self._holders_with_prefix(selector.holder_prefix):
+                async for ids in self._scan_set(keys.holder(holder)):
+                    yield await self._load_leases(ids)
+            return
+        for bucket in range(keys.due_buckets):
+            async for located in self._scan_hash(keys.creds(bucket)):
+                yield await self._load_located(located)
+
+    async def _scan_set(self, key: str) -> AsyncIterator[list[str]]:
+        cursor = 0
+        while True:
+            with _translated("find_leases"):
+                cursor, members = await self._redis.sscan(key, cursor, count=_SCAN_BATCH)
+            if members:
+                yield [str(m) for m in members]
+            if cursor == 0:
+                return
+
+    async def _scan_hash(self, key: str) -> AsyncIterator[list[tuple[str, str]]]:
+        cursor = 0
+        while True:
+            with _translated("find_leases"):
+                cursor, fields = await self._redis.hscan(key, cursor, count=_SCAN_BATCH)
+            if isinstance(fields, dict) and fields:
+                yield [(str(k), str(v)) for k, v in fields.items()]
+            if cursor == 0:
+                return
+
+    async def _holders_with_prefix(self, prefix: str) -> AsyncIterator[str]:
+        # Bytewise range [prefix, prefix + 0xff): UTF-8 never contains the byte 0xff.
+        low, high = b"[" + prefix.encode(), b"(" + prefix.encode() + b"\xff"
+        offset = 0
+        while True:
+            with _translated("find_leases"):
+                holders = await self._redis.zrangebylex(
+                    self._keys.holders, low, high, start=offset, num=_SCAN_BATCH
+                )
+            for holder in holders:
+                yield str(holder)
+            if len(holders) < _SCAN_BATCH:
+                return
+            offset += len(holders)
+
+    async def _load_leases(self, credential_ids: Sequence[str]) -> list[Lease]:
+        """Two round trips for any number of leases: their runs, then the records."""
+        keys = self._keys
+
+        def runs(pipe: Pipeline) -> None:
+            for cid in credential_ids:
+                pipe.hget(keys.creds(keys.bucket(cid)), cid)
+
+        located = await self._checked("find_leases", runs)
+        return await self._load_located(
+            [
+                (cid, str(wid))
+                for cid, wid in zip(credential_ids, located, strict=True)
+                if wid is not None
+            ]
+        )
+
+    async def _load_located(self, located: Sequence[tuple[str, str]]) -> list[Lease]:
+        """The records of (credential id, run id) pairs, in one round trip."""
+        keys = self._keys
+        if not located:
+            return []
+
+        def records(pipe: Pipeline) -> None:
+            for cid, wid in located:
+                pipe.hget(keys.leases(wid), cid)
+
+        raws = await self._checked("find_leases", records)
+        return [
+            _decode_lease(str(raw), cid, wid, f"{keys.leases(wid)} {cid}")
+            for (cid, wid), raw in zip(located, raws, strict=True)
+            if raw is not None
+        ]
+
+    # ---- idempotency and tombstones
+
+    async def remember_idempotency(
+        self, key: str, fingerprint: str, credential_id: str, *, ttl: timedelta
+    ) -> str | None:
+        """``SET NX GET``: bind ``key`` for ``ttl`` unless bound; return the bound credential
+        id when it was (same fingerprint), :class:`ConflictError` ``idempotency.key_reused``
+        when it was bound with another fingerprint."""
+        if ttl <= timedelta(0):
+            raise ValueError(f"idempotency ttl must be positive, got {ttl}")
+        name = self._keys.idempotency(key)
+        value = json.dumps([fingerprint, credential_id], separators=(",", ":"))
+        with _translated("remember_idempotency"):
+            previous = await self._redis.set(
+                name, value, nx=True, px=max(1, ttl // _MILLISECOND), get=True
+            )
+        if previous is None:
+            return None
+        try:
+            bound_fingerprint, bound_id = json.loads(str(previous))
+        except (TypeError, ValueError) as exc:
+            raise _corrupt(name, exc) from exc
+        if bound_fingerprint != fingerprint:
+            raise key_reused_error()
+        return str(bound_id)
+
+    async def tombstone_task(self, workflow_id: str, task_id: str, *, until: datetime) -> None:
+        """Block activation of leases of this task written ahead before ``until`` (the latest
+        ``until`` given wins)."""
+        check_id(workflow_id, "workflow id")
+        check_id(task_id, "task id")
+        tombstone = self._script_call(
+            _TOMBSTONE, [self._keys.tombstones(workflow_id)], [task_id, _micros(until)]
+        )
+        await self._checked("tombstone_task", tombstone)
+
+    # ---- due index
+
+    async def schedule(self, credential_id: str, due_at: datetime) -> None:
+        """Place the lease in the due index at ``due_at``, ending any claim on it."""
+        check_id(credential_id, "credential id")
+        await self._ensure_layout()
+        due, in_flight, claimed = self._keys.due(self._keys.bucket(credential_id))
+
+        def build(pipe: Pipeline) -> None:
+            pipe.zrem(in_flight, credential_id)
+            pipe.hdel(claimed, credential_id)
+            pipe.zadd(due, {credential_id: _micros(due_at)})
+
+        await self._checked("schedule", build, transaction=True)
+
+    async def claim_due(self, now: datetime, *, limit: int, visibility: timedelta) -> list[str]:
+        """Claim up to ``limit`` of the oldest leases due at ``now`` until
+        ``now + visibility``, after returning expired claims (see the module docstring).
+
+        When another claimer took some of the chosen items first, the shortfall is peeked and
+        claimed again (a few rounds), so contention does not make a backlog look empty.
+        """
+        check_claim(limit, visibility)
+        await self._ensure_layout()
+        keys = self._keys
+        now_us = _micros(now)
+        deadline_us = now_us + visibility // _MICROSECOND
+        claimed: list[tuple[int, str]] = []
+        for _ in range(_CLAIM_ROUNDS):
+            plan = await self._plan_claims(now_us, limit - len(claimed))
+            if not plan:
+                break
+
+            def claim(pipe: Pipeline, plan: dict[int, tuple[int, int]] = plan) -> None:
+                for bucket, (count, cutoff) in plan.items():
+                    _CLAIM.queue(pipe, keys.due(bucket), [cutoff, count, deadline_us])
+
+            got = [
+                pair for reply in await self._checked("claim_due", claim) for pair in _pairs(reply)
+            ]
+            claimed.extend(got)
+            if len(got) == sum(count for count, _ in plan.values()) or len(claimed) >= limit:
+                break
+        return [member for _, member in sorted(claimed)]
+
+    async def _plan_claims(self, now_us: int, wanted: int) -> dict[int, tuple[int, int]]:
+        """Peek every bucket (returning expired claims) and choose the ``wanted`` globally
+        oldest due items: bucket → (how many to claim there, newest due time chosen there)."""
+        keys = self._keys
+
+        def peek(pipe: Pipeline) -> None:
+            for bucket in range(keys.due_buckets):
+                _PEEK.queue(pipe, keys.due(bucket), [now_us, wanted, _RETURN_CAP])
+
+        peeked = await self._checked("claim_due", peek)
+        candidates = [
+            (score, member, bucket)
+            for bucket, reply in enumerate(peeked)
+            for score, member in _pairs(reply)
+        ]
+        plan: dict[int, tuple[int, int]] = {}
+        for score, _member, bucket in heapq.nsmallest(wanted, candidates):
+            count, cutoff = plan.get(bucket, (0, score))
+            plan[bucket] = (count + 1, max(cutoff, score))
+        return plan
+
+    async def ack(self, credential_id: str) -> None:
+        """Drop the claim on a lease (no-op when it holds none). Call it only once the lease
+        is revoked or rescheduled: the claim is what keeps a live lease findable."""
+        check_id(credential_id, "credential id")
+        await self._ensure_layout()
+        _due, in_flight, claimed = self._keys.due(self._keys.bucket(credential_id))
+
+        def build(pipe: Pipeline) -> None:
+            pipe.zrem(in_flight, credential_id)
+            pipe.hdel(claimed, credential_id)
+
+        await self._checked("ack", build, transaction=True)
 
 
 class RedisReadiness:  # satisfies core.ports.ReadinessCheck
@@ -131,7 +1249,7 @@ class RedisReadiness:  # satisfies core.ports.ReadinessCheck
                 self.name,
                 ok=True,
                 detail=f"reachable; appendonly yes, appendfsync {durability.appendfsync}, "
-                "noeviction",
+                f"noeviction; acknowledged by {durability.acknowledgement}",
             )
         if self._ledger.allows_degraded:
             return CheckResult(

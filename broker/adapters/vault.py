@@ -27,7 +27,12 @@ from broker.config import VaultSettings
 from broker.core.model import TargetKind
 from broker.core.ports import CheckResult, MintedCredential, MintSpec, RevokeOutcome
 from broker.core.untrusted import printable
-from broker.errors import BadRequestError, ConfigurationError, VaultUnavailableError
+from broker.errors import (
+    BadRequestError,
+    ConfigurationError,
+    MintOutcomeUnknownError,
+    VaultUnavailableError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,24 +310,44 @@ class VaultMinter:  # satisfies core.ports.SecretMinter
         settings = self._vault.settings
         ttl_seconds = int(spec.ttl.total_seconds())
         started = self._now()
-        response = self._vault.client.auth.token.create(
-            role_name=settings.task_token_role,
-            policies=list(spec.target.policies),
-            ttl=f"{ttl_seconds}s",
-            explicit_max_ttl=f"{ttl_seconds}s",
-            renewable=False,
-            display_name=f"tasklease-{spec.credential_id}"[:64],
-            meta={
-                "tasklease": "1",
-                "credential_id": spec.credential_id,
-                "workflow_id": spec.workflow_id,
-                "task_id": spec.task_id,
-                "holder": spec.holder,
-                "owner": spec.owner,
-                "target": spec.target.name,
-                "chain": spec.chain.compact()[:1024],
-            },
-        )
+        try:
+            response = self._vault.client.auth.token.create(
+                role_name=settings.task_token_role,
+                policies=list(spec.target.policies),
+                ttl=f"{ttl_seconds}s",
+                explicit_max_ttl=f"{ttl_seconds}s",
+                renewable=False,
+                display_name=f"tasklease-{spec.credential_id}"[:64],
+                meta={
+                    "tasklease": "1",
+                    "credential_id": spec.credential_id,
+                    "workflow_id": spec.workflow_id,
+                    "task_id": spec.task_id,
+                    "holder": spec.holder,
+                    "owner": spec.owner,
+                    "target": spec.target.name,
+                    "chain": spec.chain.compact()[:1024],
+                },
+            )
+        except (requests.ConnectTimeout, requests.ConnectionError) as exc:
+            if isinstance(exc, requests.ConnectTimeout) or "NewConnectionError" in repr(exc):
+                # Never connected: nothing was created.
+                raise VaultUnavailableError(
+                    f"OpenBao at {settings.addr} is unreachable ({type(exc).__name__})",
+                    reason="vault.unreachable",
+                ) from exc
+            raise MintOutcomeUnknownError(
+                f"creating the task token for {spec.credential_id} failed in flight "
+                f"({type(exc).__name__}); the reconciler will find any token it left",
+                reason="vault.mint_outcome_unknown",
+            ) from exc
+        except requests.RequestException as exc:
+            # The request may have reached Vault: a token may exist that we cannot name.
+            raise MintOutcomeUnknownError(
+                f"creating the task token for {spec.credential_id} failed in flight "
+                f"({type(exc).__name__}); the reconciler will find any token it left",
+                reason="vault.mint_outcome_unknown",
+            ) from exc
         auth = response["auth"]
         accessor = str(auth["accessor"])
         token = str(auth["client_token"])
@@ -352,10 +377,17 @@ class VaultMinter:  # satisfies core.ports.SecretMinter
                 expires_at=min(token_expires, read.not_after or token_expires),
                 secret=read.secret,
             )
-        except BaseException:
+        except BaseException as failure:
             # Nothing half-minted survives: the token (and every lease under it) goes now.
-            with contextlib.suppress(Exception):
+            try:
                 self._vault.client.auth.token.revoke_accessor(accessor)
+            except Exception as exc:  # noqa: BLE001 - any failure leaves the outcome unknown
+                raise MintOutcomeUnknownError(
+                    f"minting {spec.credential_id} failed ({type(failure).__name__}) and its "
+                    f"task token could not be revoked ({type(exc).__name__}); it stays recorded "
+                    "for the sweeper",
+                    reason="vault.mint_cleanup_failed",
+                ) from failure
             raise
 
     async def check_task_token_role(self) -> None:

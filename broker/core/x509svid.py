@@ -25,6 +25,7 @@ trust domain is not configured. Untrusted values in messages go through
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -326,9 +327,17 @@ class TrustStoreX509Authenticator:
     ``bundle.stale``: fail closed). One :class:`X509SvidVerifier` is cached per trust domain and
     rebuilt whenever the store holds a different bundle object for it, so a refresh that drops
     an authority takes effect on the next request and nothing is ever merged.
+
+    Results are cached per presented chain: a keep-alive mTLS connection presents the same
+    chain on every request, and re-running the path validation for each would cost the same
+    answer again. An entry counts only while the store still holds the *same* bundle object for
+    the trust domain (a refresh invalidates it), and only inside the window the first
+    verification proved: from its ``now`` (minus the skew) until the chain's earliest NotAfter.
     """
 
-    __slots__ = ("_cache", "_max_chain_depth", "_skew", "_store")
+    __slots__ = ("_max_chain_depth", "_results", "_skew", "_store", "_verifiers")
+
+    _MAX_RESULTS = 4096
 
     def __init__(
         self,
@@ -340,17 +349,28 @@ class TrustStoreX509Authenticator:
         self._store = trust_store
         self._max_chain_depth = max_chain_depth
         self._skew = skew
-        self._cache: dict[TrustDomain, tuple[TrustBundle, X509SvidVerifier]] = {}
+        self._verifiers: dict[TrustDomain, tuple[TrustBundle, X509SvidVerifier]] = {}
+        self._results: OrderedDict[
+            tuple[x509.Certificate, ...], tuple[TrustBundle, WorkloadIdentity, datetime]
+        ] = OrderedDict()
 
     def authenticate(self, chain: Sequence[x509.Certificate], *, now: datetime) -> WorkloadIdentity:
         """Authenticate a peer from its TLS chain (leaf first, from a completed handshake)."""
         if not chain:
             raise _reject("no client certificate was presented", "empty_chain")
+        key = tuple(chain)
+        hit = self._results.get(key)
+        if hit is not None:
+            bundle, identity, verified_at = hit
+            still_same = self._store.bundle_for(identity.spiffe_id.trust_domain, now) is bundle
+            if still_same and verified_at - self._skew <= now < identity.expires_at:
+                return identity
+            del self._results[key]
         leaf, *intermediates = chain
         extensions = _extension_map(leaf, "leaf")
         spiffe_id = _leaf_spiffe_id(extensions)
         bundle = self._store.bundle_for(spiffe_id.trust_domain, now)
-        cached = self._cache.get(spiffe_id.trust_domain)
+        cached = self._verifiers.get(spiffe_id.trust_domain)
         if cached is None or cached[0] is not bundle:
             verifier = X509SvidVerifier(
                 trust_domain=spiffe_id.trust_domain,
@@ -358,10 +378,14 @@ class TrustStoreX509Authenticator:
                 max_chain_depth=self._max_chain_depth,
                 skew=self._skew,
             )
-            self._cache[spiffe_id.trust_domain] = (bundle, verifier)
+            self._verifiers[spiffe_id.trust_domain] = (bundle, verifier)
         else:
             verifier = cached[1]
-        return verifier._verify(leaf, extensions, spiffe_id, intermediates, now=now)
+        identity = verifier._verify(leaf, extensions, spiffe_id, intermediates, now=now)
+        self._results[key] = (bundle, identity, now)
+        if len(self._results) > self._MAX_RESULTS:
+            self._results.popitem(last=False)
+        return identity
 
 
 def parse_certificate_chain(

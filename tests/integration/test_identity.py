@@ -8,7 +8,6 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,51 +17,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from broker.bootstrap import RunningBroker, start_broker
-from broker.config import load_settings
+from broker.bootstrap import RunningBroker
 from broker.devstack import DevStack
 from tests.conftest import LOG_DIR
+from tests.integration.clients import StartBroker, client_context
 from tests.jwt_tokens import Signer, bundle_json, ec_key, token, x509_jwk
 from tests.pki import make_root, new_key
 
 pytestmark = pytest.mark.stack
-
-StartBroker = Callable[..., Awaitable[RunningBroker]]
-
-
-@pytest.fixture
-async def start(
-    broker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[StartBroker]:
-    """Start brokers with extra settings (environment); all stopped at the end of the test."""
-    started: list[RunningBroker] = []
-
-    async def starter(**env: str) -> RunningBroker:
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        broker = await start_broker(load_settings())
-        started.append(broker)
-        return broker
-
-    yield starter
-    for broker in started:
-        await broker.stop()
-
-
-def _client_context(
-    stack: DevStack, tmp_path: Path, spiffe_id: str | None = None
-) -> ssl.SSLContext:
-    """Trust the dev CA; with ``spiffe_id``, present a real SPIRE-minted X.509-SVID."""
-    minted = stack.mint_x509_svid(spiffe_id or f"spiffe://{stack.trust_domain}/test/anonymous")
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=minted["bundle"])
-    context.check_hostname = False  # the broker's SVID has a URI SAN, not a DNS name
-    if spiffe_id is not None:
-        cert, key = tmp_path / "svid.pem", tmp_path / "key.pem"
-        cert.write_text(minted["svid"])
-        key.write_text(minted["key"])
-        key.chmod(0o600)
-        context.load_cert_chain(cert, key)
-    return context
 
 
 async def _get(
@@ -86,7 +48,7 @@ async def test_spire_x509_svid_over_mtls_is_authenticated(
     stack: DevStack, start: StartBroker, tmp_path: Path
 ) -> None:
     broker = await start()
-    status, body = await _get(broker, _client_context(stack, tmp_path, _agent_id(stack)))
+    status, body = await _get(broker, client_context(stack, tmp_path, _agent_id(stack)))
     assert (status, body["principal"], body["method"], body["roles"]) == (
         200,
         _agent_id(stack),
@@ -101,7 +63,7 @@ async def test_spire_jwt_svid_bearer_is_authenticated(
     broker = await start()
     jwt_svid = stack.mint_jwt_svid(_agent_id(stack), audience="tasklease")
     status, body = await _get(
-        broker, _client_context(stack, tmp_path), headers={"Authorization": f"Bearer {jwt_svid}"}
+        broker, client_context(stack, tmp_path), headers={"Authorization": f"Bearer {jwt_svid}"}
     )
     assert (status, body["principal"], body["method"]) == (200, _agent_id(stack), "jwt-svid")
 
@@ -112,7 +74,7 @@ async def test_jwt_svid_for_another_audience_is_rejected(
     broker = await start()
     jwt_svid = stack.mint_jwt_svid(_agent_id(stack), audience="someone-else")
     status, body = await _get(
-        broker, _client_context(stack, tmp_path), headers={"Authorization": f"Bearer {jwt_svid}"}
+        broker, client_context(stack, tmp_path), headers={"Authorization": f"Bearer {jwt_svid}"}
     )
     assert (status, body["code"], body["reason"]) == (401, "jwt_svid_rejected", "jwt.aud_mismatch")
     assert jwt_svid not in json.dumps(body)
@@ -130,7 +92,7 @@ async def test_missing_or_malformed_credentials_are_401(
     stack: DevStack, start: StartBroker, tmp_path: Path, headers: dict[str, str], reason: str
 ) -> None:
     broker = await start()
-    status, body = await _get(broker, _client_context(stack, tmp_path), headers=headers)
+    status, body = await _get(broker, client_context(stack, tmp_path), headers=headers)
     assert (status, body.get("reason")) == (401, reason)
     assert body["type"].endswith(body["code"])
 
@@ -147,7 +109,7 @@ async def test_a_pasted_certificate_is_never_an_identity(
         "X-SSL-Client-Cert": pem,
         "X-Client-Cert": pem,
     }
-    status, body = await _get(broker, _client_context(stack, tmp_path), headers=headers)
+    status, body = await _get(broker, client_context(stack, tmp_path), headers=headers)
     assert (status, body["reason"]) == (401, "auth.missing")
 
 
@@ -158,7 +120,7 @@ async def test_both_a_certificate_and_a_bearer_token_is_ambiguous(
     jwt_svid = stack.mint_jwt_svid(_agent_id(stack), audience="tasklease")
     status, body = await _get(
         broker,
-        _client_context(stack, tmp_path, _agent_id(stack)),
+        client_context(stack, tmp_path, _agent_id(stack)),
         headers={"Authorization": f"Bearer {jwt_svid}"},
     )
     assert (status, body["reason"]) == (401, "auth.ambiguous")
@@ -169,7 +131,7 @@ async def test_an_identity_without_a_role_is_403(
 ) -> None:
     broker = await start()
     stranger = f"spiffe://{stack.trust_domain}/stranger/x"
-    status, body = await _get(broker, _client_context(stack, tmp_path, stranger))
+    status, body = await _get(broker, client_context(stack, tmp_path, stranger))
     assert (status, body["code"], body["reason"]) == (403, "forbidden", "auth.no_role")
 
 
@@ -227,8 +189,8 @@ async def test_a_second_trust_domain_is_rejected_until_federated(
     stack: DevStack, start: StartBroker, tmp_path: Path
 ) -> None:
     other = OtherDomain(tmp_path)
-    plain = _client_context(stack, tmp_path)
-    mtls = _client_context(stack, tmp_path)
+    plain = client_context(stack, tmp_path)
+    mtls = client_context(stack, tmp_path)
     mtls.load_cert_chain(other.cert_file, other.key_file)
     bearer = {"Authorization": f"Bearer {other.jwt()}"}
 
@@ -268,7 +230,7 @@ async def test_a_federated_leaf_cannot_claim_the_local_trust_domain(
             serialization.NoEncryption(),
         )
     )
-    context = _client_context(stack, tmp_path)
+    context = client_context(stack, tmp_path)
     context.load_cert_chain(tmp_path / "impostor.pem", tmp_path / "impostor-key.pem")
     broker = await start(**other.federation_env())
     status, body = await _get(broker, context)
@@ -329,7 +291,7 @@ async def test_the_broker_keeps_serving_across_its_own_svid_rotation(
     """With a short SVID TTL the Workload API rotates the broker's SVID; the listener picks up
     each new certificate without a restart and keeps authenticating clients."""
     broker = await start()
-    context = _client_context(stack, tmp_path, _agent_id(stack))
+    context = client_context(stack, tmp_path, _agent_id(stack))
     first = await asyncio.to_thread(_server_serial, broker.port, context)
     _set_broker_x509_ttl(stack, 20)
     try:
@@ -359,7 +321,7 @@ async def test_hostile_values_are_logged_as_one_escaped_truncated_line(
     request_id = "hostile-kid-1"
     status, body = await _get(
         broker,
-        _client_context(stack, tmp_path),
+        client_context(stack, tmp_path),
         headers={"Authorization": f"Bearer {forged}", "X-Request-Id": request_id},
     )
     assert (status, body["reason"]) == (401, "jwt.kid_malformed")
@@ -410,7 +372,7 @@ async def test_a_person_with_an_oidc_id_token_from_a_configured_issuer_is_authen
             },
         )
 
-    context = _client_context(stack, tmp_path)
+    context = client_context(stack, tmp_path)
     status, body = await _get(
         broker, context, headers={"Authorization": f"Bearer {id_token(['security-team'])}"}
     )

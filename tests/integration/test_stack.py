@@ -149,14 +149,14 @@ def test_task_token_expiry_is_enforced_by_openbao(stack: DevStack) -> None:
 
 
 def test_redis_round_trip_with_aof_and_durability_settings(stack: DevStack) -> None:
-    """Redis answers, and CONFIG GET shows AOF on, fsync everysec, noeviction."""
+    """Redis answers, and CONFIG GET shows AOF on, fsync on every write, noeviction."""
     e = _endpoints(stack)
     client = redis.Redis.from_url(e.redis_url, decode_responses=True)
     try:
         client.set("tasklease:test:roundtrip", "value")
         assert client.get("tasklease:test:roundtrip") == "value"
         assert client.config_get("appendonly") == {"appendonly": "yes"}
-        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
     finally:
         client.delete("tasklease:test:roundtrip")

@@ -1,0 +1,233 @@
+"""Issuance through the broker against what users would do instead, side by side in one run.
+
+Broker path: an agent (mTLS with its SPIRE X.509-SVID) POSTs /v1/credentials to a broker that
+runs as its own process (`python -m broker serve`) on the real local stack.
+Direct path: the same agent logs into OpenBao's JWT auth with its JWT-SVID and reads
+`database/creds/<role>` itself (for `vault-token`: the JWT login alone).
+
+Prints median and p99 latency and throughput at 1, 16 and 64 concurrent clients, the ratios,
+the broker's own CPU time per issuance (from /proc), and the bytes a lease takes in Redis.
+Bounded: a fixed number of requests per cell. Asserts nothing.
+
+    .venv/bin/python bench/bench_issuance.py [--requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import redis
+
+from broker.devstack import DevStack, free_port
+
+CONCURRENCY = tuple(int(c) for c in os.environ.get("TASKLEASE_BENCH_CLIENTS", "1,16,64").split(","))
+
+
+FAILURES: dict[str, int] = {}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _drive(
+    concurrency: int, total: int, one: Callable[[], Awaitable[None]]
+) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    queue = list(range(total))
+
+    async def worker() -> None:
+        while queue:
+            queue.pop()
+            started = time.perf_counter()
+            try:
+                await one()
+            except RuntimeError as exc:
+                # Counted, not fatal: e.g. PostgreSQL's "tuple concurrently updated" when
+                # many GRANTs on one table race (the same for both paths).
+                FAILURES[str(exc)[:80]] = FAILURES.get(str(exc)[:80], 0) + 1
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - started
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+async def main(requests_per_cell: int) -> None:
+    stack = DevStack(x509_svid_ttl="1h", jwt_svid_ttl="5m")
+    endpoints = stack.start()
+    broker_port = free_port()
+    env = {
+        **os.environ,
+        "SPIFFE_ENDPOINT_SOCKET": f"unix://{endpoints.spire_agent_socket}",
+        "TASKLEASE_SPIFFE__WORKLOAD_API_SOCKET": f"unix://{endpoints.spire_agent_socket}",
+        "TASKLEASE_VAULT__ADDR": endpoints.openbao_addr,
+        "TASKLEASE_REDIS__URL": endpoints.redis_url,
+        "TASKLEASE_SERVER__PORT": str(broker_port),
+        "TASKLEASE_LOG_LEVEL": "warning",
+    }
+    broker = subprocess.Popen(
+        # TASKLEASE_BENCH_PYFLAGS="-m cProfile -o /tmp/broker.prof" profiles the broker.
+        [
+            sys.executable,
+            *os.environ.get("TASKLEASE_BENCH_PYFLAGS", "").split(),
+            "-m",
+            "broker",
+            "serve",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="tl-bench-"))
+    try:
+        agent_id = endpoints.workload_ids["agent"]
+        minted = stack.mint_x509_svid(agent_id, ttl_seconds=3600)
+        (workdir / "svid.pem").write_text(minted["svid"])
+        (workdir / "key.pem").write_text(minted["key"])
+        orchestrator = stack.mint_x509_svid(
+            endpoints.workload_ids["orchestrator"], ttl_seconds=3600
+        )
+        (workdir / "orch.pem").write_text(orchestrator["svid"])
+        (workdir / "orch-key.pem").write_text(orchestrator["key"])
+
+        def context(cert: str, key: str) -> ssl.SSLContext:
+            ctx = ssl.create_default_context(cadata=minted["bundle"])
+            ctx.check_hostname = False
+            ctx.load_cert_chain(workdir / cert, workdir / key)
+            return ctx
+
+        agent_tls, orch_tls = context("svid.pem", "key.pem"), context("orch.pem", "orch-key.pem")
+        jwt_svid = stack.mint_jwt_svid(agent_id, audience="openbao", ttl_seconds=3600)
+        url = f"https://127.0.0.1:{broker_port}"
+        connector = aiohttp.TCPConnector(limit=128)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(200):
+                try:
+                    async with session.get(f"{url}/readyz", ssl=agent_tls) as ready:
+                        if ready.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            run_id = f"bench-{secrets.token_hex(3)}"
+            async with session.post(
+                f"{url}/v1/workflows",
+                ssl=orch_tls,
+                json={
+                    "id": run_id,
+                    "owner": "bench@example.test",
+                    "purpose": "benchmark",
+                    "ttl_seconds": 3600,
+                    "participants": [agent_id],
+                },
+            ) as response:
+                assert response.status == 201, await response.text()
+
+            counter = iter(range(10**9))
+
+            def broker_call(target: str) -> Callable[[], Awaitable[None]]:
+                async def one() -> None:
+                    body = {
+                        "workflow_id": run_id,
+                        "task_id": f"t{next(counter)}",
+                        "target": target,
+                        "ttl_seconds": 60,
+                    }
+                    async with session.post(
+                        f"{url}/v1/credentials", json=body, ssl=agent_tls
+                    ) as response:
+                        if response.status != 201:
+                            raise RuntimeError(f"{response.status}: {await response.text()}")
+                        await response.read()
+
+                return one
+
+            def direct_call(read_creds: bool) -> Callable[[], Awaitable[None]]:
+                async def one() -> None:
+                    async with session.post(
+                        f"{endpoints.openbao_addr}/v1/auth/spiffe-jwt/login",
+                        json={"role": "direct-agent", "jwt": jwt_svid},
+                    ) as response:
+                        token = (await response.json())["auth"]["client_token"]
+                    if read_creds:
+                        async with session.get(
+                            f"{endpoints.openbao_addr}/v1/database/creds/demo-readonly",
+                            headers={"X-Vault-Token": token},
+                        ) as response:
+                            if response.status != 200:
+                                raise RuntimeError(await response.text())
+                            await response.read()
+
+                return one
+
+            print(f"# {requests_per_cell} requests per cell; latency in ms; throughput in req/s")
+            print(
+                "| kind | clients | direct p50 | direct p99 | direct rps | broker p50 | "
+                "broker p99 | broker rps | p50 ratio | rps ratio | broker CPU/issuance |"
+            )
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
+            for kind, target, read_creds in (
+                ("database", "demo-db", True),
+                ("vault-token", "demo-kv", False),
+            ):
+                for clients in CONCURRENCY:
+                    await _drive(clients, min(clients * 2, 32), direct_call(read_creds))  # warm
+                    d_lat, d_wall = await _drive(
+                        clients, requests_per_cell, direct_call(read_creds)
+                    )
+                    await _drive(clients, min(clients * 2, 32), broker_call(target))  # warm
+                    cpu_before = _cpu_seconds(broker.pid)
+                    b_lat, b_wall = await _drive(clients, requests_per_cell, broker_call(target))
+                    cpu = (_cpu_seconds(broker.pid) - cpu_before) / requests_per_cell
+                    d50, d99 = _percentile(d_lat, 0.5) * 1e3, _percentile(d_lat, 0.99) * 1e3
+                    b50, b99 = _percentile(b_lat, 0.5) * 1e3, _percentile(b_lat, 0.99) * 1e3
+                    d_rps, b_rps = requests_per_cell / d_wall, requests_per_cell / b_wall
+                    print(
+                        f"| {kind} | {clients} | {d50:.1f} | {d99:.1f} | {d_rps:.0f} | "
+                        f"{b50:.1f} | {b99:.1f} | {b_rps:.0f} | {b50 / d50:.2f} | "
+                        f"{b_rps / d_rps:.2f} | {cpu * 1e3:.2f} ms |"
+                    )
+            if FAILURES:
+                print(f"\nfailed requests (excluded from latencies): {FAILURES}")
+            # Bytes per lease in Redis: every key the ledger holds, over the leases it holds.
+            client = redis.Redis.from_url(endpoints.redis_url)
+            keys = list(client.scan_iter(count=1000))
+            total = sum(client.memory_usage(k) or 0 for k in keys)
+            leases = sum(1 for k in keys if b":lease:" in k)
+            client.close()
+            if leases:
+                print(
+                    f"\nRedis: {total} bytes in {len(keys)} keys for {leases} leases = "
+                    f"{total / leases:.0f} bytes per lease (all indexes included)"
+                )
+    finally:
+        broker.send_signal(signal.SIGINT)
+        broker.wait(timeout=10)
+        stack.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=256)
+    asyncio.run(main(parser.parse_args().requests))

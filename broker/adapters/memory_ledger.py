@@ -1,0 +1,358 @@
+"""The lease ledger in memory, and the rules every ledger shares.
+
+:class:`InMemoryLedger` is the fake the unit tests use; ``tests/contract/test_ledger.py`` runs
+one suite against it and :class:`broker.adapters.redis_ledger.RedisLedger`, so the two agree on
+every observable behaviour. The module-level functions below are those shared semantics
+(selector validation, the tombstone rule, which lease rewrites are allowed); the Redis ledger
+imports them rather than restating them.
+
+The fake reads no clock: every time comes in as an argument. Two consequences, both documented
+where they matter: idempotency bindings never expire here (Redis drops them after their TTL),
+and nothing is ever evicted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta
+
+from broker.core.model import Lease, LeaseState, WorkflowRun, check_id
+from broker.core.ports import LeaseSelector
+from broker.errors import BadRequestError, ConflictError, NotFoundError
+
+MAX_FIND_LIMIT = 10_000
+
+# The fields that place a lease in an index or a key. A rewrite may not change them: the
+# indexes (and, in Redis, the key itself) were built from them at write-ahead.
+_IDENTITY_FIELDS = (
+    "credential_id",
+    "workflow_id",
+    "task_id",
+    "target",
+    "kind",
+    "sensitivity",
+    "holder",
+    "owner",
+    "issued_at",
+)
+
+
+def check_selector(selector: LeaseSelector, limit: int) -> None:
+    """Raise :class:`BadRequestError` unless ``selector`` names at least one field (or says
+    ``everything``) and ``limit`` is within 1..``MAX_FIND_LIMIT``.
+
+    An empty selector matches every lease; addressing all of them must be explicit, so that a
+    forgotten filter in a forced revocation cannot revoke the world.
+    """
+    narrowing = (
+        selector.workflow_id,
+        selector.task_id,
+        selector.holder,
+        selector.holder_prefix,
+        selector.owner,
+        selector.target,
+        selector.sensitivity,
+    )
+    if all(value is None for value in narrowing) and not selector.everything:
+        raise BadRequestError(
+            "a lease selector needs at least one of workflow_id, task_id, holder, "
+            "holder_prefix, owner, target, sensitivity, or everything=true",
+            reason="selector.unbounded",
+        )
+    if selector.holder_prefix == "":
+        raise BadRequestError(
+            "holder_prefix must not be empty (use everything=true to address all leases)",
+            reason="selector.unbounded",
+        )
+    if not 1 <= limit <= MAX_FIND_LIMIT:
+        raise BadRequestError(
+            f"limit must be between 1 and {MAX_FIND_LIMIT}, got {limit}",
+            reason="selector.limit",
+        )
+
+
+def lease_order(lease: Lease) -> tuple[datetime, str]:
+    """The order :meth:`find_leases` returns leases in: oldest issued first, then by id."""
+    return (lease.issued_at, lease.credential_id)
+
+
+def tombstone_blocks(lease: Lease, tombstone_until: datetime | None) -> bool:
+    """True when a tombstone of the lease's task forbids activating it.
+
+    A tombstone set by ``tombstone_task(..., until=u)`` covers every lease of the task written
+    ahead before ``u``: the mint that raced the revocation (written before it) and any new
+    request until ``u``. Both times come from the broker's clock (``issued_at`` was stamped by
+    it at write-ahead), so no ledger needs a clock of its own to apply the rule (SECURITY 36).
+    """
+    return tombstone_until is not None and lease.issued_at < tombstone_until
+
+
+def check_rewrite(stored: Lease, new: Lease) -> None:
+    """Raise :class:`ConflictError` unless ``new`` may overwrite ``stored``.
+
+    Refused: changing a field an index or key was built from; dropping the Vault references
+    (a stale read written back would make the credential unrevocable); leaving ``revoked``;
+    going back to ``issuing``.
+    """
+    for name in _IDENTITY_FIELDS:
+        if getattr(stored, name) != getattr(new, name):
+            raise ConflictError(
+                f"lease {stored.credential_id}: {name} cannot change once written "
+                f"(stored {getattr(stored, name)!s:.80}, new {getattr(new, name)!s:.80})",
+                reason="lease.identity_changed",
+            )
+    if (stored.token_accessor and not new.token_accessor) or (
+        stored.vault_lease_ids and not new.vault_lease_ids
+    ):
+        raise ConflictError(
+            f"lease {stored.credential_id}: the write would drop its Vault references "
+            "(a stale copy?); re-read the lease and apply the change to it",
+            reason="lease.stale_write",
+        )
+    if stored.state is LeaseState.REVOKED and new.state is not LeaseState.REVOKED:
+        raise ConflictError(
+            f"lease {stored.credential_id} is revoked; it cannot become {new.state.value}",
+            reason="lease.stale_write",
+        )
+    if new.state is LeaseState.ISSUING and stored.state is not LeaseState.ISSUING:
+        raise ConflictError(
+            f"lease {stored.credential_id} is {stored.state.value}; it cannot go back to issuing",
+            reason="lease.stale_write",
+        )
+
+
+def check_write_ahead(lease: Lease) -> None:
+    """Raise unless ``lease`` can be written ahead: state issuing and key-safe identifiers."""
+    check_lease_ids(lease.credential_id, lease.workflow_id, lease.task_id)
+    if lease.state is not LeaseState.ISSUING:
+        raise ValueError(
+            f"write_ahead records leases in state issuing, got {lease.state.value} "
+            f"for {lease.credential_id}"
+        )
+
+
+def check_lease_ids(credential_id: str, workflow_id: str, task_id: str) -> None:
+    """Identifiers that end up in keys must be plain identifiers (no braces, separators)."""
+    check_id(credential_id, "credential id")
+    check_id(workflow_id, "workflow id")
+    check_id(task_id, "task id")
+
+
+def activated(lease: Lease, *, token_accessor: str, vault_lease_ids: tuple[str, ...]) -> Lease:
+    """``lease`` made active with its Vault references, or a :class:`ConflictError` when it
+    is in no state to be (an activation that already happened with the same references is a
+    retry and returns the lease as stored)."""
+    if lease.state is LeaseState.ISSUING:
+        return dataclasses.replace(
+            lease,
+            state=LeaseState.ACTIVE,
+            token_accessor=token_accessor,
+            vault_lease_ids=vault_lease_ids,
+        )
+    if (
+        lease.state is LeaseState.ACTIVE
+        and lease.token_accessor == token_accessor
+        and lease.vault_lease_ids == vault_lease_ids
+    ):
+        return lease
+    raise ConflictError(
+        f"lease {lease.credential_id} is {lease.state.value}, not issuing: it was revoked or "
+        "activated with other Vault references meanwhile",
+        reason="lease.not_issuing",
+    )
+
+
+def refused_by_tombstone(
+    lease: Lease, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
+) -> Lease:
+    """What a refused activation leaves behind: the lease keeps its state (issuing) but records
+    the Vault references of the credential that was minted anyway, so the sweeper can revoke
+    it by accessor. A lease already marked revoked goes back to revoking: a live token exists.
+    """
+    if lease.token_accessor:
+        recorded = lease
+    else:
+        recorded = dataclasses.replace(
+            lease, token_accessor=token_accessor, vault_lease_ids=vault_lease_ids
+        )
+    if recorded.state is LeaseState.REVOKED:
+        recorded = dataclasses.replace(recorded, state=LeaseState.REVOKING, revoked_at=None)
+    return recorded
+
+
+def tombstoned_error(lease: Lease) -> ConflictError:
+    """The refusal :meth:`activate` raises for a tombstoned task (SECURITY 29)."""
+    return ConflictError(
+        f"task {lease.task_id!r} of run {lease.workflow_id!r} was revoked while credential "
+        f"{lease.credential_id} was being minted; the credential must be revoked",
+        reason="lease.tombstoned",
+    )
+
+
+def key_reused_error() -> ConflictError:
+    """An idempotency key presented again with a different request."""
+    return ConflictError(
+        "this Idempotency-Key was used for a different request; use a new key",
+        reason="idempotency.key_reused",
+    )
+
+
+def check_claim(limit: int, visibility: timedelta) -> None:
+    """``claim_due`` arguments: a positive limit and a positive visibility timeout."""
+    if limit < 1:
+        raise ValueError(f"claim_due limit must be positive, got {limit}")
+    if visibility <= timedelta(0):
+        raise ValueError(f"claim_due visibility must be positive, got {visibility}")
+
+
+class InMemoryLedger:  # satisfies core.ports.Ledger
+    """The ledger in a few dictionaries: same semantics as the Redis ledger, no clock.
+
+    Not shared between processes and not durable: for unit tests and ``tasklease`` demos only.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[str, WorkflowRun] = {}
+        self._leases: dict[str, Lease] = {}
+        self._tombstones: dict[tuple[str, str], datetime] = {}
+        self._idempotency: dict[str, tuple[str, str]] = {}
+        self._due: dict[str, datetime] = {}
+        # credential id → (visibility deadline, the due time it was claimed at)
+        self._in_flight: dict[str, tuple[datetime, datetime]] = {}
+
+    # ---- runs
+
+    async def create_run(self, run: WorkflowRun) -> bool:
+        """Store a new run; False if the id is taken."""
+        check_id(run.id, "workflow id")
+        if run.id in self._runs:
+            return False
+        self._runs[run.id] = run
+        return True
+
+    async def get_run(self, workflow_id: str) -> WorkflowRun | None:
+        """The run, or None."""
+        check_id(workflow_id, "workflow id")
+        return self._runs.get(workflow_id)
+
+    async def save_run(self, run: WorkflowRun) -> None:
+        """Overwrite an existing run (:class:`NotFoundError` if there is none)."""
+        check_id(run.id, "workflow id")
+        if run.id not in self._runs:
+            raise NotFoundError(
+                f"no workflow run {run.id!r} to update", reason="workflow.not_found"
+            )
+        self._runs[run.id] = run
+
+    # ---- leases
+
+    async def write_ahead(self, lease: Lease) -> None:
+        """Record an issuing lease, indexed and due at its expiry. Writing the same lease
+        again is a no-op (a retried call); another lease with the same id is a conflict."""
+        check_write_ahead(lease)
+        stored = self._leases.get(lease.credential_id)
+        if stored is not None and stored != lease:
+            raise ConflictError(
+                f"credential id {lease.credential_id} is taken by another lease",
+                reason="lease.exists",
+            )
+        self._leases[lease.credential_id] = lease
+        await self.schedule(lease.credential_id, lease.expires_at)
+
+    async def activate(
+        self, credential_id: str, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
+    ) -> Lease:
+        """issuing → active with its Vault references (see :func:`activated`); refused with
+        ``lease.tombstoned`` when the task was tombstoned (the lease then stays issuing, with
+        the references recorded, and is due at once)."""
+        check_id(credential_id, "credential id")
+        lease = self._leases.get(credential_id)
+        if lease is None:
+            raise NotFoundError(f"no lease {credential_id}", reason="lease.not_found")
+        tombstone = self._tombstones.get((lease.workflow_id, lease.task_id))
+        if tombstone_blocks(lease, tombstone):
+            self._leases[credential_id] = refused_by_tombstone(
+                lease, token_accessor=token_accessor, vault_lease_ids=vault_lease_ids
+            )
+            await self.schedule(credential_id, lease.issued_at)
+            raise tombstoned_error(lease)
+        active = activated(lease, token_accessor=token_accessor, vault_lease_ids=vault_lease_ids)
+        self._leases[credential_id] = active
+        return active
+
+    async def get_lease(self, credential_id: str) -> Lease | None:
+        """The lease, or None."""
+        check_id(credential_id, "credential id")
+        return self._leases.get(credential_id)
+
+    async def save_lease(self, lease: Lease) -> None:
+        """Overwrite an existing lease; see :func:`check_rewrite` for what is refused."""
+        check_id(lease.credential_id, "credential id")
+        stored = self._leases.get(lease.credential_id)
+        if stored is None:
+            raise NotFoundError(f"no lease {lease.credential_id}", reason="lease.not_found")
+        check_rewrite(stored, lease)
+        self._leases[lease.credential_id] = lease
+
+    async def find_leases(self, selector: LeaseSelector, *, limit: int = 1000) -> list[Lease]:
+        """Up to ``limit`` matching leases, oldest issued first. When more match, which
+        ``limit`` of them come back is unspecified (the Redis ledger stops at the first
+        ``limit`` it meets in its index)."""
+        check_selector(selector, limit)
+        found = [lease for lease in self._leases.values() if selector.matches(lease)]
+        return sorted(found, key=lease_order)[:limit]
+
+    # ---- idempotency and tombstones
+
+    async def remember_idempotency(
+        self, key: str, fingerprint: str, credential_id: str, *, ttl: timedelta
+    ) -> str | None:
+        """Bind ``key``; return the bound credential id when it was bound already. The fake
+        keeps bindings forever (no clock); Redis forgets them after ``ttl``."""
+        if ttl <= timedelta(0):
+            raise ValueError(f"idempotency ttl must be positive, got {ttl}")
+        existing = self._idempotency.get(key)
+        if existing is None:
+            self._idempotency[key] = (fingerprint, credential_id)
+            return None
+        if existing[0] != fingerprint:
+            raise key_reused_error()
+        return existing[1]
+
+    async def tombstone_task(self, workflow_id: str, task_id: str, *, until: datetime) -> None:
+        """Block activation of leases of this task written ahead before ``until`` (the latest
+        ``until`` given wins)."""
+        check_id(workflow_id, "workflow id")
+        check_id(task_id, "task id")
+        current = self._tombstones.get((workflow_id, task_id))
+        if current is None or until > current:
+            self._tombstones[(workflow_id, task_id)] = until
+
+    # ---- due index
+
+    async def schedule(self, credential_id: str, due_at: datetime) -> None:
+        """Place the lease in the due index at ``due_at``, ending any claim on it."""
+        check_id(credential_id, "credential id")
+        self._in_flight.pop(credential_id, None)
+        self._due[credential_id] = due_at
+
+    async def claim_due(self, now: datetime, *, limit: int, visibility: timedelta) -> list[str]:
+        """Return expired claims to the due index (at their original due time), then claim
+        the ``limit`` oldest items due at ``now`` until ``now + visibility``."""
+        check_claim(limit, visibility)
+        for credential_id, (deadline, due_at) in list(self._in_flight.items()):
+            if deadline <= now:
+                del self._in_flight[credential_id]
+                self._due[credential_id] = due_at
+        ready = sorted(
+            (due_at, credential_id) for credential_id, due_at in self._due.items() if due_at <= now
+        )[:limit]
+        for due_at, credential_id in ready:
+            del self._due[credential_id]
+            self._in_flight[credential_id] = (now + visibility, due_at)
+        return [credential_id for _, credential_id in ready]
+
+    async def ack(self, credential_id: str) -> None:
+        """Drop the claim on a lease (no-op when it holds none)."""
+        check_id(credential_id, "credential id")
+        self._in_flight.pop(credential_id, None)

@@ -1,0 +1,54 @@
+"""HTTPS clients for the running broker: trust the dev CA, present real SPIRE-minted SVIDs."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from broker.bootstrap import RunningBroker
+from broker.devstack import DevStack
+
+StartBroker = Callable[..., Awaitable[RunningBroker]]
+
+
+def client_context(stack: DevStack, tmp_path: Path, spiffe_id: str | None = None) -> ssl.SSLContext:
+    """Trust the dev CA; with ``spiffe_id``, present a real SPIRE-minted X.509-SVID."""
+    minted = stack.mint_x509_svid(spiffe_id or f"spiffe://{stack.trust_domain}/test/anonymous")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=minted["bundle"])
+    context.check_hostname = False  # the broker's SVID has a URI SAN, not a DNS name
+    if spiffe_id is not None:
+        stem = spiffe_id.rsplit("/", 1)[-1]
+        cert, key = tmp_path / f"{stem}-svid.pem", tmp_path / f"{stem}-key.pem"
+        cert.write_text(minted["svid"])
+        key.write_text(minted["key"])
+        key.chmod(0o600)
+        context.load_cert_chain(cert, key)
+    return context
+
+
+async def call(
+    broker: RunningBroker,
+    context: ssl.SSLContext,
+    method: str,
+    path: str,
+    *,
+    json_body: object = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """One request; the status and the JSON body."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method, f"{broker.url}{path}", ssl=context, json=json_body, headers=headers or {}
+        ) as response,
+    ):
+        return response.status, await response.json(content_type=None)
+
+
+def workload_id(stack: DevStack, name: str) -> str:
+    """The SPIFFE ID of a demo workload (agent, orchestrator, admin) in the dev trust domain."""
+    return f"spiffe://{stack.trust_domain}/{name}/demo"

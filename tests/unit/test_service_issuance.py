@@ -1,0 +1,256 @@
+"""The issuance use case with fakes: in-memory ledger, a fake minter, the real Cedar policies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from broker.adapters.memory_ledger import InMemoryLedger
+from broker.core.authn import Caller
+from broker.core.identity import AuthMethod, HumanIdentity, WorkloadIdentity
+from broker.core.model import CredentialRequest, Lease, LeaseState
+from broker.core.policy import CedarPolicyEngine
+from broker.core.ports import MintedCredential, MintSpec, RevokeOutcome
+from broker.core.roles import Role
+from broker.core.spiffe_id import SpiffeId
+from broker.core.targets import load_target_catalog
+from broker.errors import (
+    ConflictError,
+    ForbiddenError,
+    IdempotentReplayError,
+    LedgerUnavailableError,
+    NotFoundError,
+    PolicyDeniedError,
+    VaultUnavailableError,
+)
+from broker.service import CredentialBroker
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+AGENT = "spiffe://tasklease.test/agent/demo"
+ORCH = "spiffe://tasklease.test/orchestrator/demo"
+POLICY = CedarPolicyEngine.load(Path("config/policies"))
+TARGETS = load_target_catalog(Path("config/targets.toml"))
+
+
+class FrozenClock:
+    def __init__(self, now: datetime = NOW) -> None:
+        self.current = now
+
+    def now(self) -> datetime:
+        return self.current
+
+
+class FakeMinter:
+    def __init__(self, *, fail: Exception | None = None) -> None:
+        self.fail = fail
+        self.minted: list[MintSpec] = []
+        self.revoked: list[str] = []
+
+    async def mint(self, spec: MintSpec) -> MintedCredential:
+        if self.fail is not None:
+            raise self.fail
+        self.minted.append(spec)
+        return MintedCredential(
+            token_accessor=f"acc-{len(self.minted)}",
+            vault_lease_ids=("database/creds/x/1",),
+            expires_at=NOW + spec.ttl,
+            secret={"password": "s3cret"},
+        )
+
+    async def revoke(
+        self, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
+    ) -> RevokeOutcome:
+        self.revoked.append(token_accessor)
+        return RevokeOutcome(confirmed=True)
+
+
+class FailingActivateLedger(InMemoryLedger):
+    async def activate(
+        self, credential_id: str, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
+    ) -> Lease:
+        raise LedgerUnavailableError("not acknowledged", reason="ledger.not_acknowledged")
+
+
+def workload(
+    spiffe_id: str,
+    *roles: Role,
+    method: AuthMethod = AuthMethod.X509_SVID,
+    expires: datetime = NOW + timedelta(hours=1),
+) -> Caller:
+    return Caller(WorkloadIdentity(SpiffeId.parse(spiffe_id), expires, method), frozenset(roles))
+
+
+AGENT_CALLER = workload(AGENT, Role.AGENT)
+ORCH_CALLER = workload(ORCH, Role.ORCHESTRATOR)
+
+
+def broker(
+    *,
+    minter: FakeMinter | None = None,
+    ledger: InMemoryLedger | None = None,
+    clock: FrozenClock | None = None,
+) -> CredentialBroker:
+    return CredentialBroker(
+        policy=POLICY,
+        minter=minter or FakeMinter(),
+        ledger=ledger or InMemoryLedger(),
+        targets=TARGETS,
+        clock=clock or FrozenClock(),
+    )
+
+
+async def start_run(
+    service: CredentialBroker,
+    run_id: str = "wf-1",
+    participants: tuple[str, ...] = (AGENT,),
+    **labels: str,
+) -> None:
+    await service.start_workflow(
+        ORCH_CALLER,
+        workflow_id=run_id,
+        owner="alice",
+        purpose="tests",
+        deadline=NOW + timedelta(minutes=30),
+        labels=labels,
+        participants=participants,
+    )
+
+
+def request(
+    target: str = "demo-db", ttl: int = 300, idempotency_key: str | None = None
+) -> CredentialRequest:
+    return CredentialRequest(
+        workflow_id="wf-1",
+        task_id="t-1",
+        target=target,
+        ttl=timedelta(seconds=ttl),
+        idempotency_key=idempotency_key,
+    )
+
+
+PARAMS: Mapping[str, str] = {}
+
+
+async def test_issues_and_records_an_active_lease() -> None:
+    minter, ledger = FakeMinter(), InMemoryLedger()
+    service = broker(minter=minter, ledger=ledger)
+    await start_run(service)
+    issued = await service.request_credential(AGENT_CALLER, request(), params=PARAMS)
+    assert issued.secret == {"password": "s3cret"}
+    lease = await ledger.get_lease(issued.lease.credential_id)
+    assert lease is not None
+    assert (lease.state, lease.token_accessor, lease.holder, lease.owner) == (
+        LeaseState.ACTIVE,
+        "acc-1",
+        AGENT,
+        "alice",
+    )
+    assert [h.role for h in lease.chain.hops] == ["owner", "orchestrator", "agent"]
+    (spec,) = minter.minted
+    assert spec.ttl == timedelta(seconds=300)
+
+
+async def test_ttl_is_bounded_by_target_deadline_and_jwt_svid_expiry() -> None:
+    minter = FakeMinter()
+    service = broker(minter=minter)
+    await start_run(service)
+    jwt_caller = workload(
+        AGENT, Role.AGENT, method=AuthMethod.JWT_SVID, expires=NOW + timedelta(seconds=90)
+    )
+    await service.request_credential(jwt_caller, request(ttl=3600), params=PARAMS)
+    await service.request_credential(AGENT_CALLER, request(ttl=3600), params=PARAMS)
+    # JWT-SVID expiry (90 s), then demo-db's max_ttl (15 min).
+    assert [s.ttl for s in minter.minted] == [timedelta(seconds=90), timedelta(minutes=15)]
+
+
+@pytest.mark.parametrize(
+    ("setup", "error", "reason"),
+    [
+        ("unknown-run", NotFoundError, "workflow.not_found"),
+        ("unknown-target", NotFoundError, "target.unknown"),
+        ("past-deadline", ConflictError, "workflow.not_active"),
+        ("not-participant", PolicyDeniedError, "policy.deny"),
+        ("restricted", ForbiddenError, "policy.needs_approval"),
+        ("not-an-agent", ForbiddenError, "auth.role_required"),
+        ("a-person", ForbiddenError, "auth.workload_required"),
+    ],
+)
+async def test_refusals_mint_nothing(setup: str, error: type[Exception], reason: str) -> None:
+    minter, clock = FakeMinter(), FrozenClock()
+    service = broker(minter=minter, clock=clock)
+    caller, req = AGENT_CALLER, request()
+    if setup != "unknown-run":
+        other = ("spiffe://tasklease.test/agent/other",)
+        participants = other if setup == "not-participant" else (AGENT,)
+        await start_run(service, participants=participants, ticket="OPS-1234")
+    if setup == "unknown-target":
+        req = request(target="nope")
+    elif setup == "past-deadline":
+        clock.current = NOW + timedelta(hours=1)
+    elif setup == "restricted":
+        req = request(target="prod-db")
+    elif setup == "not-an-agent":
+        caller = ORCH_CALLER
+    elif setup == "a-person":
+        caller = Caller(HumanIdentity("https://idp", "u", "u", NOW), frozenset({Role.AGENT}))
+    with pytest.raises(error) as caught:
+        await service.request_credential(caller, req, params=PARAMS)
+    assert caught.value.reason == reason  # type: ignore[attr-defined]
+    assert minter.minted == []
+
+
+async def test_an_idempotency_key_never_mints_twice() -> None:
+    minter = FakeMinter()
+    service = broker(minter=minter)
+    await start_run(service)
+    first = await service.request_credential(
+        AGENT_CALLER, request(idempotency_key="k1"), params=PARAMS
+    )
+    with pytest.raises(IdempotentReplayError) as caught:
+        await service.request_credential(AGENT_CALLER, request(idempotency_key="k1"), params=PARAMS)
+    assert caught.value.credential_id == first.lease.credential_id
+    with pytest.raises(ConflictError) as reused:
+        await service.request_credential(
+            AGENT_CALLER, request(target="demo-kv", idempotency_key="k1"), params=PARAMS
+        )
+    assert reused.value.reason == "idempotency.key_reused"
+    assert len(minter.minted) == 1
+
+
+async def test_a_failed_acknowledgement_revokes_and_returns_no_secret() -> None:
+    minter = FakeMinter()
+    service = broker(minter=minter, ledger=FailingActivateLedger())
+    await start_run(service)
+    with pytest.raises(LedgerUnavailableError):
+        await service.request_credential(AGENT_CALLER, request(), params=PARAMS)
+    assert minter.revoked == ["acc-1"]
+
+
+async def test_a_mint_failure_leaves_no_active_lease() -> None:
+    ledger = InMemoryLedger()
+    service = broker(
+        minter=FakeMinter(fail=VaultUnavailableError("sealed", reason="vault.sealed")),
+        ledger=ledger,
+    )
+    await start_run(service)
+    with pytest.raises(VaultUnavailableError):
+        await service.request_credential(AGENT_CALLER, request(), params=PARAMS)
+    _, leases = await service.get_workflow(ORCH_CALLER, "wf-1")
+    assert [x for x in leases if x.state is LeaseState.ACTIVE] == []
+
+
+async def test_runs_are_visible_to_their_orchestrator_and_admins_only() -> None:
+    service = broker()
+    await start_run(service)
+    run, _ = await service.get_workflow(ORCH_CALLER, "wf-1")
+    assert (run.owner, run.started_by) == ("alice", ORCH)
+    admin = workload("spiffe://tasklease.test/admin/demo", Role.ADMIN)
+    assert (await service.get_workflow(admin, "wf-1"))[0] == run
+    other = workload("spiffe://tasklease.test/orchestrator/other", Role.ORCHESTRATOR)
+    with pytest.raises(NotFoundError):
+        await service.get_workflow(other, "wf-1")
+    with pytest.raises(ConflictError):
+        await start_run(service)
