@@ -271,7 +271,12 @@ async def build_runtime(settings: Settings) -> BrokerRuntime:
             timeout_seconds=settings.server.readiness_timeout_seconds,
         )
         broker = CredentialBroker(
-            policy=policy, minter=minter, ledger=ledger, targets=targets, clock=clock
+            policy=policy,
+            minter=minter,
+            ledger=ledger,
+            targets=targets,
+            clock=clock,
+            quarantines=ledger,
         )
         app = create_app(
             readiness=readiness,

@@ -23,6 +23,8 @@ from broker.core.model import (
     DecisionOutcome,
     DelegationHop,
     Lease,
+    Quarantine,
+    QuarantineKind,
     Target,
     WorkflowRun,
     credential_ttl,
@@ -35,6 +37,7 @@ from broker.core.ports import (
     MintSpec,
     PolicyEngine,
     PolicyRequest,
+    QuarantineStore,
     ReadinessCheck,
     SecretMinter,
 )
@@ -48,6 +51,7 @@ from broker.errors import (
     PolicyDeniedError,
     SpiffeIdError,
     TaskleaseError,
+    UnavailableError,
 )
 
 _log = structlog.get_logger("broker.service")
@@ -115,6 +119,7 @@ class CredentialBroker:
         ledger: Ledger,
         targets: Mapping[str, Target],
         clock: Clock,
+        quarantines: QuarantineStore | None = None,
         max_run_duration: timedelta = timedelta(days=7),
         idempotency_ttl: timedelta = timedelta(days=1),
     ) -> None:
@@ -123,6 +128,7 @@ class CredentialBroker:
         self._ledger = ledger
         self._targets = dict(targets)
         self._clock = clock
+        self._quarantines = quarantines
         self._max_run_duration = max_run_duration
         self._idempotency_ttl = idempotency_ttl
 
@@ -195,6 +201,83 @@ class CredentialBroker:
         leases = await self._ledger.find_leases(LeaseSelector(workflow_id=workflow_id))
         return run, leases
 
+    # ---- quarantine
+
+    async def set_quarantine(
+        self, caller: Caller, *, kind: QuarantineKind, value: str, reason: str, ttl: timedelta
+    ) -> Quarantine:
+        """An admin blocks new issuance for an identity (or prefix), a run or a target."""
+        _require(caller, Role.ADMIN, "quarantine")
+        store = self._quarantine_store()
+        now = self._clock.now()
+        if kind in (
+            QuarantineKind.IDENTITY,
+            QuarantineKind.IDENTITY_PREFIX,
+        ) and not value.startswith("spiffe://"):
+            raise BadRequestError(
+                "an identity quarantine names a SPIFFE ID (or a prefix of one)",
+                reason="invalid.quarantine",
+            )
+        quarantine = Quarantine(
+            kind=kind,
+            value=value,
+            reason=reason,
+            created_by=caller.principal_id,
+            created_at=now,
+            expires_at=now + ttl,
+        )
+        await store.set_quarantine(quarantine)
+        _log.warning(
+            "quarantine.changed",
+            action="set",
+            kind=kind.value,
+            value=value,
+            reason=reason,
+            by=caller.principal_id,
+            expires_at=quarantine.expires_at.isoformat(),
+        )
+        return quarantine
+
+    async def lift_quarantine(self, caller: Caller, *, kind: QuarantineKind, value: str) -> None:
+        """An admin lifts a quarantine before it expires."""
+        _require(caller, Role.ADMIN, "lift a quarantine")
+        if not await self._quarantine_store().lift_quarantine(kind, value):
+            raise NotFoundError(
+                f"no {kind.value} quarantine for {value!r}", reason="quarantine.not_found"
+            )
+        _log.warning(
+            "quarantine.changed",
+            action="lift",
+            kind=kind.value,
+            value=value,
+            by=caller.principal_id,
+        )
+
+    async def list_quarantines(self, caller: Caller) -> list[Quarantine]:
+        """The active quarantines."""
+        _require(caller, Role.ADMIN, "list quarantines")
+        return await self._quarantine_store().quarantines(self._clock.now())
+
+    def _quarantine_store(self) -> QuarantineStore:
+        if self._quarantines is None:
+            raise UnavailableError(
+                "quarantines are not configured", reason="quarantine.unavailable"
+            )
+        return self._quarantines
+
+    async def _refuse_quarantined(
+        self, principal: str, workflow_id: str, target: str, now: datetime
+    ) -> None:
+        if self._quarantines is None:
+            return
+        for quarantine in await self._quarantines.quarantines(now):
+            if quarantine.blocks(principal=principal, workflow_id=workflow_id, target=target):
+                raise ForbiddenError(
+                    f"issuance is quarantined: {quarantine.kind.value} {quarantine.value!r} "
+                    f"until {quarantine.expires_at.isoformat()} ({quarantine.reason})",
+                    reason="quarantine.active",
+                )
+
     # ---- issuance
 
     async def request_credential(
@@ -234,6 +317,7 @@ class CredentialBroker:
                 f"no target {request.target!r} (known: {sorted(self._targets)})",
                 reason="target.unknown",
             )
+        await self._refuse_quarantined(caller.principal_id, run.id, target.name, now)
         svid_expiry = identity.expires_at if identity.method is AuthMethod.JWT_SVID else None
         # The TTL the policy sees: what could be granted before any policy cap.
         candidate = credential_ttl(

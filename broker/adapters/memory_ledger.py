@@ -16,7 +16,14 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime, timedelta
 
-from broker.core.model import Lease, LeaseState, WorkflowRun, check_id
+from broker.core.model import (
+    Lease,
+    LeaseState,
+    Quarantine,
+    QuarantineKind,
+    WorkflowRun,
+    check_id,
+)
 from broker.core.ports import LeaseSelector
 from broker.errors import BadRequestError, ConflictError, NotFoundError
 
@@ -219,6 +226,7 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         self._due: dict[str, datetime] = {}
         # credential id → (visibility deadline, the due time it was claimed at)
         self._in_flight: dict[str, tuple[datetime, datetime]] = {}
+        self._quarantines: dict[tuple[QuarantineKind, str], Quarantine] = {}
 
     # ---- runs
 
@@ -356,3 +364,19 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         """Drop the claim on a lease (no-op when it holds none)."""
         check_id(credential_id, "credential id")
         self._in_flight.pop(credential_id, None)
+
+    # ---- quarantines
+
+    async def set_quarantine(self, quarantine: Quarantine) -> None:
+        """Add or replace the quarantine for ``(kind, value)``."""
+        self._quarantines[(quarantine.kind, quarantine.value)] = quarantine
+
+    async def lift_quarantine(self, kind: QuarantineKind, value: str) -> bool:
+        """Remove it; False if there was none."""
+        return self._quarantines.pop((kind, value), None) is not None
+
+    async def quarantines(self, now: datetime) -> list[Quarantine]:
+        """Every quarantine still active at ``now``; expired ones are dropped."""
+        for key in [k for k, q in self._quarantines.items() if not q.is_active(now)]:
+            del self._quarantines[key]
+        return sorted(self._quarantines.values(), key=lambda q: (q.kind, q.value))

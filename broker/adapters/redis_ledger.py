@@ -113,6 +113,8 @@ from broker.core.model import (
     DelegationHop,
     Lease,
     LeaseState,
+    Quarantine,
+    QuarantineKind,
     RunState,
     Sensitivity,
     TargetKind,
@@ -479,6 +481,12 @@ class _Keys:
         tag = f"{self.ns}:{{due:{bucket}}}"
         return [tag, f"{tag}:inflight", f"{tag}:claimed"]
 
+    @property
+    def quarantines(self) -> str:
+        """One hash of every quarantine: ``<kind>|<value>`` → JSON (a handful, read per
+        issuance in one round trip)."""
+        return f"{self.ns}:quarantines"
+
     def idempotency(self, key: str) -> str:
         # Hashed: keys embed the caller's SPIFFE ID and may be long or contain braces.
         return f"{self.ns}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
@@ -726,6 +734,62 @@ class RedisLedger:  # satisfies core.ports.Ledger
     async def close(self) -> None:
         """Close the connection pool."""
         await self._redis.aclose()
+
+    # ---- quarantines
+
+    async def set_quarantine(self, quarantine: Quarantine) -> None:
+        """Add or replace the quarantine for ``(kind, value)``."""
+        doc = {
+            "kind": quarantine.kind.value,
+            "value": quarantine.value,
+            "reason": quarantine.reason,
+            "by": quarantine.created_by,
+            "at": _micros(quarantine.created_at),
+            "until": _micros(quarantine.expires_at),
+        }
+        field = f"{quarantine.kind.value}|{quarantine.value}"
+        with _translated("set_quarantine"):
+            await self._redis.hset(
+                self._keys.quarantines, field, json.dumps(doc, separators=(",", ":"))
+            )
+
+    async def lift_quarantine(self, kind: QuarantineKind, value: str) -> bool:
+        """Remove it; False if there was none."""
+        with _translated("lift_quarantine"):
+            removed = await self._redis.hdel(self._keys.quarantines, f"{kind.value}|{value}")
+        return bool(removed)
+
+    async def quarantines(self, now: datetime) -> list[Quarantine]:
+        """Every quarantine still active at ``now``; expired ones are dropped."""
+        with _translated("quarantines"):
+            reply = await self._redis.hgetall(self._keys.quarantines)
+        raw = {str(k): str(v) for k, v in reply.items()}
+        active: list[Quarantine] = []
+        expired: list[str] = []
+        for field, text in raw.items():
+            try:
+                doc = json.loads(text)
+                quarantine = Quarantine(
+                    kind=QuarantineKind(doc["kind"]),
+                    value=doc["value"],
+                    reason=doc["reason"],
+                    created_by=doc["by"],
+                    created_at=_moment(doc["at"]),
+                    expires_at=_moment(doc["until"]),
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                raise LedgerUnavailableError(
+                    f"a stored quarantine is unreadable ({type(exc).__name__})",
+                    reason="ledger.corrupt",
+                ) from exc
+            if quarantine.is_active(now):
+                active.append(quarantine)
+            else:
+                expired.append(field)
+        if expired:
+            with _translated("quarantines"):
+                await self._redis.hdel(self._keys.quarantines, *expired)
+        return sorted(active, key=lambda q: (q.kind, q.value))
 
     # ---- plumbing
 

@@ -353,3 +353,47 @@ def credential_ttl(
             reason="ttl.exhausted",
         )
     return ttl
+
+
+class QuarantineKind(StrEnum):
+    """What a quarantine blocks issuance for."""
+
+    IDENTITY = "identity"
+    IDENTITY_PREFIX = "identity_prefix"
+    WORKFLOW = "workflow"
+    TARGET = "target"
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    """A block on new issuance for an identity (or an ID prefix), a run, or a target."""
+
+    kind: QuarantineKind
+    value: str
+    reason: str
+    created_by: str
+    created_at: datetime
+    expires_at: datetime
+
+    def __post_init__(self) -> None:
+        check_text(self.value, "quarantine value", limit=2048)
+        check_text(self.reason, "reason")
+        _require_aware(self.created_at, "created_at")
+        _require_aware(self.expires_at, "expires_at")
+        if self.expires_at <= self.created_at:
+            raise BadRequestError("a quarantine must expire after it starts", reason="invalid.ttl")
+
+    def is_active(self, now: datetime) -> bool:
+        """True until it expires."""
+        return now < self.expires_at
+
+    def blocks(self, *, principal: str, workflow_id: str, target: str) -> bool:
+        """True when this quarantine covers a request by ``principal`` in ``workflow_id`` for
+        ``target``."""
+        if self.kind is QuarantineKind.IDENTITY:
+            return principal == self.value
+        if self.kind is QuarantineKind.IDENTITY_PREFIX:
+            return principal.startswith(self.value)
+        if self.kind is QuarantineKind.WORKFLOW:
+            return workflow_id == self.value
+        return target == self.value

@@ -12,6 +12,8 @@ from broker.core.model import (
     DelegationChain,
     Lease,
     LeaseState,
+    Quarantine,
+    QuarantineKind,
     Sensitivity,
     Target,
     WorkflowRun,
@@ -227,4 +229,20 @@ class Ledger(Protocol):
 
     async def ack(self, credential_id: str) -> None:
         """Done with a claimed lease (revoked, or rescheduled with :meth:`schedule`)."""
+        ...
+
+
+class QuarantineStore(Protocol):
+    """Quarantines, shared by every replica (the ledger implements it)."""
+
+    async def set_quarantine(self, quarantine: Quarantine) -> None:
+        """Add or replace the quarantine for ``(kind, value)``."""
+        ...
+
+    async def lift_quarantine(self, kind: QuarantineKind, value: str) -> bool:
+        """Remove it; False if there was none."""
+        ...
+
+    async def quarantines(self, now: datetime) -> list[Quarantine]:
+        """Every quarantine still active at ``now`` (expired ones are dropped)."""
         ...

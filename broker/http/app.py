@@ -18,9 +18,12 @@ from broker.http.auth import CALLER_KEY, make_auth_middleware, require_roles
 from broker.http.problems import problem_middleware
 from broker.http.wire import (
     CredentialRequestBody,
+    LiftQuarantineBody,
+    QuarantineBody,
     StartWorkflowBody,
     lease_json,
     parse_body,
+    quarantine_json,
     run_json,
 )
 from broker.service import CredentialBroker, Readiness
@@ -136,6 +139,34 @@ async def request_credential(request: web.Request) -> web.Response:
     return response
 
 
+async def set_quarantine(request: web.Request) -> web.Response:
+    """POST /v1/quarantines: block new issuance (admin)."""
+    body = await parse_body(request, QuarantineBody)
+    quarantine = await request.app[BROKER_KEY].set_quarantine(
+        request[CALLER_KEY],
+        kind=body.kind,
+        value=body.value,
+        reason=body.reason,
+        ttl=timedelta(seconds=body.ttl_seconds),
+    )
+    return web.json_response(quarantine_json(quarantine), status=201)
+
+
+async def lift_quarantine(request: web.Request) -> web.Response:
+    """DELETE /v1/quarantines: lift a quarantine early (admin)."""
+    body = await parse_body(request, LiftQuarantineBody)
+    await request.app[BROKER_KEY].lift_quarantine(
+        request[CALLER_KEY], kind=body.kind, value=body.value
+    )
+    return web.json_response({"lifted": {"kind": body.kind.value, "value": body.value}})
+
+
+async def list_quarantines(request: web.Request) -> web.Response:
+    """GET /v1/quarantines: the active quarantines (admin)."""
+    found = await request.app[BROKER_KEY].list_quarantines(request[CALLER_KEY])
+    return web.json_response({"quarantines": [quarantine_json(q) for q in found]})
+
+
 def create_app(
     *,
     readiness: Readiness,
@@ -162,4 +193,7 @@ def create_app(
         app.router.add_post("/v1/workflows", start_workflow)
         app.router.add_get("/v1/workflows/{workflow_id}", get_workflow)
         app.router.add_post("/v1/credentials", request_credential)
+        app.router.add_post("/v1/quarantines", set_quarantine)
+        app.router.add_delete("/v1/quarantines", lift_quarantine)
+        app.router.add_get("/v1/quarantines", list_quarantines)
     return app

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from broker.core.model import Lease, WorkflowRun
+from broker.core.model import Lease, Quarantine, QuarantineKind, WorkflowRun
 from broker.errors import BadRequestError
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -101,4 +101,32 @@ def lease_json(lease: Lease) -> dict[str, Any]:
         "token_accessor": lease.token_accessor,
         "delegation_chain": lease.chain.as_list(),
         "revoke_reason": lease.revoke_reason,
+    }
+
+
+class QuarantineBody(_Strict):
+    """POST /v1/quarantines"""
+
+    kind: QuarantineKind
+    value: str = Field(min_length=1, max_length=2048)
+    reason: str = Field(min_length=1, max_length=1024)
+    ttl_seconds: int = Field(default=3600, ge=1, le=30 * 24 * 3600)
+
+
+class LiftQuarantineBody(_Strict):
+    """DELETE /v1/quarantines"""
+
+    kind: QuarantineKind
+    value: str = Field(min_length=1, max_length=2048)
+
+
+def quarantine_json(quarantine: Quarantine) -> dict[str, Any]:
+    """A quarantine as the API shows it."""
+    return {
+        "kind": quarantine.kind.value,
+        "value": quarantine.value,
+        "reason": quarantine.reason,
+        "created_by": quarantine.created_by,
+        "created_at": quarantine.created_at.isoformat(),
+        "expires_at": quarantine.expires_at.isoformat(),
     }

@@ -335,3 +335,64 @@ async def test_redis_down_is_a_503_and_nothing_is_minted(
         stack.restart_redis()
     assert (status, body["code"]) == (503, "ledger_unavailable")
     assert len(root.list("auth/token/accessors")["data"]["keys"]) == before
+
+
+async def test_a_quarantine_blocks_issuance_until_lifted_or_expired(
+    stack: DevStack, start: StartBroker, actors: Actors, tmp_path: Path
+) -> None:
+    broker = await start()
+    admin = client_context(stack, tmp_path, workload_id(stack, "admin"))
+    run_id = await actors.start_run(broker)
+    agent = workload_id(stack, "agent")
+    for kind, value in [
+        ("identity", agent),
+        ("identity_prefix", agent.rsplit("/", 1)[0] + "/"),
+        ("workflow", run_id),
+        ("target", "demo-kv"),
+    ]:
+        status, body = await call(
+            broker,
+            admin,
+            "POST",
+            "/v1/quarantines",
+            json_body={
+                "kind": kind,
+                "value": value,
+                "reason": "incident INC-7",
+                "ttl_seconds": 600,
+            },
+        )
+        assert status == 201, body
+        status, refused = await actors.request(broker, run_id, "demo-kv")
+        assert (status, refused["reason"]) == (403, "quarantine.active"), (kind, refused)
+        status, _ = await call(
+            broker, admin, "DELETE", "/v1/quarantines", json_body={"kind": kind, "value": value}
+        )
+        assert status == 200
+    status, issued = await actors.request(broker, run_id, "demo-kv")
+    assert status == 201
+    remember_secret(issued["secret"]["token"])
+    # An expiring quarantine lifts itself.
+    status, _ = await call(
+        broker,
+        admin,
+        "POST",
+        "/v1/quarantines",
+        json_body={"kind": "target", "value": "demo-kv", "reason": "short", "ttl_seconds": 1},
+    )
+    assert status == 201
+    status, listed = await call(broker, admin, "GET", "/v1/quarantines")
+    assert [q["value"] for q in listed["quarantines"]] == ["demo-kv"]
+    await asyncio.sleep(1.2)
+    status, issued = await actors.request(broker, run_id, "demo-kv")
+    assert status == 201, issued
+    remember_secret(issued["secret"]["token"])
+    # Only admins quarantine.
+    status, body = await call(
+        broker,
+        actors.agent,
+        "POST",
+        "/v1/quarantines",
+        json_body={"kind": "target", "value": "demo-kv", "reason": "x", "ttl_seconds": 60},
+    )
+    assert (status, body["reason"]) == (403, "auth.role_required")
