@@ -50,6 +50,7 @@ from broker.core.targets import load_target_catalog
 from broker.core.x509svid import TrustStoreX509Authenticator
 from broker.errors import ConfigurationError, TaskleaseError
 from broker.http.app import create_app
+from broker.reconciler import Reconciler
 from broker.service import CredentialBroker, Readiness
 
 _log = structlog.get_logger("broker")
@@ -305,6 +306,17 @@ async def build_runtime(settings: Settings) -> BrokerRuntime:
         http_session=http_session,
     )
     runtime.start_background(vault.keep_session())
+    reconciler = Reconciler(
+        inventory=minter,
+        minter=minter,
+        ledger=ledger,
+        locks=ledger,
+        clock=clock,
+        grace=timedelta(seconds=settings.vault.reconcile_grace_seconds),
+    )
+    runtime.start_background(
+        reconciler.run(interval=timedelta(seconds=settings.vault.reconcile_interval_seconds))
+    )
     runtime.start_background(_follow_roots(tls, workload, store))
     for bundle_file in bundle_files:
         runtime.start_background(bundle_file.run())

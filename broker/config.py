@@ -110,6 +110,10 @@ class VaultSettings(_Section):
     request_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
     # Renew (re-login) when less than this fraction of the broker's token TTL is left.
     renew_at_fraction: float = Field(default=0.5, gt=0, lt=1)
+    # The reconciler (one replica at a time) revokes task tokens the ledger does not know.
+    reconcile_interval_seconds: int = Field(default=300, ge=10)
+    # ... once they are older than this (a mint in flight is never cut short).
+    reconcile_grace_seconds: int = Field(default=120, ge=30)
 
     @model_validator(mode="after")
     def _token_when_token_auth(self) -> VaultSettings:

@@ -227,6 +227,7 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         # credential id → (visibility deadline, the due time it was claimed at)
         self._in_flight: dict[str, tuple[datetime, datetime]] = {}
         self._quarantines: dict[tuple[QuarantineKind, str], Quarantine] = {}
+        self._locks: dict[str, str] = {}
 
     # ---- runs
 
@@ -380,3 +381,15 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         for key in [k for k, q in self._quarantines.items() if not q.is_active(now)]:
             del self._quarantines[key]
         return sorted(self._quarantines.values(), key=lambda q: (q.kind, q.value))
+
+    # ---- locks (no clock: a lock is held until unlocked; tests drive expiry themselves)
+
+    async def try_lock(self, name: str, owner: str, *, ttl: timedelta) -> bool:
+        """Take ``name`` for ``owner`` unless someone else holds it."""
+        holder = self._locks.setdefault(name, owner)
+        return holder == owner
+
+    async def unlock(self, name: str, owner: str) -> None:
+        """Release ``name`` if ``owner`` holds it."""
+        if self._locks.get(name) == owner:
+            del self._locks[name]

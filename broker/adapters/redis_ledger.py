@@ -166,6 +166,11 @@ _CLAIM_ROUNDS = 3
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _MILLISECOND = timedelta(milliseconds=1)
+# Delete a lock only if it still names its owner (another replica may hold it by now).
+_UNLOCK: Final = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
+_MILLISECOND = timedelta(milliseconds=1)
 
 
 # --------------------------------------------------------------------------- durability
@@ -481,6 +486,9 @@ class _Keys:
         tag = f"{self.ns}:{{due:{bucket}}}"
         return [tag, f"{tag}:inflight", f"{tag}:claimed"]
 
+    def lock(self, name: str) -> str:
+        return f"{self.ns}:lock:{name}"
+
     @property
     def quarantines(self) -> str:
         """One hash of every quarantine: ``<kind>|<value>`` → JSON (a handful, read per
@@ -734,6 +742,24 @@ class RedisLedger:  # satisfies core.ports.Ledger
     async def close(self) -> None:
         """Close the connection pool."""
         await self._redis.aclose()
+
+    # ---- locks
+
+    async def try_lock(self, name: str, owner: str, *, ttl: timedelta) -> bool:
+        """Take ``name`` for ``owner`` for ``ttl`` (SET NX PX) unless someone else holds it.
+
+        The lock's expiry uses the Redis server's clock: a holder that dies releases it.
+        """
+        with _translated("try_lock"):
+            taken = await self._redis.set(
+                self._keys.lock(name), owner, nx=True, px=max(int(ttl / _MILLISECOND), 1)
+            )
+        return bool(taken)
+
+    async def unlock(self, name: str, owner: str) -> None:
+        """Release ``name`` if ``owner`` still holds it (compare and delete, atomically)."""
+        with _translated("unlock"):
+            await self._redis.eval(_UNLOCK, 1, self._keys.lock(name), owner)
 
     # ---- quarantines
 

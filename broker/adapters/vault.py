@@ -15,7 +15,7 @@ import contextlib
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import hvac
@@ -25,7 +25,13 @@ import requests
 from broker.adapters.kinds import KindSecret, SecretKind
 from broker.config import VaultSettings
 from broker.core.model import TargetKind
-from broker.core.ports import CheckResult, MintedCredential, MintSpec, RevokeOutcome
+from broker.core.ports import (
+    CheckResult,
+    MintedCredential,
+    MintSpec,
+    RevokeOutcome,
+    TaskToken,
+)
 from broker.core.untrusted import printable
 from broker.errors import (
     BadRequestError,
@@ -451,6 +457,41 @@ class VaultMinter:  # satisfies core.ports.SecretMinter
                 f"lease {read.lease_id} would outlive the task token and could not be shortened",
                 reason="vault.outlives_task",
             )
+
+    async def task_tokens(self, *, limit: int) -> list[TaskToken]:
+        """Live task tokens tasklease minted (metadata ``tasklease=1``), for the reconciler.
+
+        Lists every accessor (needs ``list`` + ``sudo`` on ``auth/token/accessors``) and looks
+        each up: O(tokens in OpenBao). Bounded by ``limit`` lookups per call.
+        """
+        found: list[TaskToken] = await self._vault.call(
+            "listing task tokens", self._task_tokens_blocking, limit
+        )
+        return found
+
+    def _task_tokens_blocking(self, limit: int) -> list[TaskToken]:
+        client = self._vault.client
+        listed = client.list("auth/token/accessors") or {}
+        accessors = list((listed.get("data") or {}).get("keys") or [])[:limit]
+        tokens: list[TaskToken] = []
+        for accessor in accessors:
+            try:
+                data = client.auth.token.lookup_accessor(accessor)["data"]
+            except hvac.exceptions.InvalidRequest:
+                continue  # revoked or expired since the list: nothing to reconcile
+            meta = data.get("meta") or {}
+            if meta.get("tasklease") != "1":
+                continue
+            expire = data.get("expire_time")
+            tokens.append(
+                TaskToken(
+                    accessor=str(accessor),
+                    credential_id=str(meta.get("credential_id", "")),
+                    created_at=datetime.fromtimestamp(int(data.get("creation_time", 0)), UTC),
+                    expires_at=datetime.fromisoformat(expire) if expire else None,
+                )
+            )
+        return tokens
 
     async def revoke(
         self, *, token_accessor: str, vault_lease_ids: tuple[str, ...]

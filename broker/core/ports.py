@@ -246,3 +246,33 @@ class QuarantineStore(Protocol):
     async def quarantines(self, now: datetime) -> list[Quarantine]:
         """Every quarantine still active at ``now`` (expired ones are dropped)."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class TaskToken:
+    """A task token OpenBao holds that tasklease minted (found by its metadata)."""
+
+    accessor: str
+    credential_id: str
+    created_at: datetime
+    expires_at: datetime | None
+
+
+class TaskTokenInventory(Protocol):
+    """Lists the task tokens tasklease minted that OpenBao still holds (for the reconciler)."""
+
+    async def task_tokens(self, *, limit: int) -> list[TaskToken]:
+        """Up to ``limit`` live tasklease task tokens."""
+        ...
+
+
+class Locks(Protocol):
+    """Leased locks shared by every replica (the ledger implements them)."""
+
+    async def try_lock(self, name: str, owner: str, *, ttl: timedelta) -> bool:
+        """Take ``name`` for ``owner`` for ``ttl`` unless someone else holds it."""
+        ...
+
+    async def unlock(self, name: str, owner: str) -> None:
+        """Release ``name`` if ``owner`` still holds it."""
+        ...

@@ -1,0 +1,180 @@
+"""The reconciler finds task tokens the ledger does not know (a lost write, Redis data loss)
+and revokes them; recorded and recent tokens are left alone."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import hvac
+import hvac.exceptions
+import psycopg
+import pytest
+
+from broker.adapters.clock import SystemClock
+from broker.adapters.kinds import all_kinds
+from broker.adapters.redis_ledger import RedisLedger
+from broker.adapters.vault import HvacVault, VaultMinter
+from broker.adapters.workload_api import WorkloadApiSource
+from broker.config import RedisSettings, VaultSettings
+from broker.core.model import (
+    DelegationChain,
+    DelegationHop,
+    Lease,
+    Sensitivity,
+    Target,
+    TargetKind,
+)
+from broker.core.ports import MintSpec
+from broker.devstack import DevStack
+from broker.reconciler import Reconciler
+from tests.conftest import remember_secret
+
+pytestmark = pytest.mark.stack
+
+DB = Target(
+    name="demo-db",
+    kind=TargetKind.DATABASE,
+    policies=("target-demo-db",),
+    system="demo",
+    environment="dev",
+    sensitivity=Sensitivity.INTERNAL,
+    max_ttl=timedelta(minutes=15),
+    mount="database",
+    role="demo-readonly",
+)
+CHAIN = DelegationChain((DelegationHop("owner", "alice", verified=False),))
+
+
+@pytest.fixture
+async def parts(stack: DevStack) -> AsyncIterator[tuple[VaultMinter, RedisLedger]]:
+    assert stack.endpoints is not None
+    source = WorkloadApiSource(socket_path=f"unix://{stack.endpoints.spire_agent_socket}")
+    await source.start()
+    vault = HvacVault(
+        settings=VaultSettings(addr=stack.endpoints.openbao_addr),
+        jwt_svid=source.fetch_jwt_svid,
+        now=SystemClock().now,
+    )
+    await vault.login()
+    ledger = RedisLedger(
+        settings=RedisSettings(url=stack.endpoints.redis_url), namespace=f"r{uuid.uuid4().hex[:10]}"
+    )
+    try:
+        yield VaultMinter(vault=vault, kinds=all_kinds(), now=SystemClock().now), ledger
+    finally:
+        await ledger.close()
+        vault.close()
+        source.close()
+
+
+def _spec(credential_id: str) -> MintSpec:
+    return MintSpec(
+        credential_id=credential_id,
+        workflow_id="wf-rec",
+        task_id="t-1",
+        holder="spiffe://tasklease.test/agent/demo",
+        owner="alice",
+        chain=CHAIN,
+        target=DB,
+        ttl=timedelta(seconds=120),
+    )
+
+
+def _alive(stack: DevStack, accessor: str) -> bool:
+    assert stack.endpoints is not None
+    root = hvac.Client(url=stack.endpoints.openbao_addr, token=stack.endpoints.openbao_root_token)
+    try:
+        root.auth.token.lookup_accessor(accessor)
+    except hvac.exceptions.InvalidRequest:
+        return False
+    return True
+
+
+async def test_orphaned_tokens_are_revoked_and_recorded_ones_kept(
+    stack: DevStack, parts: tuple[VaultMinter, RedisLedger]
+) -> None:
+    minter, ledger = parts
+    # A credential the ledger never heard of (the write was lost) ...
+    lost = await minter.mint(_spec(f"cred_lost_{uuid.uuid4().hex[:8]}"))
+    user, password = lost.secret["username"], remember_secret(lost.secret["password"])
+    # ... and one that is properly recorded.
+    kept_id = f"cred_kept_{uuid.uuid4().hex[:8]}"
+    kept = await minter.mint(_spec(kept_id))
+    remember_secret(kept.secret["password"])
+    now = datetime.now(UTC)
+    await ledger.write_ahead(
+        Lease(
+            credential_id=kept_id,
+            workflow_id="wf-rec",
+            task_id="t-1",
+            target="demo-db",
+            kind=TargetKind.DATABASE,
+            sensitivity=Sensitivity.INTERNAL,
+            holder="spiffe://tasklease.test/agent/demo",
+            owner="alice",
+            chain=CHAIN,
+            issued_at=now,
+            expires_at=now + timedelta(seconds=120),
+        )
+    )
+    await ledger.activate(
+        kept_id, token_accessor=kept.token_accessor, vault_lease_ids=kept.vault_lease_ids
+    )
+
+    # With the default grace both are too young to touch: a mint may still be in flight.
+    patient = Reconciler(
+        inventory=minter,
+        minter=minter,
+        ledger=ledger,
+        locks=ledger,
+        clock=SystemClock(),
+        grace=timedelta(minutes=2),
+    )
+    report = await patient.reconcile()
+    assert report.ran and report.revoked == () and report.skipped_recent >= 2
+    assert _alive(stack, lost.token_accessor)
+
+    reconciler = Reconciler(
+        inventory=minter,
+        minter=minter,
+        ledger=ledger,
+        locks=ledger,
+        clock=SystemClock(),
+        grace=timedelta(0),
+    )
+    report = await reconciler.reconcile()
+    assert lost.token_accessor in report.revoked
+    assert kept.token_accessor not in report.revoked
+    assert not _alive(stack, lost.token_accessor)
+    assert _alive(stack, kept.token_accessor)
+    assert stack.endpoints is not None
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(
+            host="127.0.0.1",
+            port=stack.endpoints.postgres_port,
+            dbname="demo",
+            user=user,
+            password=password,
+            connect_timeout=5,
+        ).close()
+    await minter.revoke(token_accessor=kept.token_accessor, vault_lease_ids=kept.vault_lease_ids)
+
+
+async def test_only_one_replica_reconciles_at_a_time(
+    stack: DevStack, parts: tuple[VaultMinter, RedisLedger]
+) -> None:
+    minter, ledger = parts
+    assert await ledger.try_lock("reconciler", "someone-else", ttl=timedelta(seconds=30))
+    try:
+        report = await Reconciler(
+            inventory=minter, minter=minter, ledger=ledger, locks=ledger, clock=SystemClock()
+        ).reconcile()
+        assert report.ran is False
+    finally:
+        await ledger.unlock("reconciler", "someone-else")
+    report = await Reconciler(
+        inventory=minter, minter=minter, ledger=ledger, locks=ledger, clock=SystemClock()
+    ).reconcile()
+    assert report.ran is True
