@@ -84,6 +84,7 @@ class BrokerRuntime:
     workload: WorkloadApiSource
     vault: HvacVault
     ledger: RedisLedger
+    minter: VaultMinter
     trust_store: TrustStore
     http_session: aiohttp.ClientSession
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -94,12 +95,26 @@ class BrokerRuntime:
 
     async def close(self) -> None:
         """Stop background work and close every connection."""
+        pending = {task for task in self._tasks if not task.done()}
+        # A library may swallow one cancellation (a client cleaning up a cancelled command);
+        # cancel again until every task has ended, and never wait forever on one.
+        for _ in range(5):
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=1.0)
+        for task in pending:
+            _log.error("runtime.task_did_not_stop", task=task.get_name())
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                _log.error(
+                    "runtime.task_failed",
+                    task=task.get_name(),
+                    error=type(task.exception()).__name__,
+                )
         await self.http_session.close()
+        await self.minter.close()
         await self.ledger.close()
         self.vault.close()
         self.workload.close()
@@ -302,6 +317,7 @@ async def build_runtime(settings: Settings) -> BrokerRuntime:
         workload=workload,
         vault=vault,
         ledger=ledger,
+        minter=minter,
         trust_store=store,
         http_session=http_session,
     )

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import hvac
 import hvac.exceptions
 import requests
 
 from broker.adapters.kinds import KindSecret, SecretKind
+from broker.adapters.vault_http import VaultHttp, VaultResponseError, translate
 from broker.config import VaultSettings
 from broker.core.model import TargetKind
 from broker.core.ports import (
@@ -276,7 +278,7 @@ def _says(exc: Exception, words: str) -> bool:
     return words in str(exc).lower()
 
 
-class VaultMinter:  # satisfies core.ports.SecretMinter
+class VaultMinter:  # satisfies core.ports.SecretMinter and core.ports.TaskTokenInventory
     """Mints per-task credentials: a per-task child token, then the secret read *with it*.
 
     The task token is created through the task token role (orphan, not renewable, service
@@ -285,6 +287,9 @@ class VaultMinter:  # satisfies core.ports.SecretMinter
     belongs to it, so Vault revokes everything when the token ends — even with the broker and
     Redis down. Anything that would outlive the token (a lease or a certificate NotAfter) is
     shortened or refused; on any failure after the token exists, the token is revoked.
+
+    The hot paths use :class:`~broker.adapters.vault_http.VaultHttp` (async) with the broker's
+    current session token from :class:`HvacVault`.
     """
 
     def __init__(
@@ -299,6 +304,15 @@ class VaultMinter:  # satisfies core.ports.SecretMinter
         self._kinds = kinds
         self._now = now
         self._slack = slack
+        self._http = VaultHttp(
+            addr=vault.settings.addr,
+            timeout_seconds=vault.settings.request_timeout_seconds,
+            broker_token=lambda: vault.client.token,
+        )
+
+    async def close(self) -> None:
+        """Close the HTTP connection pool."""
+        await self._http.close()
 
     async def mint(self, spec: MintSpec) -> MintedCredential:
         """Mint one credential for ``spec``; raise a TaskleaseError with nothing left behind."""
@@ -307,69 +321,18 @@ class VaultMinter:  # satisfies core.ports.SecretMinter
             raise VaultUnavailableError(
                 f"no secret kind {spec.target.kind!r} is configured", reason="vault.unknown_kind"
             )
-        minted: MintedCredential = await self._vault.call(
-            f"minting {spec.target.kind} for {spec.credential_id}", self._mint_blocking, spec, kind
-        )
-        return minted
-
-    def _mint_blocking(self, spec: MintSpec, kind: SecretKind) -> MintedCredential:
-        settings = self._vault.settings
         ttl_seconds = int(spec.ttl.total_seconds())
         started = self._now()
-        try:
-            response = self._vault.client.auth.token.create(
-                role_name=settings.task_token_role,
-                policies=list(spec.target.policies),
-                ttl=f"{ttl_seconds}s",
-                explicit_max_ttl=f"{ttl_seconds}s",
-                renewable=False,
-                display_name=f"tasklease-{spec.credential_id}"[:64],
-                meta={
-                    "tasklease": "1",
-                    "credential_id": spec.credential_id,
-                    "workflow_id": spec.workflow_id,
-                    "task_id": spec.task_id,
-                    "holder": spec.holder,
-                    "owner": spec.owner,
-                    "target": spec.target.name,
-                    "chain": spec.chain.compact()[:1024],
-                },
-            )
-        except (requests.ConnectTimeout, requests.ConnectionError) as exc:
-            if isinstance(exc, requests.ConnectTimeout) or "NewConnectionError" in repr(exc):
-                # Never connected: nothing was created.
-                raise VaultUnavailableError(
-                    f"OpenBao at {settings.addr} is unreachable ({type(exc).__name__})",
-                    reason="vault.unreachable",
-                ) from exc
-            raise MintOutcomeUnknownError(
-                f"creating the task token for {spec.credential_id} failed in flight "
-                f"({type(exc).__name__}); the reconciler will find any token it left",
-                reason="vault.mint_outcome_unknown",
-            ) from exc
-        except requests.RequestException as exc:
-            # The request may have reached Vault: a token may exist that we cannot name.
-            raise MintOutcomeUnknownError(
-                f"creating the task token for {spec.credential_id} failed in flight "
-                f"({type(exc).__name__}); the reconciler will find any token it left",
-                reason="vault.mint_outcome_unknown",
-            ) from exc
-        auth = response["auth"]
+        auth = await self._create_task_token(spec, ttl_seconds)
         accessor = str(auth["accessor"])
         token = str(auth["client_token"])
         try:
             self._check_task_token(auth, ttl_seconds)
             token_expires = started + timedelta(seconds=int(auth["lease_duration"]))
-            task = hvac.Client(
-                url=settings.addr, token=token, timeout=settings.request_timeout_seconds
-            )
-            try:
-                read = kind.read(task, spec, token=token)
-            finally:
-                task.adapter.close()
+            read = await kind.read(self._http, spec, token=token)
             lease_ids: tuple[str, ...] = (read.lease_id,) if read.lease_id else ()
             if read.lease_id:
-                self._bound_lease(read, token_expires)
+                await self._bound_lease(read, token_expires)
             if read.not_after is not None and read.not_after > token_expires + self._slack:
                 raise VaultUnavailableError(
                     f"the {spec.target.kind} credential would be valid until "
@@ -386,25 +349,69 @@ class VaultMinter:  # satisfies core.ports.SecretMinter
         except BaseException as failure:
             # Nothing half-minted survives: the token (and every lease under it) goes now.
             try:
-                self._vault.client.auth.token.revoke_accessor(accessor)
+                await self._http.raw(
+                    "POST", "auth/token/revoke-accessor", body={"accessor": accessor}
+                )
             except Exception as exc:  # noqa: BLE001 - any failure leaves the outcome unknown
                 raise MintOutcomeUnknownError(
                     f"minting {spec.credential_id} failed ({type(failure).__name__}) and its "
                     f"task token could not be revoked ({type(exc).__name__}); it stays recorded "
-                    "for the sweeper",
+                    "for the sweeper and the reconciler",
                     reason="vault.mint_cleanup_failed",
                 ) from failure
             raise
 
+    async def _create_task_token(self, spec: MintSpec, ttl_seconds: int) -> Mapping[str, Any]:
+        settings = self._vault.settings
+        body = {
+            "policies": list(spec.target.policies),
+            "ttl": f"{ttl_seconds}s",
+            "explicit_max_ttl": f"{ttl_seconds}s",
+            "renewable": False,
+            "display_name": f"tasklease-{spec.credential_id}"[:64],
+            "meta": {
+                "tasklease": "1",
+                "credential_id": spec.credential_id,
+                "workflow_id": spec.workflow_id,
+                "task_id": spec.task_id,
+                "holder": spec.holder,
+                "owner": spec.owner,
+                "target": spec.target.name,
+                "chain": spec.chain.compact()[:1024],
+            },
+        }
+        path = f"auth/token/create/{settings.task_token_role}"
+        try:
+            response = await self._http.raw("POST", path, body=body)
+        except VaultResponseError as exc:
+            raise translate(f"creating the task token for {spec.credential_id}", exc) from exc
+        except aiohttp.ClientConnectorError as exc:
+            # Never connected: nothing was created.
+            raise VaultUnavailableError(
+                f"OpenBao at {settings.addr} is unreachable ({type(exc).__name__})",
+                reason="vault.unreachable",
+            ) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The request may have reached Vault: a token may exist that we cannot name.
+            raise MintOutcomeUnknownError(
+                f"creating the task token for {spec.credential_id} failed in flight "
+                f"({type(exc).__name__}); the reconciler will find any token it left",
+                reason="vault.mint_outcome_unknown",
+            ) from exc
+        auth = response.get("auth")
+        if not isinstance(auth, dict):
+            raise VaultUnavailableError(
+                "OpenBao answered a token creation without auth data", reason="vault.error"
+            )
+        return auth
+
     async def check_task_token_role(self) -> None:
         """Refuse to start on a task token role that could yield unsafe tokens (SECURITY 28)."""
         role = self._vault.settings.task_token_role
-        response = await self._vault.call(
-            f"reading the task token role {role!r}",
-            self._vault.client.read,
-            f"auth/token/roles/{role}",
+        response = await self._http.call(
+            f"reading the task token role {role!r}", "GET", f"auth/token/roles/{role}"
         )
-        data = (response or {}).get("data") or {}
+        data = response.get("data") or {}
         problems = []
         if data.get("renewable", True):
             problems.append("renewable must be false")
@@ -439,7 +446,7 @@ class VaultMinter:  # satisfies core.ports.SecretMinter
                 reason="vault.unsafe_task_token",
             )
 
-    def _bound_lease(self, read: KindSecret, token_expires: datetime) -> None:
+    async def _bound_lease(self, read: KindSecret, token_expires: datetime) -> None:
         remaining = int((token_expires - self._now()).total_seconds())
         if read.lease_seconds <= remaining + self._slack.total_seconds():
             return
@@ -451,7 +458,12 @@ class VaultMinter:  # satisfies core.ports.SecretMinter
             )
         # The engine's default TTL is longer than the task: shorten the lease to the task.
         # (Revoking the token would revoke it anyway; this makes the bound visible and exact.)
-        renewed = self._vault.client.sys.renew_lease(read.lease_id, increment=max(remaining, 1))
+        renewed = await self._http.call(
+            "shortening a lease to the task",
+            "PUT",
+            "sys/leases/renew",
+            body={"lease_id": read.lease_id, "increment": max(remaining, 1)},
+        )
         if int(renewed.get("lease_duration") or 0) > max(remaining, 1):
             raise VaultUnavailableError(
                 f"lease {read.lease_id} would outlive the task token and could not be shortened",
@@ -464,21 +476,19 @@ class VaultMinter:  # satisfies core.ports.SecretMinter
         Lists every accessor (needs ``list`` + ``sudo`` on ``auth/token/accessors``) and looks
         each up: O(tokens in OpenBao). Bounded by ``limit`` lookups per call.
         """
-        found: list[TaskToken] = await self._vault.call(
-            "listing task tokens", self._task_tokens_blocking, limit
-        )
-        return found
-
-    def _task_tokens_blocking(self, limit: int) -> list[TaskToken]:
-        client = self._vault.client
-        listed = client.list("auth/token/accessors") or {}
+        listed = await self._http.call("listing token accessors", "LIST", "auth/token/accessors")
         accessors = list((listed.get("data") or {}).get("keys") or [])[:limit]
         tokens: list[TaskToken] = []
         for accessor in accessors:
             try:
-                data = client.auth.token.lookup_accessor(accessor)["data"]
-            except hvac.exceptions.InvalidRequest:
-                continue  # revoked or expired since the list: nothing to reconcile
+                response = await self._http.raw(
+                    "POST", "auth/token/lookup-accessor", body={"accessor": accessor}
+                )
+            except VaultResponseError as exc:
+                if exc.status == 400:
+                    continue  # revoked or expired since the list: nothing to reconcile
+                raise translate("looking up a token accessor", exc) from exc
+            data = response.get("data") or {}
             meta = data.get("meta") or {}
             if meta.get("tasklease") != "1":
                 continue
@@ -497,41 +507,48 @@ class VaultMinter:  # satisfies core.ports.SecretMinter
         self, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
     ) -> RevokeOutcome:
         """Revoke the task token by accessor and each lease (sync), then confirm by lookup."""
-        outcome: RevokeOutcome = await self._vault.call(
-            "revoking a task credential", self._revoke_blocking, token_accessor, vault_lease_ids
-        )
-        return outcome
-
-    def _revoke_blocking(self, accessor: str, lease_ids: tuple[str, ...]) -> RevokeOutcome:
-        client = self._vault.client
         still_live: list[str] = []
         errors: list[str] = []
-        if accessor:
-            client.auth.token.revoke_accessor(accessor)
-        for lease_id in lease_ids:
+        if token_accessor:
+            await self._http.call(
+                "revoking a task token",
+                "POST",
+                "auth/token/revoke-accessor",
+                body={"accessor": token_accessor},
+            )
+        for lease_id in vault_lease_ids:
             if not _is_wellformed_lease_id(lease_id):
                 still_live.append(lease_id[:80])
                 errors.append("malformed lease id, never counted as revoked")
                 continue
-            client.sys.revoke_lease(lease_id)
+            await self._http.call(
+                "revoking a lease", "PUT", "sys/leases/revoke", body={"lease_id": lease_id}
+            )
         # Confirm: Vault says "success" for unknown ids, so only a lookup failure that says
         # the thing is gone counts.
-        if accessor:
-            try:
-                client.auth.token.lookup_accessor(accessor)
-                still_live.append(f"token:{accessor}")
-            except hvac.exceptions.InvalidRequest as exc:
-                if not _says(exc, "invalid accessor"):
-                    raise
-        for lease_id in lease_ids:
-            if not _is_wellformed_lease_id(lease_id):
-                continue
-            try:
-                client.sys.read_lease(lease_id)
+        if token_accessor and await self._still_there(
+            "auth/token/lookup-accessor", {"accessor": token_accessor}, "invalid accessor"
+        ):
+            still_live.append(f"token:{token_accessor}")
+        for lease_id in vault_lease_ids:
+            if _is_wellformed_lease_id(lease_id) and await self._still_there(
+                "sys/leases/lookup", {"lease_id": lease_id}, "invalid lease"
+            ):
                 still_live.append(lease_id)
-            except hvac.exceptions.InvalidRequest as exc:
-                if not _says(exc, "invalid lease"):
-                    raise
         return RevokeOutcome(
             confirmed=not still_live, still_live=tuple(still_live), error="; ".join(errors)
         )
+
+    async def _still_there(self, path: str, body: dict[str, str], gone_words: str) -> bool:
+        try:
+            await self._http.raw("PUT" if path.startswith("sys/") else "POST", path, body=body)
+        except VaultResponseError as exc:
+            if exc.status == 400 and exc.says(gone_words):
+                return False
+            raise translate(f"confirming at {path}", exc) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise VaultUnavailableError(
+                f"confirming at {path}: OpenBao is unreachable ({type(exc).__name__})",
+                reason="vault.unreachable",
+            ) from exc
+        return True

@@ -61,9 +61,11 @@ async def parts(stack: DevStack) -> AsyncIterator[tuple[VaultMinter, RedisLedger
     ledger = RedisLedger(
         settings=RedisSettings(url=stack.endpoints.redis_url), namespace=f"r{uuid.uuid4().hex[:10]}"
     )
+    minter = VaultMinter(vault=vault, kinds=all_kinds(), now=SystemClock().now)
     try:
-        yield VaultMinter(vault=vault, kinds=all_kinds(), now=SystemClock().now), ledger
+        yield minter, ledger
     finally:
+        await minter.close()
         await ledger.close()
         vault.close()
         source.close()

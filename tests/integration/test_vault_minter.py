@@ -23,6 +23,7 @@ from broker.adapters.clock import SystemClock
 from broker.adapters.kinds import KindSecret, all_kinds
 from broker.adapters.kinds.pki import PkiKind
 from broker.adapters.vault import HvacVault, VaultMinter
+from broker.adapters.vault_http import VaultHttp
 from broker.adapters.workload_api import WorkloadApiSource
 from broker.config import VaultSettings
 from broker.core.model import (
@@ -105,9 +106,11 @@ async def minter(stack: DevStack) -> AsyncIterator[VaultMinter]:
     )
     session = await vault.login()
     assert "tasklease-broker" in session.policies
+    minter = VaultMinter(vault=vault, kinds=all_kinds(), now=SystemClock().now)
     try:
-        yield VaultMinter(vault=vault, kinds=all_kinds(), now=SystemClock().now)
+        yield minter
     finally:
+        await minter.close()
         vault.close()
         source.close()
 
@@ -245,8 +248,8 @@ class OverlongPki(PkiKind):
     """A PKI kind asking for three times the task TTL: what a misconfigured role or engine
     default would produce. The minter must notice the NotAfter, revoke, and refuse."""
 
-    def read(self, task: hvac.Client, spec: MintSpec, *, token: str) -> KindSecret:
-        return super().read(task, dataclasses.replace(spec, ttl=spec.ttl * 3), token=token)
+    async def read(self, vault: VaultHttp, spec: MintSpec, *, token: str) -> KindSecret:
+        return await super().read(vault, dataclasses.replace(spec, ttl=spec.ttl * 3), token=token)
 
 
 async def test_a_certificate_outliving_the_task_is_revoked_and_refused(

@@ -5,7 +5,7 @@ dies with it) and says what it got: the secret for the caller, the lease id if a
 certificate's NotAfter if any, so the minter can refuse anything that would outlive the task.
 A new secrets engine is one new module here and one entry in :data:`KINDS`.
 
-Kinds run inside a worker thread (hvac is synchronous); they must not touch the event loop.
+Kinds are async and speak to Vault through :class:`~broker.adapters.vault_http.VaultHttp`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-import hvac
-
+from broker.adapters.vault_http import VaultHttp
 from broker.core.model import TargetKind
 from broker.core.ports import MintSpec
 
@@ -38,8 +37,8 @@ class SecretKind(Protocol):
 
     kind: TargetKind
 
-    def read(self, task: hvac.Client, spec: MintSpec, *, token: str) -> KindSecret:
-        """Read the secret for ``spec`` with ``task`` (a client holding the task token)."""
+    async def read(self, vault: VaultHttp, spec: MintSpec, *, token: str) -> KindSecret:
+        """Read the secret for ``spec`` from ``vault`` with the task ``token``."""
         ...
 
 

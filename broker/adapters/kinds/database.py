@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import hvac
-
 from broker.adapters.kinds import KindSecret
+from broker.adapters.vault_http import VaultHttp
 from broker.core.model import TargetKind
 from broker.core.ports import MintSpec
 
@@ -14,10 +13,13 @@ class DatabaseKind:
 
     kind = TargetKind.DATABASE
 
-    def read(self, task: hvac.Client, spec: MintSpec, *, token: str) -> KindSecret:
+    async def read(self, vault: VaultHttp, spec: MintSpec, *, token: str) -> KindSecret:
         """Read ``<mount>/creds/<role>`` with the task token."""
-        response = task.secrets.database.generate_credentials(
-            spec.target.role, mount_point=spec.target.mount
+        response = await vault.call(
+            "reading database credentials",
+            "GET",
+            f"{spec.target.mount}/creds/{spec.target.role}",
+            token=token,
         )
         data = response["data"]
         return KindSecret(

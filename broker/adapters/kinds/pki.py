@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 
-import hvac
 from cryptography import x509
 
 from broker.adapters.kinds import KindSecret
+from broker.adapters.vault_http import VaultHttp
 from broker.core.model import TargetKind
 from broker.core.ports import MintSpec
 
@@ -27,14 +27,16 @@ class PkiKind:
 
     kind = TargetKind.PKI
 
-    def read(self, task: hvac.Client, spec: MintSpec, *, token: str) -> KindSecret:
+    async def read(self, vault: VaultHttp, spec: MintSpec, *, token: str) -> KindSecret:
         """Issue a certificate with the task token."""
         domain = spec.target.params.get("domain", "agents.tasklease.test")
         common_name = f"{_label(spec.task_id)}.{_label(spec.workflow_id)}.{domain}"
-        response = task.write(
+        response = await vault.call(
+            "issuing a certificate",
+            "POST",
             f"{spec.target.mount}/issue/{spec.target.role}",
-            common_name=common_name,
-            ttl=f"{int(spec.ttl.total_seconds())}s",
+            token=token,
+            body={"common_name": common_name, "ttl": f"{int(spec.ttl.total_seconds())}s"},
         )
         data = response["data"]
         cert = x509.load_pem_x509_certificate(data["certificate"].encode("ascii"))

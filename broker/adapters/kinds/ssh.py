@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import hvac
 from cryptography.hazmat.primitives import serialization
 
 from broker.adapters.kinds import KindSecret
+from broker.adapters.vault_http import VaultHttp
 from broker.core.model import TargetKind
 from broker.core.ports import MintSpec
 from broker.errors import BadRequestError, VaultUnavailableError
@@ -25,7 +25,7 @@ class SshKind:
 
     kind = TargetKind.SSH
 
-    def read(self, task: hvac.Client, spec: MintSpec, *, token: str) -> KindSecret:
+    async def read(self, vault: VaultHttp, spec: MintSpec, *, token: str) -> KindSecret:
         """Sign the request's ``public_key`` with the task token."""
         public_key = spec.params.get("public_key", "")
         if not public_key.startswith(_KEY_TYPES) or len(public_key) > 16 * 1024:
@@ -34,12 +34,17 @@ class SshKind:
                 "(ssh-ed25519, ecdsa-sha2-nistp256/384 or ssh-rsa)",
                 reason="ssh.public_key_required",
             )
-        response = task.write(
+        response = await vault.call(
+            "signing an SSH key",
+            "POST",
             f"{spec.target.mount}/sign/{spec.target.role}",
-            public_key=public_key,
-            valid_principals=spec.target.params.get("valid_principals", ""),
-            ttl=f"{int(spec.ttl.total_seconds())}s",
-            cert_type="user",
+            token=token,
+            body={
+                "public_key": public_key,
+                "valid_principals": spec.target.params.get("valid_principals", ""),
+                "ttl": f"{int(spec.ttl.total_seconds())}s",
+                "cert_type": "user",
+            },
         )
         data = response["data"]
         certificate = serialization.load_ssh_public_identity(data["signed_key"].encode("ascii"))

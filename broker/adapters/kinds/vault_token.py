@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import hvac
-
 from broker.adapters.kinds import KindSecret
+from broker.adapters.vault_http import VaultHttp
 from broker.core.model import TargetKind
 from broker.core.ports import MintSpec
 
@@ -14,6 +13,6 @@ class VaultTokenKind:
 
     kind = TargetKind.VAULT_TOKEN
 
-    def read(self, task: hvac.Client, spec: MintSpec, *, token: str) -> KindSecret:
+    async def read(self, vault: VaultHttp, spec: MintSpec, *, token: str) -> KindSecret:
         """No read: the token is the secret."""
         return KindSecret(secret={"token": token, "policies": list(spec.target.policies)})
