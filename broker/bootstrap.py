@@ -35,10 +35,11 @@ from broker.adapters.clock import SystemClock
 from broker.adapters.kinds import all_kinds
 from broker.adapters.oidc_jwks import OidcJwksSource
 from broker.adapters.redis_ledger import RedisLedger, RedisReadiness
+from broker.adapters.scheduler import RevocationSweeper
 from broker.adapters.tls import RotatingServerTls, build_server_context
 from broker.adapters.vault import HvacVault, VaultMinter, VaultReadiness
 from broker.adapters.workload_api import WorkloadApiReadiness, WorkloadApiSource
-from broker.config import Settings
+from broker.config import RevocationConfig, Settings
 from broker.core.authn import CallerAuthenticator
 from broker.core.bundle import TrustStore
 from broker.core.jwtsvid import JwtSvidVerifier
@@ -50,7 +51,9 @@ from broker.core.targets import load_target_catalog
 from broker.core.x509svid import TrustStoreX509Authenticator
 from broker.errors import ConfigurationError, TaskleaseError
 from broker.http.app import create_app
+from broker.http.revocation_routes import register_revocation_routes
 from broker.reconciler import Reconciler
+from broker.revocation import RevocationSettings, Revoker
 from broker.service import CredentialBroker, Readiness
 
 _log = structlog.get_logger("broker")
@@ -85,6 +88,8 @@ class BrokerRuntime:
     vault: HvacVault
     ledger: RedisLedger
     minter: VaultMinter
+    revoker: Revoker
+    sweeper: RevocationSweeper
     trust_store: TrustStore
     http_session: aiohttp.ClientSession
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -162,6 +167,22 @@ def _identities(path: Path) -> tuple[RoleMap, list[OidcIssuerConfig]]:
     return roles, parse_oidc_issuers(data.get("oidc_issuer", []))
 
 
+def _revocation_settings(config: RevocationConfig) -> RevocationSettings:
+    try:
+        return RevocationSettings(
+            max_attempts=config.max_attempts,
+            backoff_base=timedelta(seconds=config.backoff_base_seconds),
+            backoff_cap=timedelta(seconds=config.backoff_cap_seconds),
+            failed_retry_interval=timedelta(seconds=config.failed_retry_interval_seconds),
+            sweep_batch=config.sweep_batch,
+            visibility=timedelta(seconds=config.visibility_seconds),
+            concurrency=config.concurrency,
+            revoke_timeout=timedelta(seconds=config.revoke_timeout_seconds),
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid [revocation] settings: {exc}") from None
+
+
 def _bundle_sources(
     settings: Settings, store: TrustStore, clock: SystemClock
 ) -> tuple[list[StaticBundleFile], list[FederationEndpointSource]]:
@@ -191,7 +212,9 @@ def _bundle_sources(
     return files, endpoints
 
 
-async def build_runtime(settings: Settings) -> BrokerRuntime:
+async def build_runtime(
+    settings: Settings, *, revocation: RevocationSettings | None = None
+) -> BrokerRuntime:
     """Connect every adapter and build the app; raise a TaskleaseError if a part is unfit."""
     clock = SystemClock()
     roles, oidc_issuers = _identities(settings.identities_file)
@@ -301,6 +324,18 @@ async def build_runtime(settings: Settings) -> BrokerRuntime:
             broker=broker,
             clock=clock,
         )
+        revoker = Revoker(
+            ledger=ledger,
+            minter=minter,
+            clock=clock,
+            settings=revocation or _revocation_settings(settings.revocation),
+        )
+        register_revocation_routes(app, revoker)
+        sweeper = RevocationSweeper(
+            sweep=revoker.revoke_due,
+            clock=clock,
+            interval=timedelta(seconds=settings.revocation.sweep_interval_seconds),
+        )
     except BaseException:
         if http_session is not None:
             await http_session.close()
@@ -318,10 +353,13 @@ async def build_runtime(settings: Settings) -> BrokerRuntime:
         vault=vault,
         ledger=ledger,
         minter=minter,
+        revoker=revoker,
+        sweeper=sweeper,
         trust_store=store,
         http_session=http_session,
     )
     runtime.start_background(vault.keep_session())
+    runtime.start_background(sweeper.run())
     reconciler = Reconciler(
         inventory=minter,
         minter=minter,

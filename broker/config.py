@@ -152,6 +152,20 @@ class RedisSettings(_Section):
         return self
 
 
+class RevocationConfig(_Section):
+    """The revocation engine: sweep cadence, retries, claim visibility, concurrency."""
+
+    sweep_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    max_attempts: int = Field(default=8, ge=1, le=1000)
+    backoff_base_seconds: float = Field(default=1.0, gt=0)
+    backoff_cap_seconds: float = Field(default=60.0, gt=0)
+    failed_retry_interval_seconds: float = Field(default=300.0, gt=0)
+    sweep_batch: int = Field(default=256, ge=1, le=10_000)
+    visibility_seconds: float = Field(default=60.0, gt=0)
+    concurrency: int = Field(default=16, ge=1, le=256)
+    revoke_timeout_seconds: float = Field(default=10.0, gt=0)
+
+
 class Settings(BaseSettings):
     """All broker settings."""
 
@@ -166,6 +180,7 @@ class Settings(BaseSettings):
     spiffe: SpiffeSettings = SpiffeSettings()
     vault: VaultSettings = VaultSettings()
     redis: RedisSettings = RedisSettings()
+    revocation: RevocationConfig = RevocationConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Roles of workloads (SPIFFE ID patterns) and people (OIDC issuers and claims).
     identities_file: Path = Path("config/identities.toml")

@@ -727,9 +727,15 @@ class DevStack:
         setup = tomllib.loads((CONFIG_DEV / "openbao" / "setup.toml").read_text())
         for step in setup["step"]:
             data = _fill(step.get("data", {}), placeholders)
-            status, body = _http_json(
-                "POST", f"{addr}/v1/{step['path']}", token=token, body=data, timeout=30
-            )
+            for _ in range(50):
+                status, body = _http_json(
+                    "POST", f"{addr}/v1/{step['path']}", token=token, body=data, timeout=30
+                )
+                # A fresh KV v2 mount answers 400 "Upgrading from non-versioned to versioned
+                # data" for a moment; anything else is a real failure.
+                if status != 400 or "upgrading" not in json.dumps(body).lower():
+                    break
+                time.sleep(0.1)
             if status not in {200, 204}:
                 errors = body.get("errors") if isinstance(body, dict) else body
                 raise StackError(

@@ -134,4 +134,6 @@ class Reconciler:
                     )
             except TaskleaseError as exc:
                 _log.error("reconciler.pass_failed", reason=exc.reason, detail=exc.detail)
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one pass
+                _log.error("reconciler.pass_crashed", error=type(exc).__name__)
             await asyncio.sleep(interval.total_seconds())

@@ -488,6 +488,11 @@ class VaultMinter:  # satisfies core.ports.SecretMinter and core.ports.TaskToken
                 if exc.status == 400:
                     continue  # revoked or expired since the list: nothing to reconcile
                 raise translate("looking up a token accessor", exc) from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise VaultUnavailableError(
+                    f"looking up token accessors: OpenBao is unreachable ({type(exc).__name__})",
+                    reason="vault.unreachable",
+                ) from exc
             data = response.get("data") or {}
             meta = data.get("meta") or {}
             if meta.get("tasklease") != "1":
