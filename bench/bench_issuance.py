@@ -214,7 +214,8 @@ async def main(requests_per_cell: int) -> None:
             client = redis.Redis.from_url(endpoints.redis_url)
             keys = list(client.scan_iter(count=1000))
             total = sum(client.memory_usage(k) or 0 for k in keys)
-            leases = sum(1 for k in keys if b":lease:" in k)
+            # Leases are fields of their run's `…:leases` hash (see redis_ledger's layout).
+            leases = sum(int(client.hlen(k)) for k in keys if k.endswith(b":leases"))
             client.close()
             if leases:
                 print(

@@ -19,6 +19,10 @@ echo "compiling spire-server and spire-agent (CGO for the sqlite datastore); one
 # -v prints each package as it is compiled: that is the progress indicator.
 CGO_ENABLED=1 go build -v -trimpath -buildvcs=false -o "$out/" \
   github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent 2>&1 \
-  | awk '{ n++; printf "\r  [%4d packages] %-70.70s", n, $0; fflush() } END { print "" }'
+  | awk -v tty="$([[ -t 1 ]] && echo 1 || echo 0)" '
+      { n++ }
+      tty == 1 { printf "\r  [%4d packages] %-70.70s", n, $0; fflush(); next }
+      n % 100 == 0 { printf "  [%4d packages compiled]\n", n; fflush() }
+      END { if (tty == 1) print ""; printf "  %d packages compiled\n", n }'
 test -x "$out/spire-server" && test -x "$out/spire-agent"
 echo "SPIRE $version built into $out"
