@@ -6,11 +6,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import hvac
 import hvac.exceptions
 import psycopg
 import pytest
+import redis
 
 from broker.adapters.clock import SystemClock
 from broker.adapters.kinds import all_kinds
@@ -30,6 +32,7 @@ from broker.core.ports import MintSpec
 from broker.devstack import DevStack
 from broker.reconciler import Reconciler
 from tests.conftest import remember_secret
+from tests.integration.clients import StartBroker, call, client_context, workload_id
 
 pytestmark = pytest.mark.stack
 
@@ -180,3 +183,70 @@ async def test_only_one_replica_reconciles_at_a_time(
         inventory=minter, minter=minter, ledger=ledger, locks=ledger, clock=SystemClock()
     ).reconcile()
     assert report.ran is True
+
+
+async def test_after_the_ledger_is_flushed_the_reconciler_revokes_the_orphans(
+    stack: DevStack, start: StartBroker, tmp_path: Path
+) -> None:
+    """Redis data loss: credentials issued through the API lose their records; the reconciler
+    finds their task tokens in OpenBao and revokes them, and their database logins end."""
+    broker = await start()
+    orchestrator = client_context(stack, tmp_path, workload_id(stack, "orchestrator"))
+    agent = client_context(stack, tmp_path, workload_id(stack, "agent"))
+    run_id = f"wf-flush-{uuid.uuid4().hex[:6]}"
+    status, _ = await call(
+        broker,
+        orchestrator,
+        "POST",
+        "/v1/workflows",
+        json_body={
+            "id": run_id,
+            "owner": "alice",
+            "purpose": "flush test",
+            "ttl_seconds": 600,
+            "participants": [workload_id(stack, "agent")],
+        },
+    )
+    assert status == 201
+    issued = []
+    for task in ("t-1", "t-2"):
+        status, body = await call(
+            broker,
+            agent,
+            "POST",
+            "/v1/credentials",
+            json_body={
+                "workflow_id": run_id,
+                "task_id": task,
+                "target": "demo-db",
+                "ttl_seconds": 300,
+            },
+        )
+        assert status == 201, body
+        remember_secret(body["secret"]["password"])
+        issued.append(body)
+    assert stack.endpoints is not None
+    admin = redis.Redis.from_url(stack.endpoints.redis_url)
+    admin.flushdb()
+    admin.close()
+    runtime = broker.runtime
+    report = await Reconciler(
+        inventory=runtime.minter,
+        minter=runtime.minter,
+        ledger=runtime.ledger,
+        locks=runtime.ledger,
+        clock=SystemClock(),
+        grace=timedelta(0),
+    ).reconcile()
+    for body in issued:
+        assert body["token_accessor"] in report.revoked
+        assert not _alive(stack, body["token_accessor"])
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(
+                host="127.0.0.1",
+                port=stack.endpoints.postgres_port,
+                dbname="demo",
+                user=body["secret"]["username"],
+                password=body["secret"]["password"],
+                connect_timeout=5,
+            ).close()
