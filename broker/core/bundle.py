@@ -55,6 +55,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+from broker.core.jwk import JwkKeyError, ec_public_key, rsa_public_key
 from broker.core.spiffe_id import TrustDomain
 from broker.core.untrusted import printable
 from broker.errors import (
@@ -141,13 +142,6 @@ JWT_SVID_ALGORITHMS: Final[Mapping[str, JwtAlgorithm]] = MappingProxyType(
     }
 )
 
-_JWK_CURVES: Final[Mapping[str, tuple[ec.EllipticCurve, int]]] = MappingProxyType(
-    {
-        "P-256": (ec.SECP256R1(), 32),
-        "P-384": (ec.SECP384R1(), 48),
-        "P-521": (ec.SECP521R1(), 66),
-    }
-)
 _ALLOWED_CURVE_NAMES: Final = frozenset({"secp256r1", "secp384r1", "secp521r1"})
 
 
@@ -677,49 +671,18 @@ def _jwt_entry(entry: dict[str, Any]) -> tuple[str, JwtAuthority, str | None]:
     return kid, key, alg
 
 
-_B64URL_CHARS: Final = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _b64url_member(entry: dict[str, Any], name: str, reason: str) -> bytes:
-    value = entry.get(name)
-    # RFC 7518 §6: base64url without padding.
-    if not isinstance(value, str) or len(value) % 4 == 1 or _B64URL_CHARS.fullmatch(value) is None:
-        raise _Skip(reason, f"member {name!r} is missing or not unpadded base64url")
-    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-
-
 def _rsa_key(entry: dict[str, Any]) -> rsa.RSAPublicKey:
-    n = int.from_bytes(_b64url_member(entry, "n", "bundle_key.rsa_malformed"), "big")
-    e = int.from_bytes(_b64url_member(entry, "e", "bundle_key.rsa_malformed"), "big")
-    if n % 2 == 0 or e % 2 == 0:
-        raise _Skip("bundle_key.rsa_malformed", "RSA modulus or exponent is even")
     try:
-        return rsa.RSAPublicNumbers(e, n).public_key()
-    except ValueError as exc:
-        raise _Skip("bundle_key.rsa_malformed", f"RSA key is invalid: {exc}") from None
+        return rsa_public_key(entry)
+    except JwkKeyError as exc:
+        raise _Skip(f"bundle_key.{exc.code}", exc.detail) from None
 
 
 def _ec_key(entry: dict[str, Any]) -> ec.EllipticCurvePublicKey:
-    crv = entry.get("crv")
-    if not isinstance(crv, str) or crv not in _JWK_CURVES:
-        raise _Skip(
-            "bundle_key.ec_curve_unsupported",
-            f"EC key has crv {printable(crv, 40)}, expected P-256, P-384 or P-521",
-        )
-    curve, size = _JWK_CURVES[crv]
-    x = _b64url_member(entry, "x", "bundle_key.ec_malformed")
-    y = _b64url_member(entry, "y", "bundle_key.ec_malformed")
-    # RFC 7518 §6.2.1.2: coordinates are the full octet length of the curve.
-    if len(x) != size or len(y) != size:
-        raise _Skip(
-            "bundle_key.ec_malformed",
-            f"EC coordinates are {len(x)} and {len(y)} bytes, expected {size} for {crv}",
-        )
     try:
-        # Refuses points off the curve and the point at infinity.
-        return ec.EllipticCurvePublicKey.from_encoded_point(curve, b"\x04" + x + y)
-    except ValueError as exc:
-        raise _Skip("bundle_key.ec_malformed", f"EC point is invalid: {exc}") from None
+        return ec_public_key(entry)
+    except JwkKeyError as exc:
+        raise _Skip(f"bundle_key.{exc.code}", exc.detail) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ token itself is never echoed.
 
 from __future__ import annotations
 
-import base64
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -64,6 +63,7 @@ from broker.core.bundle import (
     loads_strict_json,
 )
 from broker.core.identity import HumanIdentity
+from broker.core.jwk import JwkKeyError, ec_public_key, rsa_public_key
 from broker.core.jwtsvid import (
     MAX_LEEWAY,
     MAX_LIFETIME_LIMIT,
@@ -135,15 +135,7 @@ _SIGNERS: Final[Mapping[str, Algorithm]] = MappingProxyType(
 
 # Members only a private JWK has (RFC 7518 §6.2.2, §6.3.2).
 _PRIVATE_MEMBERS: Final = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-_JWK_CURVES: Final[Mapping[str, tuple[ec.EllipticCurve, int]]] = MappingProxyType(
-    {
-        "P-256": (ec.SECP256R1(), 32),
-        "P-384": (ec.SECP384R1(), 48),
-        "P-521": (ec.SECP521R1(), 66),
-    }
-)
 _ALLOWED_CURVE_NAMES: Final = frozenset({"secp256r1", "secp384r1", "secp521r1"})
-_B64URL_MEMBER: Final = re.compile(r"[A-Za-z0-9_-]+")
 _CLAIM_NAME: Final = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 
 
@@ -643,44 +635,18 @@ def _signing_key(entry: dict[str, Any]) -> tuple[str, JwtAuthority, str | None]:
     return kid, key, alg
 
 
-def _b64url_member(entry: dict[str, Any], name: str, reason: str) -> bytes:
-    value = entry.get(name)
-    # RFC 7518 §6: base64url without padding.
-    if not isinstance(value, str) or len(value) % 4 == 1 or _B64URL_MEMBER.fullmatch(value) is None:
-        raise _Skip(reason, f"member {name!r} is missing or not unpadded base64url")
-    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-
-
 def _rsa_key(entry: dict[str, Any]) -> rsa.RSAPublicKey:
-    n = int.from_bytes(_b64url_member(entry, "n", "oidc_jwk.rsa_malformed"), "big")
-    e = int.from_bytes(_b64url_member(entry, "e", "oidc_jwk.rsa_malformed"), "big")
     try:
-        return rsa.RSAPublicNumbers(e, n).public_key()
-    except ValueError as exc:
-        raise _Skip("oidc_jwk.rsa_malformed", f"RSA key is invalid: {exc}") from None
+        return rsa_public_key(entry)
+    except JwkKeyError as exc:
+        raise _Skip(f"oidc_jwk.{exc.code}", exc.detail) from None
 
 
 def _ec_key(entry: dict[str, Any]) -> ec.EllipticCurvePublicKey:
-    crv = entry.get("crv")
-    if not isinstance(crv, str) or crv not in _JWK_CURVES:
-        raise _Skip(
-            "oidc_jwk.ec_curve_unsupported",
-            f"EC key has crv {printable(crv, 40)}, expected P-256, P-384 or P-521",
-        )
-    curve, size = _JWK_CURVES[crv]
-    x = _b64url_member(entry, "x", "oidc_jwk.ec_malformed")
-    y = _b64url_member(entry, "y", "oidc_jwk.ec_malformed")
-    # RFC 7518 §6.2.1.2: coordinates are the full octet length of the curve.
-    if len(x) != size or len(y) != size:
-        raise _Skip(
-            "oidc_jwk.ec_malformed",
-            f"EC coordinates are {len(x)} and {len(y)} bytes, expected {size} for {crv}",
-        )
     try:
-        # Refuses points off the curve and the point at infinity.
-        return ec.EllipticCurvePublicKey.from_encoded_point(curve, b"\x04" + x + y)
-    except ValueError as exc:
-        raise _Skip("oidc_jwk.ec_malformed", f"EC point is invalid: {exc}") from None
+        return ec_public_key(entry)
+    except JwkKeyError as exc:
+        raise _Skip(f"oidc_jwk.{exc.code}", exc.detail) from None
 
 
 # --------------------------------------------------------------------------------------------
