@@ -38,7 +38,7 @@ from __future__ import annotations
 import base64
 import heapq
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final, NoReturn, TypeAlias
@@ -76,6 +76,7 @@ __all__ = [
     "JwtSvidVerifier",
     "Rejecter",
     "b64url_segment",
+    "check_jws_header",
     "numeric_date",
     "strict_json_object",
 ]
@@ -423,38 +424,58 @@ def strict_json_object(raw: bytes, name: str, *, reject: Rejecter = _reject) -> 
     return value
 
 
-def _check_header(header: dict[str, Any]) -> tuple[str, str]:
-    extra = header.keys() - _ALLOWED_HEADERS
+def check_jws_header(
+    header: Mapping[str, Any],
+    *,
+    allowed_headers: frozenset[str],
+    allowed_typ: frozenset[str],
+    algorithms: Collection[str],
+    header_rule: str,
+    typ_rule: str,
+    reject: Rejecter = _reject,
+) -> tuple[str, str]:
+    """Check a JOSE header before any key lookup; return ``(alg, kid)``.
+
+    Shared by JWT-SVIDs and OIDC ID tokens, which differ only in what they allow. Refusals go
+    through ``reject`` with ``header_not_allowed``, ``typ_not_allowed``, ``alg_missing``,
+    ``alg_not_allowed``, ``kid_missing`` or ``kid_malformed``.
+    """
+    extra = header.keys() - allowed_headers
     if extra:
         names = sorted(printable(name, 32) for name in extra)
-        _reject(
-            f"header has {', '.join(names)}; JWT-SVID §2 allows only alg, kid and typ",
-            "header_not_allowed",
-        )
+        reject(f"header has {', '.join(names)}; {header_rule}", "header_not_allowed")
     typ = header.get("typ", "JWT")
-    if not isinstance(typ, str) or typ not in _ALLOWED_TYP:
-        _reject(
-            f"typ is {printable(header['typ'], 40)}, expected JWT or JOSE (JWT-SVID §2.3)",
-            "typ_not_allowed",
-        )
+    if not isinstance(typ, str) or typ not in allowed_typ:
+        reject(f"typ is {printable(header['typ'], 40)}, expected {typ_rule}", "typ_not_allowed")
     if "alg" not in header:
-        _reject("header has no alg", "alg_missing")
+        reject("header has no alg", "alg_missing")
     alg = header["alg"]
-    # JWT-SVID §4: validators MUST check alg before processing; this runs before any lookup.
-    if not isinstance(alg, str) or alg not in JWT_SVID_ALGORITHMS:
-        _reject(
-            f"alg {printable(alg, 40)} is not one of {', '.join(JWT_SVID_ALGORITHMS)}",
+    # JWT-SVID §4 / RFC 8725 §3.1: the algorithm is checked before anything else is trusted.
+    if not isinstance(alg, str) or alg not in algorithms:
+        reject(
+            f"alg {printable(alg, 40)} is not one of {', '.join(algorithms)}",
             "alg_not_allowed",
         )
     if "kid" not in header:
-        _reject("header has no kid; the broker looks keys up by kid only", "kid_missing")
+        reject("header has no kid; the broker looks keys up by kid only", "kid_missing")
     kid = header["kid"]
     if not is_safe_kid(kid):
-        _reject(
+        reject(
             f"kid {printable(kid, 64)} is not 1-128 characters of [A-Za-z0-9._-]",
             "kid_malformed",
         )
     return alg, kid
+
+
+def _check_header(header: dict[str, Any]) -> tuple[str, str]:
+    return check_jws_header(
+        header,
+        allowed_headers=_ALLOWED_HEADERS,
+        allowed_typ=_ALLOWED_TYP,
+        algorithms=JWT_SVID_ALGORITHMS,
+        header_rule="JWT-SVID §2 allows only alg, kid and typ",
+        typ_rule="JWT or JOSE (JWT-SVID §2.3)",
+    )
 
 
 def _check_subject(claims: Mapping[str, Any]) -> SpiffeId:

@@ -68,6 +68,7 @@ from broker.core.jwtsvid import (
     MAX_LEEWAY,
     MAX_LIFETIME_LIMIT,
     b64url_segment,
+    check_jws_header,
     numeric_date,
     strict_json_object,
 )
@@ -881,33 +882,15 @@ class OidcVerifier:
 
 
 def _check_header(header: Mapping[str, Any]) -> tuple[str, str]:
-    extra = header.keys() - _ALLOWED_HEADERS
-    if extra:
-        names = sorted(printable(name, 32) for name in extra)
-        _reject(
-            f"header has {', '.join(names)}; only alg, kid, typ and x5t are allowed",
-            "header_not_allowed",
-        )
-    typ = header.get("typ", "JWT")
-    if not isinstance(typ, str) or typ not in _ALLOWED_TYP:
-        _reject(f"typ is {printable(header['typ'], 40)}, expected JWT", "typ_not_allowed")
-    if "alg" not in header:
-        _reject("header has no alg", "alg_missing")
-    alg = header["alg"]
-    if not isinstance(alg, str) or alg not in OIDC_ALGORITHMS:
-        _reject(
-            f"alg {printable(alg, 40)} is not one of {', '.join(OIDC_ALGORITHMS)}",
-            "alg_not_allowed",
-        )
-    if "kid" not in header:
-        _reject("header has no kid; the broker looks keys up by kid only", "kid_missing")
-    kid = header["kid"]
-    if not is_safe_kid(kid):
-        _reject(
-            f"kid {printable(kid, 64)} is not 1-128 characters of [A-Za-z0-9._-]",
-            "kid_malformed",
-        )
-    return alg, kid
+    return check_jws_header(
+        header,
+        allowed_headers=_ALLOWED_HEADERS,
+        allowed_typ=_ALLOWED_TYP,
+        algorithms=OIDC_ALGORITHMS,
+        header_rule="only alg, kid, typ and x5t are allowed",
+        typ_rule="JWT",
+        reject=_reject,
+    )
 
 
 def _check_audience(claims: Mapping[str, Any], audience: str) -> None:
