@@ -30,6 +30,7 @@ expected, and never contain a secret; untrusted values in them are escaped and t
         ├── VaultUnavailableError          503 vault_unavailable
         │   └── MintOutcomeUnknownError    503 mint_outcome_unknown (a token may exist)
         ├── LedgerUnavailableError         503 ledger_unavailable
+        ├── AuditUnavailableError          503 audit_unavailable
         └── StackError                     (dev stack) stack_error
 
 Foreign exceptions are translated at the adapter that met them and chained
@@ -229,6 +230,13 @@ class LedgerUnavailableError(UnavailableError):
 
     code = "ledger_unavailable"
     title = "Ledger unavailable"
+
+
+class AuditUnavailableError(UnavailableError):
+    """A durable audit sink could not take an event: issuance fails closed."""
+
+    code = "audit_unavailable"
+    title = "Audit trail unavailable"
 
 
 class StackError(UnavailableError):

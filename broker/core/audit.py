@@ -1,0 +1,266 @@
+"""The audit event catalogue: one constant and one payload type per event. Pure data.
+
+An :class:`AuditEvent` answers *who* (``actor`` and the delegation ``chain``), *what*
+(``type`` and its typed ``payload``), *about what* (run, task, credential, approval and request
+ids, so events correlate) and *when*. The :class:`AuditTrail` port records it; the adapters add
+the tamper-evidence fields (writer, sequence number, ``prev_hash``, ``hash``) and deliver it to
+the sinks. Nothing here may ever carry a secret: payloads hold identifiers, decisions and
+metadata, never a token, password, private key or whole JWT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol
+
+from broker.core.model import DelegationChain
+
+
+class EventType(StrEnum):
+    """Every audit event type, with its wire name."""
+
+    WORKFLOW_STARTED = "workflow.started"
+    WORKFLOW_COMPLETED = "workflow.completed"
+    IDENTITY_REJECTED = "identity.rejected"
+    POLICY_DECISION = "policy.decision"
+    APPROVAL_REQUESTED = "approval.requested"
+    APPROVAL_DECIDED = "approval.decided"
+    CREDENTIAL_ISSUED = "credential.issued"
+    CREDENTIAL_DENIED = "credential.denied"
+    CREDENTIAL_REVOKED = "credential.revoked"
+    CREDENTIAL_REVOKE_FAILED = "credential.revoke_failed"
+    AGENT_TOOL_CALL = "agent.tool_call"
+    AGENT_SIDE_EFFECT = "agent.side_effect"
+    REVOCATION_FORCED = "revocation.forced"
+    QUARANTINE_CHANGED = "quarantine.changed"
+
+
+class Payload:
+    """Base of the typed payloads; ``TYPE`` names the event each one belongs to."""
+
+    __slots__ = ()
+    TYPE: ClassVar[EventType]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (datetimes as ISO 8601 strings)."""
+        return {k: _jsonable(v) for k, v in asdict(self).items()}  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowStarted(Payload):
+    """An orchestrator started a run for an accountable owner."""
+
+    TYPE: ClassVar[EventType] = EventType.WORKFLOW_STARTED
+    owner: str
+    purpose: str
+    deadline: datetime
+    labels: Mapping[str, str] = field(default_factory=dict)
+    participants: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowCompleted(Payload):
+    """A run ended (completed, failed, cancelled by its orchestrator, or expired)."""
+
+    TYPE: ClassVar[EventType] = EventType.WORKFLOW_COMPLETED
+    state: str
+    outcome: str = ""
+    leases_due: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRejected(Payload):
+    """A caller's credential (SVID, OIDC token) was refused. ``detail`` is sanitized text."""
+
+    TYPE: ClassVar[EventType] = EventType.IDENTITY_REJECTED
+    method: str
+    reason: str
+    detail: str = ""
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDecision(Payload):
+    """A Cedar decision at request time, with the policy ids and the context evaluated."""
+
+    TYPE: ClassVar[EventType] = EventType.POLICY_DECISION
+    action: str
+    target: str
+    outcome: str
+    policy_ids: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    context: Mapping[str, Any] = field(default_factory=dict)
+    max_ttl_seconds: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRequested(Payload):
+    """A request needs a human decision; the approval is bound to the request's digest."""
+
+    TYPE: ClassVar[EventType] = EventType.APPROVAL_REQUESTED
+    target: str
+    request_digest: str
+    ttl_seconds: int
+    quorum: int
+    expires_at: datetime
+    policy_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalDecided(Payload):
+    """One step of an approval: approve, deny, withdraw, use or expiry."""
+
+    TYPE: ClassVar[EventType] = EventType.APPROVAL_DECIDED
+    decision: str
+    state: str
+    approvers: tuple[str, ...] = ()
+    comment: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialIssued(Payload):
+    """A credential left the broker (the secret itself is never recorded)."""
+
+    TYPE: ClassVar[EventType] = EventType.CREDENTIAL_ISSUED
+    target: str
+    kind: str
+    expires_at: datetime
+    ttl_seconds: int
+    token_accessor: str = ""
+    vault_lease_count: int = 0
+    policy_ids: tuple[str, ...] = ()
+    revocable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialDenied(Payload):
+    """A credential request was refused (policy, quarantine, run state, approval, ...)."""
+
+    TYPE: ClassVar[EventType] = EventType.CREDENTIAL_DENIED
+    target: str
+    reason: str
+    detail: str = ""
+    policy_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRevoked(Payload):
+    """OpenBao confirmed the credential's token and leases are gone."""
+
+    TYPE: ClassVar[EventType] = EventType.CREDENTIAL_REVOKED
+    cause: str
+    target: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRevokeFailed(Payload):
+    """Revocation could not be confirmed after its attempts; still retried slowly."""
+
+    TYPE: ClassVar[EventType] = EventType.CREDENTIAL_REVOKE_FAILED
+    attempts: int
+    error: str
+    still_live: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AgentToolCall(Payload):
+    """An agent reported a tool call made with a credential it holds."""
+
+    TYPE: ClassVar[EventType] = EventType.AGENT_TOOL_CALL
+    tool: str
+    summary: str = ""
+    details: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSideEffect(Payload):
+    """An agent or orchestrator reported a side effect (a change in a target system)."""
+
+    TYPE: ClassVar[EventType] = EventType.AGENT_SIDE_EFFECT
+    effect: str
+    summary: str = ""
+    details: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationForced(Payload):
+    """A security team forced revocation by a selector."""
+
+    TYPE: ClassVar[EventType] = EventType.REVOCATION_FORCED
+    selector: Mapping[str, Any]
+    reason: str
+    confirmed: int = 0
+    still_live: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineChanged(Payload):
+    """A quarantine was set or lifted."""
+
+    TYPE: ClassVar[EventType] = EventType.QUARANTINE_CHANGED
+    action: str
+    kind: str
+    value: str
+    reason: str = ""
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One event before it is chained. Correlation ids are empty strings when not applicable."""
+
+    event_id: str
+    time: datetime
+    actor: str
+    payload: Payload
+    chain: DelegationChain | None = None
+    workflow_id: str = ""
+    task_id: str = ""
+    credential_id: str = ""
+    approval_id: str = ""
+    request_id: str = ""
+
+    @property
+    def type(self) -> EventType:
+        """The event type, from the payload."""
+        return self.payload.TYPE
+
+    def as_dict(self) -> dict[str, Any]:
+        """The canonical JSON-ready form (what is hashed, stored and queried)."""
+        return {
+            "event_id": self.event_id,
+            "time": self.time.isoformat(),
+            "type": self.type.value,
+            "actor": self.actor,
+            "chain": self.chain.as_list() if self.chain is not None else [],
+            "workflow_id": self.workflow_id,
+            "task_id": self.task_id,
+            "credential_id": self.credential_id,
+            "approval_id": self.approval_id,
+            "request_id": self.request_id,
+            "payload": self.payload.as_dict(),
+        }
+
+
+class AuditTrail(Protocol):
+    """Records audit events in order. ``record`` returns once every sink configured as durable
+    has the event; it raises ``AuditUnavailableError`` when one cannot take it, and the caller
+    fails closed (a credential is not handed out without its ``credential.issued`` event)."""
+
+    async def record(self, event: AuditEvent) -> None:
+        """Chain and deliver ``event``."""
+        ...
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return value
