@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from broker.core.audit import AuditEvent, EventType
 from broker.errors import AuditUnavailableError
 
@@ -20,6 +22,14 @@ class MemoryAuditTrail:
                 "the audit sink is failing (test)", reason="audit.sink_failed"
             )
         self.events.append(event)
+
+    async def record_all(self, events: Sequence[AuditEvent]) -> None:
+        """Append ``events`` in order (all or none)."""
+        if self.fail:
+            raise AuditUnavailableError(
+                "the audit sink is failing (test)", reason="audit.sink_failed"
+            )
+        self.events.extend(events)
 
     def types(self) -> list[EventType]:
         """The recorded event types, in order."""

@@ -10,11 +10,12 @@ metadata, never a token, password, private key or whole JWT.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 from broker.core.model import DelegationChain
 
@@ -46,7 +47,8 @@ class Payload:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (datetimes as ISO 8601 strings)."""
-        return {k: _jsonable(v) for k, v in asdict(self).items()}  # type: ignore[call-overload]
+        # Field by field, not dataclasses.asdict: no deep copy (values are converted anyway).
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,9 @@ class IdentityRejected(Payload):
     reason: str
     detail: str = ""
     path: str = ""
+    remote: str = ""
+    # Rejections not recorded since the previous recorded one (rate limit).
+    suppressed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +159,9 @@ class CredentialRevoked(Payload):
     cause: str
     target: str = ""
     reason: str = ""
+    # Who asked for it (the holder releasing, the orchestrator completing, an admin forcing);
+    # empty for the broker's own TTL sweeps.
+    initiated_by: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +203,9 @@ class RevocationForced(Payload):
     reason: str
     confirmed: int = 0
     still_live: int = 0
+    # The credentials and runs it addressed (bounded), so each run's story shows it.
+    credential_ids: tuple[str, ...] = ()
+    workflow_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +266,118 @@ class AuditTrail(Protocol):
         """Chain and deliver ``event``."""
         ...
 
+    async def record_all(self, events: Sequence[AuditEvent]) -> None:
+        """Chain and deliver ``events`` in order, together (one group commit)."""
+        ...
+
+
+# The id of the HTTP request being served, set by the HTTP layer for the request's task (and
+# the tasks it starts), so events recorded deep inside a use case correlate with the request
+# and its problem+json answer without threading the id through every call.
+REQUEST_ID: Final[ContextVar[str]] = ContextVar("tasklease_request_id", default="")
+
+
+def current_request_id() -> str:
+    """The id of the HTTP request being served; empty outside a request (sweeps, start-up)."""
+    return REQUEST_ID.get()
+
+
+def record_runs(record: Mapping[str, Any]) -> list[str]:
+    """The runs a chained record belongs to: its ``workflow_id``, and for a forced revocation
+    every run it addressed."""
+    runs: list[str] = []
+    own = record.get("workflow_id")
+    if isinstance(own, str) and own:
+        runs.append(own)
+    payload = record.get("payload")
+    extra = payload.get("workflow_ids") if isinstance(payload, Mapping) else None
+    if isinstance(extra, list):
+        runs.extend(r for r in extra if isinstance(r, str) and r and r not in runs)
+    return runs
+
+
+# --------------------------------------------------------------------------- queries
+
+
+MAX_PAGE: Final = 500
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """What an admin asks the audit stream: every given filter must match; ``cursor`` continues
+    a previous page (valid only with the same filters)."""
+
+    workflow_id: str | None = None
+    credential_id: str | None = None
+    actor: str | None = None
+    types: frozenset[EventType] = frozenset()
+    since: datetime | None = None
+    until: datetime | None = None
+    cursor: str | None = None
+    limit: int = 100
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.limit <= MAX_PAGE:
+            raise ValueError(f"limit must be 1..{MAX_PAGE}, got {self.limit}")
+        for moment in (self.since, self.until):
+            if moment is not None and moment.utcoffset() is None:
+                raise ValueError("since and until must be timezone-aware")
+
+    def matches(self, record: Mapping[str, Any]) -> bool:
+        """True when the chained ``record`` passes every filter."""
+        if self.workflow_id is not None and self.workflow_id not in record_runs(record):
+            return False
+        if self.credential_id is not None and record.get("credential_id") != self.credential_id:
+            payload = record.get("payload")
+            ids = payload.get("credential_ids") if isinstance(payload, Mapping) else None
+            if not isinstance(ids, list) or self.credential_id not in ids:
+                return False
+        if self.actor is not None and record.get("actor") != self.actor:
+            return False
+        if self.types and record.get("type") not in {t.value for t in self.types}:
+            return False
+        if self.since is not None or self.until is not None:
+            try:
+                moment = datetime.fromisoformat(str(record.get("time")))
+            except ValueError:
+                return False
+            if self.since is not None and moment < self.since:
+                return False
+            if self.until is not None and moment >= self.until:
+                return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    """One page of chained records, oldest first; ``next_cursor`` is None at the end."""
+
+    records: tuple[Mapping[str, Any], ...]
+    next_cursor: str | None
+    scanned: int
+
+
+class AuditReader(Protocol):
+    """Reads the audit stream back (the Redis stream sink)."""
+
+    async def query(self, query: AuditQuery) -> AuditPage:
+        """The records matching ``query``, one page."""
+        ...
+
+
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+
 
 def _jsonable(value: Any) -> Any:
+    # Exact-type checks first: a policy context has hundreds of scalars, and isinstance
+    # against the Mapping ABC is slow.
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is dict:
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return [_jsonable(v) for v in value]
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Mapping):

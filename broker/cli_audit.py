@@ -1,0 +1,278 @@
+"""``tasklease audit``: verify the hash chains, tell the story of a run, follow the trail.
+
+Records come from JSONL files (``--file``: the audit file, or a broker log holding the stdout
+sink's lines; repeat it for rotated files, oldest first) or, without ``--file``, from the Redis
+stream named by the settings (``audit.redis.stream`` on ``redis.url``).
+
+Exit codes: 0 ok; 1 a tasklease error; 3 configuration; 4 ``verify`` found tampering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from broker.errors import TaskleaseError
+
+EXIT_TAMPERED = 4
+
+audit_app = typer.Typer(
+    help="The audit trail: verify its hash chains, tell a run's story, follow it.",
+    no_args_is_help=True,
+)
+
+_Files = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--file",
+        "-f",
+        help="JSONL audit file or broker log (repeatable, oldest first); default: Redis.",
+        exists=True,
+        dir_okay=False,
+        readable=True,
+    ),
+]
+_Stream = Annotated[
+    str | None,
+    typer.Option("--stream", help="Redis stream key (default: audit.redis.stream)."),
+]
+
+
+def _fail(exc: TaskleaseError) -> typer.Exit:
+    from broker.cli import _fail as fail  # noqa: PLC0415 - the one error printer
+
+    return fail(exc)
+
+
+def _file_records(files: list[Path]) -> Iterator[tuple[str, object]]:
+    from broker.adapters.audit_sinks import records_from_lines  # noqa: PLC0415
+
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for number, raw in enumerate(text.split("\n"), start=1):
+            for record in records_from_lines(iter([raw])):
+                yield f"{path}:{number}", record
+
+
+async def _redis_records(
+    stream: str | None, *, run: str | None = None, last: int | None = None
+) -> list[tuple[str, object]]:
+    import redis.asyncio as aioredis  # noqa: PLC0415
+
+    from broker.adapters.audit_redis import RedisAuditReader  # noqa: PLC0415
+    from broker.config import load_settings  # noqa: PLC0415
+
+    settings = load_settings()
+    key = stream or settings.audit.redis.stream
+    client = aioredis.Redis.from_url(
+        settings.redis.url.get_secret_value(),
+        decode_responses=True,
+        socket_timeout=settings.redis.socket_timeout_seconds,
+    )
+    try:
+        reader = RedisAuditReader(client=client, stream=key)
+        if last is not None:
+            return await reader.tail(last)
+        source = f"{key}:run:{run}" if run is not None else None
+        return [entry async for entry in reader.every_record(source)]
+    except OSError as exc:
+        from broker.errors import AuditUnavailableError  # noqa: PLC0415
+
+        raise AuditUnavailableError(
+            f"cannot read the audit stream from Redis ({type(exc).__name__})",
+            reason="audit.redis_failed",
+        ) from exc
+    finally:
+        await client.aclose()
+
+
+def _records(
+    files: list[Path] | None,
+    stream: str | None,
+    *,
+    run: str | None = None,
+    last: int | None = None,
+) -> list[tuple[str, object]]:
+    import redis.exceptions  # noqa: PLC0415
+
+    if files:
+        found = list(_file_records(files))
+        return found[-last:] if last is not None else found
+    try:
+        return asyncio.run(_redis_records(stream, run=run, last=last))
+    except redis.exceptions.RedisError as exc:
+        from broker.errors import AuditUnavailableError  # noqa: PLC0415
+
+        raise AuditUnavailableError(
+            f"cannot read the audit stream from Redis ({type(exc).__name__})",
+            reason="audit.redis_failed",
+        ) from exc
+
+
+@audit_app.command("verify")
+def audit_verify(
+    files: _Files = None,
+    stream: _Stream = None,
+    anchor: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--anchor",
+            help="writer:seq:hash known from elsewhere (repeatable): detects truncation and "
+            "rewrites.",
+        ),
+    ] = None,
+    allow_trimmed_head: Annotated[
+        bool,
+        typer.Option(help="A chain may start after seq 0 (a stream bounded by MAXLEN)."),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check every writer's hash chain; say what was edited, deleted, inserted or reordered,
+    and where. Exit 4 when anything is found."""
+    from broker.core.audit_chain import parse_anchor, verify_records  # noqa: PLC0415
+
+    try:
+        anchors = [parse_anchor(a) for a in anchor or []]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        entries = _records(files, stream)
+    except TaskleaseError as exc:
+        raise _fail(exc) from None
+    report = verify_records(
+        (record for _, record in entries), anchors=anchors, allow_trimmed_head=allow_trimmed_head
+    )
+
+    def where(position: int) -> str:
+        return entries[position][0] if 0 <= position < len(entries) else "-"
+
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "records": report.records,
+                    "writers": [
+                        {
+                            "writer": w.writer,
+                            "records": w.records,
+                            "first_seq": w.first_seq,
+                            "last_seq": w.last_seq,
+                            "last_hash": w.last_hash,
+                        }
+                        for w in report.writers
+                    ],
+                    "findings": [
+                        {**f.as_dict(), "where": where(f.position)} for f in report.findings
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        typer.echo(f"{report.records} records, {len(report.writers)} writer chain(s)")
+        for summary in report.writers:
+            typer.echo(
+                f"  {summary.writer}: {summary.records} records, seq {summary.first_seq}.."
+                f"{summary.last_seq}, head {summary.writer}:{summary.last_seq}:"
+                f"{summary.last_hash}"
+            )
+        for finding in report.findings:
+            typer.echo(
+                f"{finding.kind.value.upper()} at {where(finding.position)}: writer "
+                f"{finding.writer} seq {finding.seq} event {finding.event_id or '-'}: "
+                f"{finding.detail}"
+            )
+        typer.echo(
+            "OK: every chain verifies" if report.ok else f"{len(report.findings)} finding(s)"
+        )
+    if not report.ok:
+        raise typer.Exit(EXIT_TAMPERED)
+
+
+@audit_app.command("trace")
+def audit_trace(
+    run: Annotated[str, typer.Argument(help="The workflow run id.")],
+    files: _Files = None,
+    stream: _Stream = None,
+) -> None:
+    """The story of a run: owner, who started it, which agent got which credential under
+    which decision, approvals, tool calls and side effects, revocations and why."""
+    from broker.core.audit_trace import render_trace  # noqa: PLC0415
+
+    try:
+        entries = _records(files, stream, run=run)
+    except TaskleaseError as exc:
+        raise _fail(exc) from None
+    records = [r for _, r in entries if isinstance(r, dict)]
+    typer.echo(render_trace(records, run), nl=False)
+
+
+@audit_app.command("tail")
+def audit_tail(
+    files: _Files = None,
+    stream: _Stream = None,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, max=10_000)] = 20,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Keep printing new records (Redis; Ctrl-C stops).")
+    ] = False,
+    output: Annotated[
+        str, typer.Option("--format", help="text, json (the records) or ocsf.")
+    ] = "text",
+) -> None:
+    """The last records of the trail, oldest first."""
+    from broker.core.audit_ocsf import to_ocsf  # noqa: PLC0415
+    from broker.core.audit_trace import summary_line  # noqa: PLC0415
+
+    if output not in ("text", "json", "ocsf"):
+        raise typer.BadParameter("--format is text, json or ocsf")
+    if follow and files:
+        raise typer.BadParameter("--follow reads Redis; leave out --file")
+
+    def show(record: object) -> None:
+        if not isinstance(record, dict):
+            return
+        if output == "json":
+            typer.echo(json.dumps(record, sort_keys=True))
+        elif output == "ocsf":
+            typer.echo(json.dumps(to_ocsf(record), sort_keys=True))
+        else:
+            typer.echo(summary_line(record))
+
+    try:
+        entries = _records(files, stream, last=count)
+    except TaskleaseError as exc:
+        raise _fail(exc) from None
+    for _, record in entries:
+        show(record)
+    if follow:
+        last = entries[-1][0] if entries else "$"
+        try:
+            asyncio.run(_follow(stream, last, show))
+        except KeyboardInterrupt:
+            return
+        except TaskleaseError as exc:
+            raise _fail(exc) from None
+
+
+async def _follow(stream: str | None, after: str, show: Callable[[object], None]) -> None:
+    import redis.asyncio as aioredis  # noqa: PLC0415
+
+    from broker.adapters.audit_redis import RedisAuditReader  # noqa: PLC0415
+    from broker.config import load_settings  # noqa: PLC0415
+
+    settings = load_settings()
+    client = aioredis.Redis.from_url(settings.redis.url.get_secret_value(), decode_responses=True)
+    reader = RedisAuditReader(client=client, stream=stream or settings.audit.redis.stream)
+    try:
+        while True:
+            for entry_id, record in await reader.follow(after, block_ms=5000):
+                after = entry_id
+                show(record)
+    finally:
+        await client.aclose()
