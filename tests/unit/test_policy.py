@@ -13,6 +13,7 @@ from pathlib import Path
 import cedarpy
 import pytest
 
+from broker.adapters.config_files import load_policy_engine, load_target_catalog
 from broker.core.model import (
     ActionName,
     Decision,
@@ -23,10 +24,9 @@ from broker.core.model import (
     TargetKind,
     WorkflowRun,
 )
-from broker.core.policy import SCHEMA_FILE, CedarPolicyEngine
+from broker.core.policy import SCHEMA_FILE, CedarPolicyEngine, WorkingHours
 from broker.core.ports import ApprovalState, PolicyRequest
 from broker.core.roles import Role
-from broker.core.targets import load_target_catalog
 from broker.errors import ConfigurationError
 
 POLICY_DIR = Path("config/policies")
@@ -41,7 +41,7 @@ HOUR, TEN_MIN, FIVE_MIN = timedelta(hours=1), timedelta(minutes=10), timedelta(m
 
 @pytest.fixture(scope="module")
 def engine() -> CedarPolicyEngine:
-    return CedarPolicyEngine.load(POLICY_DIR)
+    return load_policy_engine(POLICY_DIR)
 
 
 def make_target(**changes: object) -> Target:
@@ -378,6 +378,106 @@ CASES: list[tuple[str, dict[str, object], DecisionOutcome, tuple[str, ...], time
         ("production-off-hours-needs-approval", "restricted-needs-approval"),
         None,
     ),
+    # --- confidential: working hours only (default window 06:00-20:00 UTC)
+    (
+        "confidential at 05:59 UTC",
+        {"target": make_target(sensitivity=Sensitivity.CONFIDENTIAL), "now": at(5, 59)},
+        DENY,
+        ("confidential-working-hours-only",),
+        None,
+    ),
+    (
+        "confidential at 06:00 UTC",
+        {"target": make_target(sensitivity=Sensitivity.CONFIDENTIAL), "now": at(6)},
+        ALLOW,
+        ("agent-request",),
+        HOUR,
+    ),
+    (
+        "confidential at 20:00 UTC",
+        {"target": make_target(sensitivity=Sensitivity.CONFIDENTIAL), "now": at(20)},
+        DENY,
+        ("confidential-working-hours-only",),
+        None,
+    ),
+    (
+        "confidential off-hours: an approval does not lift it",
+        {
+            "target": make_target(sensitivity=Sensitivity.CONFIDENTIAL),
+            "now": at(23),
+            "approval": approval("bob@example.test"),
+        },
+        DENY,
+        ("confidential-working-hours-only",),
+        None,
+    ),
+    (
+        "internal off-hours is unaffected",
+        {"target": make_target(sensitivity=Sensitivity.INTERNAL), "now": at(23)},
+        ALLOW,
+        ("agent-request",),
+        HOUR,
+    ),
+    (
+        "restricted off-hours: its approval covers any hour",
+        {
+            "target": make_target(sensitivity=Sensitivity.RESTRICTED),
+            "now": at(23),
+            "approval": approval("bob@example.test"),
+        },
+        ALLOW,
+        ("agent-request",),
+        HOUR,
+    ),
+    # --- delegation: asserted hops get less
+    (
+        "asserted hop: confidential is denied",
+        {
+            "target": make_target(sensitivity=Sensitivity.CONFIDENTIAL),
+            "chain": sub_agent_chain(verified=False),
+        },
+        DENY,
+        ("asserted-chain-not-for-confidential",),
+        None,
+    ),
+    (
+        "asserted hop: restricted is denied even with an approval",
+        {
+            "target": make_target(sensitivity=Sensitivity.RESTRICTED),
+            "chain": sub_agent_chain(verified=False),
+            "approval": approval("bob@example.test"),
+        },
+        DENY,
+        ("asserted-chain-not-for-confidential",),
+        None,
+    ),
+    (
+        "asserted hop, restricted without approval: the hard deny wins over the gate",
+        {
+            "target": make_target(sensitivity=Sensitivity.RESTRICTED),
+            "chain": sub_agent_chain(verified=False),
+        },
+        DENY,
+        ("asserted-chain-not-for-confidential", "restricted-needs-approval"),
+        None,
+    ),
+    (
+        "verified sub-agent hop: confidential is allowed",
+        {
+            "target": make_target(sensitivity=Sensitivity.CONFIDENTIAL),
+            "chain": sub_agent_chain(verified=True),
+        },
+        ALLOW,
+        ("agent-request",),
+        HOUR,
+    ),
+    (
+        "the asserted owner hop alone does not count",
+        {"target": make_target(sensitivity=Sensitivity.CONFIDENTIAL)},
+        ALLOW,
+        ("agent-request",),
+        HOUR,
+    ),
     # --- TTL caps
     (
         "legacy target",
@@ -554,7 +654,7 @@ def test_a_policy_that_fails_to_evaluate_denies_even_when_a_permit_applies() -> 
 def _engine_answering(
     monkeypatch: pytest.MonkeyPatch, answer: Callable[..., cedarpy.AuthzResult]
 ) -> Decision:
-    engine = CedarPolicyEngine.load(POLICY_DIR)
+    engine = load_policy_engine(POLICY_DIR)
     monkeypatch.setattr(cedarpy, "is_authorized", answer)
     return engine.decide(make_request())
 
@@ -702,13 +802,13 @@ def test_policies_written_for_another_schema_stop_start_up() -> None:
 def test_load_names_a_missing_schema(tmp_path: Path) -> None:
     (tmp_path / "a.cedar").write_text(GOOD)
     with pytest.raises(ConfigurationError, match=r"cannot be read: FileNotFoundError.*schema"):
-        CedarPolicyEngine.load(tmp_path)
+        load_policy_engine(tmp_path)
 
 
 def test_load_refuses_a_directory_without_policies(tmp_path: Path) -> None:
     (tmp_path / SCHEMA_FILE).write_text(SCHEMA)
     with pytest.raises(ConfigurationError, match="policy set is empty"):
-        CedarPolicyEngine.load(tmp_path)
+        load_policy_engine(tmp_path)
 
 
 def test_load_names_the_file_of_a_bad_policy(tmp_path: Path) -> None:
@@ -717,18 +817,102 @@ def test_load_names_the_file_of_a_bad_policy(tmp_path: Path) -> None:
     (tmp_path / "b.cedar").write_text('@id("b") permit (principal, action, resource) when { x };')
     bad = re.escape(str(tmp_path / "b.cedar"))
     with pytest.raises(ConfigurationError, match=rf"{bad}: cannot be parsed"):
-        CedarPolicyEngine.load(tmp_path)
+        load_policy_engine(tmp_path)
 
 
 def test_the_shipped_policy_ids() -> None:
     """Decisions, audit and runbooks refer to these ids: renaming one is a visible change."""
-    assert [p.id for p in CedarPolicyEngine.load(POLICY_DIR).policies] == [
+    assert [p.id for p in load_policy_engine(POLICY_DIR).policies] == [
         "agent-request",
         "agent-role-required",
         "run-participants-only",
+        "confidential-working-hours-only",
+        "asserted-chain-not-for-confidential",
         "production-needs-ticket",
         "production-off-hours-needs-approval",
         "restricted-needs-approval",
         "legacy-short-ttl",
         "asserted-chain-short-ttl",
     ]
+
+
+# --------------------------------------------------------------------------- working hours
+
+
+def _hours_engine(hours: WorkingHours) -> CedarPolicyEngine:
+    return load_policy_engine(POLICY_DIR, hours=hours)
+
+
+@pytest.mark.parametrize(
+    ("hours", "now", "outcome"),
+    [
+        (WorkingHours(start_hour_utc=8, end_hour_utc=17), at(7, 59), DENY),
+        (WorkingHours(start_hour_utc=8, end_hour_utc=17), at(8), ALLOW),
+        (WorkingHours(start_hour_utc=8, end_hour_utc=17), at(16, 59), ALLOW),
+        (WorkingHours(start_hour_utc=8, end_hour_utc=17), at(17), DENY),
+        (WorkingHours(start_hour_utc=22, end_hour_utc=6), at(23), ALLOW),
+        (WorkingHours(start_hour_utc=22, end_hour_utc=6), at(5, 59), ALLOW),
+        (WorkingHours(start_hour_utc=22, end_hour_utc=6), at(12), DENY),
+        (WorkingHours(start_hour_utc=0, end_hour_utc=24), at(3), ALLOW),
+        # 2030-01-02 is a Wednesday (3); 2030-01-05 a Saturday (6).
+        (WorkingHours(days=frozenset({1, 2, 3, 4, 5})), at(12), ALLOW),
+        (
+            WorkingHours(days=frozenset({1, 2, 3, 4, 5})),
+            datetime(2030, 1, 5, 12, tzinfo=UTC),
+            DENY,
+        ),
+    ],
+    ids=[
+        "before 08",
+        "at 08",
+        "at 16:59",
+        "at 17",
+        "night shift 23",
+        "night shift 05:59",
+        "night shift noon",
+        "whole day",
+        "weekday",
+        "saturday",
+    ],
+)
+def test_confidential_follows_the_configured_working_hours(
+    hours: WorkingHours, now: datetime, outcome: DecisionOutcome
+) -> None:
+    """The hours come from the broker's settings, not from the policy text."""
+    engine = _hours_engine(hours)
+    decision = engine.decide(
+        make_request(target=make_target(sensitivity=Sensitivity.CONFIDENTIAL), now=now)
+    )
+    assert outcome == decision.outcome, decision.reasons
+    working = decision.context["context"]["working_hours"]
+    assert (working["start_hour_utc"], working["end_hour_utc"]) == (
+        hours.start_hour_utc,
+        hours.end_hour_utc,
+    )
+
+
+def test_production_off_hours_follows_the_configured_working_hours() -> None:
+    engine = _hours_engine(WorkingHours(start_hour_utc=9, end_hour_utc=17))
+    request = make_request(target=make_target(**PROD), run=make_run(labels=TICKET), now=at(8))
+    decision = engine.decide(request)
+    assert (
+        decision.outcome,
+        decision.policy_ids,
+    ) == (NEEDS, ("production-off-hours-needs-approval",))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"start_hour_utc": 24}, "start_hour_utc must be 0..23"),
+        ({"start_hour_utc": -1}, "start_hour_utc must be 0..23"),
+        ({"end_hour_utc": 0}, "end_hour_utc must be 1..24"),
+        ({"end_hour_utc": 25}, "end_hour_utc must be 1..24"),
+        ({"start_hour_utc": 8, "end_hour_utc": 8}, "an empty window"),
+        ({"days": frozenset()}, "days must be ISO weekdays"),
+        ({"days": frozenset({0, 1})}, "days must be ISO weekdays"),
+    ],
+)
+def test_a_bad_working_window_is_refused(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        WorkingHours(**changes)  # type: ignore[arg-type]

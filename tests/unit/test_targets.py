@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from broker.adapters.config_files import load_target_catalog
 from broker.core.model import Sensitivity, Target, TargetKind
-from broker.core.targets import load_target_catalog, parse_target_catalog
+from broker.core.targets import parse_target_catalog
 from broker.errors import ConfigurationError
 
 
