@@ -1,9 +1,9 @@
 """Revocation latency on the real local stack: workflow completion until every credential is
 confirmed revoked, and how late the sweeper revokes credentials whose TTL ran out.
 
-The broker runs as its own process (this script with ``--serve``: the bootstrap runtime plus
-the revocation engine, wired the way bootstrap will wire it) with the production defaults
-(sweep every 1 s, batch 256, 16 concurrent revocations). The client, in this process:
+The broker runs as its own process (``python -m broker serve``: bootstrap wires the
+revocation engine and its sweeper) with the production defaults (sweep every 1 s, batch 256,
+16 concurrent revocations). The client, in this process:
 
 1. completion: for runs of 1, 10 and 100 ``vault-token`` credentials (the cheapest to mint),
    issue them, then time ``POST /v1/workflows/{id}/complete?wait=true`` until its report
@@ -35,7 +35,7 @@ from typing import Any
 
 import aiohttp
 
-from broker.devstack import DevStack, free_port
+from broker.devstack import REPO_ROOT, DevStack, free_port
 
 RUNS_PER_SIZE = {1: 30, 10: 15, 100: 5}
 ISSUE_CONCURRENCY = 16
@@ -44,45 +44,6 @@ ISSUE_CONCURRENCY = 16
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-# --------------------------------------------------------------------------- the broker
-
-
-async def serve() -> None:
-    """The broker with the revocation engine, until SIGINT/SIGTERM."""
-    from aiohttp import web
-
-    from broker.adapters.clock import SystemClock
-    from broker.adapters.scheduler import RevocationSweeper
-    from broker.bootstrap import build_runtime, configure_logging
-    from broker.config import load_settings
-    from broker.http.revocation_routes import register_revocation_routes
-    from broker.revocation import Revoker
-
-    settings = load_settings()
-    configure_logging(settings.log_level)
-    runtime = await build_runtime(settings)
-    clock = SystemClock()
-    revoker = Revoker(ledger=runtime.ledger, minter=runtime.minter, clock=clock)
-    register_revocation_routes(runtime.app, revoker)
-    runtime.start_background(RevocationSweeper(sweep=revoker.revoke_due, clock=clock).run())
-    runner = web.AppRunner(runtime.app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(
-        runner,
-        settings.server.host,
-        settings.server.port,
-        ssl_context=runtime.tls.listener_context,
-    )
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
-    await runtime.close()
 
 
 # --------------------------------------------------------------------------- the client
@@ -280,9 +241,11 @@ async def main(expiring: int) -> None:
         [
             sys.executable,
             *os.environ.get("TASKLEASE_BENCH_PYFLAGS", "").split(),
-            __file__,
-            "--serve",
+            "-m",
+            "broker",
+            "serve",
         ],
+        cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -323,9 +286,4 @@ async def main(expiring: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--expiring", type=int, default=500)
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    arguments = parser.parse_args()
-    if arguments.serve:
-        asyncio.run(serve())
-    else:
-        asyncio.run(main(arguments.expiring))
+    asyncio.run(main(parser.parse_args().expiring))

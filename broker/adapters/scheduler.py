@@ -32,6 +32,19 @@ JOB_ID = "tasklease-revocation-sweep"
 _EXECUTOR = "tasklease-sweeper"
 
 
+class _SkippedTickFilter(logging.Filter):
+    """Drops APScheduler's warning that a tick was skipped because the previous sweep still
+    runs: with ``max_instances=1`` and ``coalesce=True`` that is the design, and a long sweep
+    would otherwise log it up to once per interval (the sweep lag metric shows the delay)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (JOB_ID in message and "maximum number of running instances" in message)
+
+
+_SKIPPED_TICKS = _SkippedTickFilter()
+
+
 class RevocationSweeper:
     """Runs ``sweep(now)`` every ``interval`` on the running event loop.
 
@@ -70,6 +83,7 @@ class RevocationSweeper:
         if self._scheduler is not None:
             return
         logging.getLogger(f"apscheduler.executors.{_EXECUTOR}").setLevel(logging.WARNING)
+        logging.getLogger("apscheduler.scheduler").addFilter(_SKIPPED_TICKS)
         scheduler = AsyncIOScheduler(timezone=UTC)
         scheduler.add_executor(AsyncIOExecutor(), alias=_EXECUTOR)
         scheduler.add_job(
@@ -78,6 +92,7 @@ class RevocationSweeper:
             executor=_EXECUTOR,
             seconds=self._interval.total_seconds(),
             id=JOB_ID,
+            name=JOB_ID,
             max_instances=1,
             coalesce=True,
             # Run however late the loop gets to it: a late sweep beats a skipped one.
