@@ -1,0 +1,142 @@
+"""What the schemathesis run against the live broker found (tests/integration/test_openapi.py),
+and what writing the document against the routes found, pinned here as fast regressions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import MultiDict
+
+from broker.adapters.config_files import load_policy_engine, load_target_catalog
+from broker.adapters.memory_audit import MemoryAuditTrail
+from broker.adapters.memory_ledger import InMemoryLedger
+from broker.core.authn import Caller, CallerAuthenticator
+from broker.core.bundle import TrustStore
+from broker.core.identity import AuthMethod, WorkloadIdentity
+from broker.core.jwtsvid import JwtSvidVerifier
+from broker.core.model import QuarantineKind
+from broker.core.ports import MintedCredential, MintSpec, RevokeOutcome
+from broker.core.roles import Role, RoleMap
+from broker.core.spiffe_id import SpiffeId
+from broker.core.x509svid import TrustStoreX509Authenticator
+from broker.errors import BadRequestError
+from broker.http.app import create_app
+from broker.http.query_routes import _selector
+from broker.service import CredentialBroker, Readiness
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+ADMIN = Caller(
+    WorkloadIdentity(
+        SpiffeId.parse("spiffe://tasklease.test/admin/demo"),
+        NOW + timedelta(hours=1),
+        AuthMethod.X509_SVID,
+    ),
+    frozenset({Role.ADMIN}),
+)
+
+
+class _Clock:
+    def now(self) -> datetime:
+        return NOW
+
+
+class _NoMinter:
+    async def mint(self, spec: MintSpec) -> MintedCredential:
+        raise AssertionError("nothing is minted here")
+
+    async def revoke(
+        self, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
+    ) -> RevokeOutcome:
+        raise AssertionError("nothing is revoked here")
+
+
+def _broker(audit: MemoryAuditTrail) -> CredentialBroker:
+    ledger = InMemoryLedger()
+    return CredentialBroker(
+        policy=load_policy_engine(Path("config/policies")),
+        minter=_NoMinter(),
+        ledger=ledger,
+        targets=load_target_catalog(Path("config/targets.toml")),
+        clock=_Clock(),
+        quarantines=ledger,
+        audit=audit,
+    )
+
+
+def _no_auth() -> CallerAuthenticator:
+    """Trusts nothing: the request below goes to a public path."""
+    store = TrustStore()
+    return CallerAuthenticator(
+        x509_svids=TrustStoreX509Authenticator(trust_store=store),
+        jwt_svids=JwtSvidVerifier(audience="tasklease", trust_store=store),
+        oidc=None,
+        roles=RoleMap((), ()),
+    )
+
+
+async def test_a_405_problem_lists_the_allowed_methods() -> None:
+    """RFC 9110 §15.5.6: a 405 carries Allow; the problem+json answer kept aiohttp's."""
+    app = create_app(
+        readiness=Readiness(checks=[], clock=_Clock(), timeout_seconds=1),
+        authenticator=_no_auth(),
+        now=_Clock().now,
+    )
+    async with TestClient(TestServer(app)) as client:
+        response = await client.request("TRACE", "/healthz")
+        assert response.status == 405
+        assert response.content_type == "application/problem+json"
+        assert "GET" in response.headers["Allow"].split(",")
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"),
+    [
+        (QuarantineKind.WORKFLOW, "wf 1"),
+        (QuarantineKind.WORKFLOW, "w" * 2048),
+        (QuarantineKind.WORKFLOW, "wf/1"),
+        (QuarantineKind.TARGET, "demo db"),
+        (QuarantineKind.TARGET, "-demo-db"),
+    ],
+)
+async def test_a_run_or_target_quarantine_names_an_identifier(
+    kind: QuarantineKind, value: str
+) -> None:
+    """A value that cannot be a run id or a target name would block nothing (and named a
+    per-run audit stream after arbitrary text): 400, nothing stored or audited."""
+    audit = MemoryAuditTrail()
+    broker = _broker(audit)
+    with pytest.raises(BadRequestError) as refused:
+        await broker.set_quarantine(ADMIN, kind=kind, value=value, reason="INC-1", ttl=timedelta(1))
+    assert refused.value.reason == f"invalid.quarantined_{kind.value}"
+    assert await broker.list_quarantines(ADMIN) == []
+    assert audit.events == []
+
+
+async def test_a_run_quarantine_with_a_run_id_is_set() -> None:
+    """The identifier-shaped value is accepted as before."""
+    broker = _broker(MemoryAuditTrail())
+    set_ = await broker.set_quarantine(
+        ADMIN, kind=QuarantineKind.WORKFLOW, value="wf-1", reason="INC-1", ttl=timedelta(1)
+    )
+    assert [q.value for q in await broker.list_quarantines(ADMIN)] == [set_.value]
+
+
+@pytest.mark.parametrize("value", ["yes", "", "TRUE1", "on"])
+def test_the_all_flag_of_the_lease_query_is_true_or_false(value: str) -> None:
+    """``all`` other than true/false/1/0 is a 400, not silently false (found reading the
+    document's boolean against the route)."""
+    with pytest.raises(BadRequestError) as refused:
+        _selector(MultiDict({"owner": "alice@example.test", "all": value}))
+    assert refused.value.reason == "query.invalid"
+
+
+@pytest.mark.parametrize(("value", "everything"), [("true", True), ("1", True), ("false", False)])
+def test_the_all_flag_still_reads_true_and_false(value: str, everything: bool) -> None:
+    """The documented values keep their meaning."""
+    selector, _ = _selector(
+        MultiDict({"all": value} if everything else {"owner": "a", "all": value})
+    )
+    assert selector.everything is everything
