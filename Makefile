@@ -4,10 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install spire dev test test-unit lint bench clean help
+.PHONY: install spire dev demo test test-unit lint bench clean help
 
 help:
 	@echo "make dev    - start the real local stack (OpenBao, SPIRE, Redis, PostgreSQL) and the broker"
+	@echo "make demo   - narrate one workflow run on a fresh local stack (every step checked)"
 	@echo "make test   - run every test (unit + against the real stack), with coverage"
 	@echo "make lint   - ruff, mypy --strict, import-linter"
 	@echo "make bench  - benchmarks (figures printed, nothing asserted)"
@@ -25,6 +26,9 @@ spire:
 
 dev: install spire
 	$(BIN)/tasklease dev
+
+demo: install spire
+	$(BIN)/tasklease demo
 
 test: install spire
 	$(BIN)/coverage erase

@@ -152,7 +152,7 @@ async def main(requests_per_cell: int) -> None:
                         "workflow_id": run_id,
                         "task_id": f"t{next(counter)}",
                         "target": target,
-                        "ttl_seconds": 60,
+                        "ttl_seconds": 900,  # no TTL revocations inside the measurement
                     }
                     async with session.post(
                         f"{url}/v1/credentials", json=body, ssl=agent_tls

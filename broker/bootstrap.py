@@ -26,6 +26,9 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from broker.adapters.audit_redis import RedisAuditReader, RedisStreamAuditSink
+from broker.adapters.audit_sinks import AuditSink, JsonlFileAuditSink, StructlogAuditSink
+from broker.adapters.audit_trail import AuditReadiness, ChainingAuditTrail
 from broker.adapters.bundle_sources import (
     FederationEndpointSource,
     StaticBundleFile,
@@ -33,27 +36,47 @@ from broker.adapters.bundle_sources import (
 )
 from broker.adapters.clock import SystemClock
 from broker.adapters.kinds import all_kinds
+from broker.adapters.metrics_sources import register_metrics_sources
 from broker.adapters.oidc_jwks import OidcJwksSource
+from broker.adapters.redis_approvals import RedisApprovalStore
 from broker.adapters.redis_ledger import RedisLedger, RedisReadiness
 from broker.adapters.scheduler import RevocationSweeper
 from broker.adapters.tls import RotatingServerTls, build_server_context
 from broker.adapters.vault import HvacVault, VaultMinter, VaultReadiness
+from broker.adapters.webhook_notifier import WebhookNotifier
 from broker.adapters.workload_api import WorkloadApiReadiness, WorkloadApiSource
-from broker.config import RevocationConfig, Settings
+from broker.approvals import Approvals, WithdrawalHook
+from broker.audit import AuditService, new_event_id
+from broker.config import AuditSettings, PolicySettings, RevocationConfig, Settings
+from broker.continuous import (
+    ApprovalStoreStates,
+    ContinuousAuthorizer,
+    ContinuousMetrics,
+    ReevaluatingQuarantines,
+)
+from broker.core.approvals import Approval
 from broker.core.authn import CallerAuthenticator
 from broker.core.bundle import TrustStore
 from broker.core.jwtsvid import JwtSvidVerifier
 from broker.core.oidc import OidcIssuerConfig, OidcVerifier, parse_oidc_issuers
-from broker.core.policy import CedarPolicyEngine
+from broker.core.policy import WorkingHours
+from broker.core.ports import LeaseSelector
 from broker.core.roles import RoleMap, parse_role_map
 from broker.core.spiffe_id import TrustDomain
-from broker.core.targets import load_target_catalog
 from broker.core.x509svid import TrustStoreX509Authenticator
 from broker.errors import ConfigurationError, TaskleaseError
 from broker.http.app import create_app
+from broker.http.approval_routes import register_approval_routes
+from broker.http.audit_rejections import RejectionAuditor
+from broker.http.audit_routes import register_audit_routes
+from broker.http.metrics_routes import register_metrics_routes
+from broker.http.openapi import register_openapi_route
+from broker.http.query_routes import register_query_routes
 from broker.http.revocation_routes import register_revocation_routes
+from broker.metrics import BrokerMetrics, CountingPolicyEngine
+from broker.policy_reload import PolicyReadiness, PolicyReloader
 from broker.reconciler import Reconciler
-from broker.revocation import RevocationSettings, Revoker
+from broker.revocation import RevocationMetrics, RevocationSettings, Revoker
 from broker.service import CredentialBroker, Readiness
 
 _log = structlog.get_logger("broker")
@@ -92,6 +115,12 @@ class BrokerRuntime:
     sweeper: RevocationSweeper
     trust_store: TrustStore
     http_session: aiohttp.ClientSession
+    # Hot reload of policies and targets; re-evaluation of live leases (continuous authz).
+    reloader: PolicyReloader | None = None
+    continuous: ContinuousAuthorizer | None = None
+    # The audit trail: closed after background work stops (it delivers what is queued) and
+    # before the ledger (its Redis sink shares the ledger's connections).
+    audit: ChainingAuditTrail | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def start_background(self, work: Coroutine[Any, Any, None]) -> None:
@@ -111,6 +140,12 @@ class BrokerRuntime:
             _, pending = await asyncio.wait(pending, timeout=1.0)
         for task in pending:
             _log.error("runtime.task_did_not_stop", task=task.get_name())
+        if self.reloader is not None:
+            await self.reloader.close()
+        if self.continuous is not None:
+            await self.continuous.close()
+        if self.audit is not None:
+            await self.audit.close()
         for task in self._tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 _log.error(
@@ -167,6 +202,77 @@ def _identities(path: Path) -> tuple[RoleMap, list[OidcIssuerConfig]]:
     return roles, parse_oidc_issuers(data.get("oidc_issuer", []))
 
 
+def _working_hours(config: PolicySettings) -> WorkingHours:
+    try:
+        return WorkingHours(
+            start_hour_utc=config.working_hours_start_utc,
+            end_hour_utc=config.working_hours_end_utc,
+            days=frozenset(config.working_days),
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid [policy] settings: {exc}") from None
+
+
+def _reevaluate_withdrawn(continuous: ContinuousAuthorizer) -> WithdrawalHook:
+    """A used approval was withdrawn: decide the credential issued under it again."""
+
+    async def hook(approval: Approval) -> None:
+        subject = approval.subject
+        await continuous.reevaluate(
+            LeaseSelector(workflow_id=subject.workflow_id, task_id=subject.task_id),
+            f"approval {approval.id} was withdrawn by {approval.closed_by}",
+            approval_id=approval.id,
+        )
+
+    return hook
+
+
+async def _audit_trail(
+    config: AuditSettings, ledger: RedisLedger
+) -> tuple[ChainingAuditTrail, RedisAuditReader | None]:
+    """The audit trail with the configured sinks (each probed: a durable sink that cannot take
+    records stops start-up), and the reader of its Redis stream (None without one)."""
+    sinks: list[AuditSink] = []
+    if config.stdout.enabled:
+        sinks.append(StructlogAuditSink(durable=config.stdout.durable))
+    if config.file.path:
+        sinks.append(
+            JsonlFileAuditSink(
+                path=Path(config.file.path), fsync=config.file.fsync, durable=config.file.durable
+            )
+        )
+    reader = None
+    if config.redis.enabled:
+        sinks.append(
+            RedisStreamAuditSink(
+                client=ledger.client,
+                stream=config.redis.stream,
+                durable=config.redis.durable,
+                maxlen=config.redis.maxlen,
+                index_ttl=timedelta(days=config.redis.index_ttl_days),
+            )
+        )
+        reader = RedisAuditReader(client=ledger.client, stream=config.redis.stream)
+    for sink in sinks:
+        if sink.durable:
+            await sink.probe()
+    trail = ChainingAuditTrail(
+        sinks=sinks,
+        writer_id=config.writer_id or None,
+        batch_max=config.batch_max,
+        queue_size=config.queue_size,
+        record_timeout_seconds=config.record_timeout_seconds,
+    )
+    if not any(sink.durable for sink in sinks):
+        _log.warning("audit.insecure_no_durable_sink", sinks=[sink.name for sink in sinks])
+    _log.info(
+        "audit.trail",
+        writer=trail.writer,
+        sinks=[f"{sink.name}{' (durable)' if sink.durable else ''}" for sink in sinks],
+    )
+    return trail, reader
+
+
 def _revocation_settings(config: RevocationConfig) -> RevocationSettings:
     try:
         return RevocationSettings(
@@ -219,9 +325,16 @@ async def build_runtime(
     clock = SystemClock()
     roles, oidc_issuers = _identities(settings.identities_file)
     # Policies and targets are parsed and validated before anything connects: a bad policy
-    # or catalog stops start-up with the file and the problem.
-    policy = CedarPolicyEngine.load(settings.policy_dir)
-    targets = load_target_catalog(settings.targets_file)
+    # or catalog stops start-up with the file and the problem. Later changes are hot-reloaded
+    # (an invalid one keeps the set in force and raises an alarm on /readyz).
+    reloader = PolicyReloader.load(
+        policy_dir=settings.policy_dir,
+        targets_file=settings.targets_file,
+        hours=_working_hours(settings.policy),
+        clock=clock,
+    )
+    policy = reloader.policy
+    targets = reloader.targets
     oidc = OidcVerifier(issuers=oidc_issuers) if oidc_issuers else None
     spiffe = settings.spiffe
     store = TrustStore(
@@ -298,6 +411,7 @@ async def build_runtime(
             policies=list(session.policies),
             expires_at=session.expires_at.isoformat(),
         )
+        audit_trail, audit_reader = await _audit_trail(settings.audit, ledger)
         readiness = Readiness(
             checks=[
                 RedisReadiness(ledger),
@@ -305,17 +419,43 @@ async def build_runtime(
                 WorkloadApiReadiness(
                     workload, max_age_seconds=settings.spiffe.bundle_max_age_seconds
                 ),
+                PolicyReadiness(reloader),
+                AuditReadiness(audit_trail),
             ],
             clock=clock,
             timeout_seconds=settings.server.readiness_timeout_seconds,
         )
+        # One registry for the whole process, served at /metrics (broker/metrics.py).
+        metrics = BrokerMetrics()
+        reloader.metrics.register(metrics.registry)
+        audit_trail.metrics.register(metrics.registry)
+        quarantines = ReevaluatingQuarantines(store=ledger)
+        approval_store = RedisApprovalStore(
+            client=ledger.client,
+            namespace=ledger.namespace,
+            retention=timedelta(seconds=settings.approvals.retention_seconds),
+        )
+        notifier = (
+            WebhookNotifier.from_settings(settings.notifications, now=clock.now)
+            if settings.notifications.webhook_urls
+            else None
+        )
+        approvals = Approvals(
+            store=approval_store,
+            audit=audit_trail,
+            clock=clock,
+            validity=timedelta(seconds=settings.approvals.ttl_seconds),
+            notifier=notifier,
+        )
         broker = CredentialBroker(
-            policy=policy,
+            policy=CountingPolicyEngine(policy, metrics=metrics),
             minter=minter,
             ledger=ledger,
             targets=targets,
             clock=clock,
-            quarantines=ledger,
+            quarantines=quarantines,
+            approvals=approvals,
+            audit=audit_trail,
         )
         app = create_app(
             readiness=readiness,
@@ -323,18 +463,61 @@ async def build_runtime(
             now=clock.now,
             broker=broker,
             clock=clock,
+            rejections=RejectionAuditor(
+                audit=audit_trail,
+                now=clock.now,
+                per_second=settings.audit.identity_rejected_per_second,
+                new_id=new_event_id,
+            ),
         )
         revoker = Revoker(
             ledger=ledger,
             minter=minter,
             clock=clock,
             settings=revocation or _revocation_settings(settings.revocation),
+            metrics=RevocationMetrics(metrics.registry),
+            audit=audit_trail,
+            audit_actor=workload.own_svid().spiffe_id,
         )
         register_revocation_routes(app, revoker)
+        register_query_routes(app)
+        register_audit_routes(
+            app,
+            AuditService(
+                ledger=ledger,
+                audit=audit_trail,
+                clock=clock,
+                reader=audit_reader,
+                report_grace=timedelta(seconds=settings.audit.report_grace_seconds),
+            ),
+        )
+        register_approval_routes(app, approvals, clock)
+        register_openapi_route(app)
+        continuous = ContinuousAuthorizer(
+            ledger=ledger,
+            policy=policy,
+            targets=targets,
+            roles=roles,
+            revoker=revoker,
+            clock=clock,
+            audit=audit_trail,
+            quarantines=ledger,
+            approvals=ApprovalStoreStates(approval_store),
+            actor=workload.own_svid().spiffe_id,
+            metrics=ContinuousMetrics(metrics.registry),
+        )
+        reloader.listen(continuous)
+        approvals.set_withdrawal_hook(_reevaluate_withdrawn(continuous))
+        metrics.watch_pending_approvals(approvals.pending_count)
+        quarantines.attach(continuous)
         sweeper = RevocationSweeper(
             sweep=revoker.revoke_due,
             clock=clock,
             interval=timedelta(seconds=settings.revocation.sweep_interval_seconds),
+        )
+        register_metrics_routes(app, metrics, targets=lambda: broker.targets)
+        register_metrics_sources(
+            metrics, clock=clock, trust_store=store, vault=vault, sweeper=sweeper, ledger=ledger
         )
     except BaseException:
         if http_session is not None:
@@ -357,9 +540,17 @@ async def build_runtime(
         sweeper=sweeper,
         trust_store=store,
         http_session=http_session,
+        reloader=reloader,
+        continuous=continuous,
+        audit=audit_trail,
+    )
+    runtime.start_background(
+        reloader.run(interval=timedelta(seconds=settings.policy.reload_interval_seconds))
     )
     runtime.start_background(vault.keep_session())
     runtime.start_background(sweeper.run())
+    if notifier is not None:
+        runtime.start_background(notifier.run())
     reconciler = Reconciler(
         inventory=minter,
         minter=minter,
@@ -433,11 +624,14 @@ async def serve_until_signalled(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if broker.runtime.reloader is not None:
+        # SIGHUP: reload policies and targets now (validated first; invalid keeps the old).
+        loop.add_signal_handler(signal.SIGHUP, broker.runtime.reloader.request_reload)
     try:
         if on_ready is not None:
             on_ready(broker)
         await stop.wait()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await broker.stop()

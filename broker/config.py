@@ -8,9 +8,11 @@ the key and the variable that sets it; secrets are :class:`pydantic.SecretStr` a
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -166,6 +168,173 @@ class RevocationConfig(_Section):
     revoke_timeout_seconds: float = Field(default=10.0, gt=0)
 
 
+class PolicySettings(_Section):
+    """Policy lifecycle (hot reload) and the values policies see as context."""
+
+    # How often the policy directory and the targets file are checked for changes (stat
+    # only; read and validated when something changed). 0 turns polling off (SIGHUP still
+    # reloads).
+    reload_interval_seconds: float = Field(default=5.0, ge=0, le=3600)
+    # The working window policies see as context.working_hours: [start, end) in UTC hours on
+    # the ISO weekdays listed (1 Monday .. 7 Sunday); start > end wraps midnight; 0 and 24
+    # mean the whole day.
+    working_hours_start_utc: int = Field(default=6, ge=0, le=23)
+    working_hours_end_utc: int = Field(default=20, ge=1, le=24)
+    working_days: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7)
+
+    @model_validator(mode="after")
+    def _a_real_window(self) -> PolicySettings:
+        if self.working_hours_start_utc == self.working_hours_end_utc:
+            raise ValueError(
+                "working_hours_start_utc equals working_hours_end_utc: an empty window "
+                "(use 0 and 24 for the whole day)"
+            )
+        if not self.working_days or not set(self.working_days) <= set(range(1, 8)):
+            raise ValueError("working_days must list ISO weekdays 1..7 (at least one)")
+        return self
+
+
+class AuditStdoutSettings(_Section):
+    """The audit sink that writes each record as a structlog JSON line (``event``
+    ``audit.record``) to the broker's log on stdout, for a log collector."""
+
+    enabled: bool = True
+    # A durable sink must hold a record before issuance goes on; stdout cannot say so.
+    durable: bool = False
+
+
+class AuditFileSettings(_Section):
+    """The append-only JSONL audit file (one canonical record per line)."""
+
+    # Empty: no file sink.
+    path: str = ""
+    durable: bool = True
+    # always: write and fsync every record on its own; batch: one write and fsync per group
+    # of records committed together (each record is on disk before it is acknowledged);
+    # never: written to the OS only (lost on a power failure).
+    fsync: Literal["always", "batch", "never"] = "batch"
+
+
+class AuditRedisSettings(_Section):
+    """The Redis stream the audit queries read (on the ledger's Redis)."""
+
+    enabled: bool = True
+    durable: bool = True
+    # The stream of every record (one entry per group commit); per-run copies live in
+    # `<stream>:run:<id>`.
+    stream: str = Field(default="tl:audit", pattern=r"^[A-Za-z0-9:_.{}-]{1,64}$")
+    # 0: the stream is never trimmed. Otherwise XADD MAXLEN ~ maxlen (verification then needs
+    # `--allow-trimmed-head`).
+    maxlen: int = Field(default=0, ge=0)
+    # How long a run's copy lives after its last write.
+    index_ttl_days: int = Field(default=90, ge=1, le=3650)
+
+
+class AuditSettings(_Section):
+    """The audit trail: the chain writer, its sinks and the limits of reported events."""
+
+    # This process's writer id in the hash chain; empty: <host>-<pid>-<random>, new per start.
+    writer_id: str = Field(default="", pattern=r"^[A-Za-z0-9._:-]{0,100}$")
+    # Events waiting for the writer; a full queue refuses new events (503 on issuance).
+    queue_size: int = Field(default=10_000, ge=16, le=1_000_000)
+    # At most this many records per group commit (one write, one fsync, one Redis pipeline).
+    batch_max: int = Field(default=256, ge=1, le=10_000)
+    # An event not acknowledged by every durable sink within this time fails its request.
+    record_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # identity.rejected events recorded per second per process (the rest are counted into the
+    # next one); 0 records none. Unauthenticated callers must not be able to flood the trail.
+    identity_rejected_per_second: float = Field(default=20.0, ge=0, le=10_000)
+    # POST /v1/events accepts reports about a credential or run this long after it ended.
+    report_grace_seconds: int = Field(default=300, ge=0, le=86_400)
+    # Without a durable sink nothing stops issuance when audit records are lost: refused
+    # unless this is set (benchmarks, throwaway setups).
+    insecure_allow_no_durable_sink: bool = False
+    stdout: AuditStdoutSettings = AuditStdoutSettings()
+    file: AuditFileSettings = AuditFileSettings()
+    redis: AuditRedisSettings = AuditRedisSettings()
+
+    @model_validator(mode="after")
+    def _a_durable_sink(self) -> AuditSettings:
+        durable = (
+            (self.stdout.enabled and self.stdout.durable)
+            or (bool(self.file.path) and self.file.durable)
+            or (self.redis.enabled and self.redis.durable)
+        )
+        if not durable and not self.insecure_allow_no_durable_sink:
+            raise ValueError(
+                "no durable audit sink is enabled: credentials would be issued without a "
+                "durable record (enable one, or set insecure_allow_no_durable_sink = true)"
+            )
+        return self
+
+
+class ApprovalSettings(_Section):
+    """Approvals (human-in-the-loop for requests policy answers needs_approval with)."""
+
+    # How long an approval is good for from the moment it is requested (waiting for the
+    # approvers and then for its use). A credential issued under it never outlives it.
+    ttl_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    # How long decided, used and expired approvals stay readable after their expiry.
+    retention_seconds: int = Field(default=7 * 24 * 3600, ge=60, le=366 * 24 * 3600)
+
+
+class NotificationSettings(_Section):
+    """Webhooks told when an approval is requested and when it is decided (JSON body,
+    HMAC-SHA256 signature, retried with backoff, delivered in the background)."""
+
+    # Where to POST: https, or http to a loopback address only. URLs of chat webhooks carry
+    # secrets, so they are SecretStr and never logged (logs name scheme, host and a hash).
+    webhook_urls: tuple[SecretStr, ...] = ()
+    # The HMAC key comes from a file (mode 0600, e.g. a mounted secret) or from an
+    # environment variable named here; it is never written inline in the TOML.
+    webhook_secret_file: str = ""
+    webhook_secret_env: str = ""
+    # PEM CA bundle for the receivers' certificates; empty: the system roots.
+    webhook_ca_file: str = ""
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    max_attempts: int = Field(default=6, ge=1, le=20)
+    backoff_base_seconds: float = Field(default=0.5, gt=0, le=60)
+    backoff_cap_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # Deliveries waiting; when full, new notifications are dropped (logged, counted) rather
+    # than making a request wait.
+    queue_size: int = Field(default=1000, ge=1, le=100_000)
+    concurrency: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _safe_urls(cls, urls: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for index, url in enumerate(urls):
+            parts = urlsplit(url.get_secret_value())
+            host = parts.hostname or ""
+            if parts.scheme == "https" and host:
+                continue
+            if parts.scheme == "http" and _is_loopback(host):
+                continue
+            raise ValueError(
+                f"webhook_urls[{index}] must be https:// (or http:// to a loopback address), "
+                f"got scheme {parts.scheme!r}"
+            )
+        return urls
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> NotificationSettings:
+        if self.webhook_urls and bool(self.webhook_secret_file) == bool(self.webhook_secret_env):
+            raise ValueError(
+                "webhooks need their HMAC secret from exactly one of webhook_secret_file and "
+                "webhook_secret_env"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Settings(BaseSettings):
     """All broker settings."""
 
@@ -181,6 +350,10 @@ class Settings(BaseSettings):
     vault: VaultSettings = VaultSettings()
     redis: RedisSettings = RedisSettings()
     revocation: RevocationConfig = RevocationConfig()
+    audit: AuditSettings = AuditSettings()
+    policy: PolicySettings = PolicySettings()
+    approvals: ApprovalSettings = ApprovalSettings()
+    notifications: NotificationSettings = NotificationSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Roles of workloads (SPIFFE ID patterns) and people (OIDC issuers and claims).
     identities_file: Path = Path("config/identities.toml")

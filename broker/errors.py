@@ -11,6 +11,7 @@ expected, and never contain a secret; untrusted values in them are escaped and t
 
     TaskleaseError                         500 internal_error
     ├── ConfigurationError                 (start-up only) configuration_error
+    ├── DemoFailedError                    (`tasklease demo` only) demo_failed
     ├── BadRequestError                    400 bad_request
     │   └── InputTooLargeError             400 input_too_large
     ├── AuthenticationError                401 unauthenticated
@@ -20,11 +21,17 @@ expected, and never contain a secret; untrusted values in them are escaped and t
     │   │   └── JwtSvidRejectedError       401 jwt_svid_rejected
     │   ├── UntrustedDomainError           401 untrusted_trust_domain
     │   └── OidcTokenRejectedError         401 oidc_token_rejected
+    ├── ApprovalPendingError               202 approval_pending (not a failure: the request
+    │                                      waits for approvers; answered as 202 JSON with the
+    │                                      approval id, never as problem+json)
     ├── ForbiddenError                     403 forbidden
-    │   └── PolicyDeniedError              403 policy_denied (carries policy_ids)
+    │   ├── PolicyDeniedError              403 policy_denied (carries policy_ids)
+    │   └── ApprovalRefusedError           403 approval_refused (approval.digest_mismatch,
+    │                                      approval.sod_violation, approval.not_approver, …)
     ├── NotFoundError                      404 not_found
     ├── ConflictError                      409 conflict
-    │   └── IdempotentReplayError          409 idempotency_replayed (carries credential_id)
+    │   ├── IdempotentReplayError          409 idempotency_replayed (carries credential_id)
+    │   └── ApprovalStateError             409 approval_state (approval.expired, .used, …)
     └── UnavailableError                   503 unavailable
         ├── BundleUnavailableError         503 bundle_unavailable
         ├── VaultUnavailableError          503 vault_unavailable
@@ -158,6 +165,15 @@ class PolicyDeniedError(ForbiddenError):
         return {"policy_ids": list(self.policy_ids)}
 
 
+class ApprovalRefusedError(ForbiddenError):
+    """An approval step is not allowed for this caller or this request: the approval is bound
+    to another request, the caller would approve their own request or one of a run they own,
+    the caller is no approver, or the approval does not satisfy the policy."""
+
+    code = "approval_refused"
+    title = "Approval refused"
+
+
 class NotFoundError(TaskleaseError):
     """The named resource does not exist (or the caller may not know it exists)."""
 
@@ -192,6 +208,57 @@ class IdempotentReplayError(ConflictError):
     def extra(self) -> dict[str, object]:
         """The credential the key produced."""
         return {"credential_id": self.credential_id}
+
+
+class ApprovalStateError(ConflictError):
+    """The approval is in no state for this step (expired, withdrawn, denied, used, not
+    pending, quorum not reached, or this approver decided it already)."""
+
+    code = "approval_state"
+    title = "Approval not in a usable state"
+
+
+class ApprovalPendingError(TaskleaseError):
+    """Not a failure: the request needs a human decision first. The HTTP layer answers 202
+    with the approval id and a poll URL (JSON, not problem+json); the agent retries the same
+    request with ``approval_id`` once the approval is granted."""
+
+    status = 202
+    code = "approval_pending"
+    title = "Approval pending"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        approval_id: str,
+        state: str,
+        quorum: int,
+        approver_count: int,
+        expires_at: str,
+        policy_ids: Sequence[str],
+        reused: bool,
+    ) -> None:
+        super().__init__(detail, reason="approval.pending")
+        self.approval_id = approval_id
+        self.state = state
+        self.quorum = quorum
+        self.approver_count = approver_count
+        self.expires_at = expires_at
+        self.policy_ids = tuple(policy_ids)
+        self.reused = reused
+
+    def extra(self) -> dict[str, object]:
+        """What the agent needs to wait and retry."""
+        return {
+            "approval_id": self.approval_id,
+            "state": self.state,
+            "quorum": self.quorum,
+            "approver_count": self.approver_count,
+            "expires_at": self.expires_at,
+            "policy_ids": list(self.policy_ids),
+            "reused": self.reused,
+        }
 
 
 class UnavailableError(TaskleaseError):
@@ -244,3 +311,14 @@ class StackError(UnavailableError):
 
     code = "stack_error"
     title = "Local stack error"
+
+
+class DemoFailedError(TaskleaseError):
+    """A step of ``tasklease demo`` did not behave as narrated (``step`` names which)."""
+
+    code = "demo_failed"
+    title = "Demo step failed"
+
+    def __init__(self, detail: str, *, step: int | None = None, reason: str | None = None) -> None:
+        super().__init__(detail, reason=reason or "demo.step_failed")
+        self.step = step

@@ -49,8 +49,10 @@ dies, a stray ends by its TTL, which never passes the run's deadline.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import random
+import secrets
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -60,6 +62,16 @@ from typing import Final, TypeVar
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from broker.core.audit import (
+    AuditEvent,
+    AuditTrail,
+    CredentialRevoked,
+    CredentialRevokeFailed,
+    Payload,
+    RevocationForced,
+    WorkflowCompleted,
+    current_request_id,
+)
 from broker.core.authn import Caller
 from broker.core.model import (
     Lease,
@@ -95,9 +107,26 @@ MAX_ADDRESSED = 10_000
 # re-listing's delay (then doubling).
 _MAX_WATCHED_RUNS = 10_000
 _FIRST_RECHECK = timedelta(seconds=1)
+# A tombstone that covers a lease written ahead at t ends at t + this (ledgers keep µs).
+_JUST_PAST = timedelta(milliseconds=1)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+
+# Who asked for the revocation being settled in this task (the holder releasing, the caller
+# completing a run, an admin forcing) and their reason text: stamped into credential.revoked.
+# Empty in the sweeper, which revokes on its own account.
+_INITIATED: Final[contextvars.ContextVar[tuple[str, str]]] = contextvars.ContextVar(
+    "tasklease_revocation_initiated", default=("", "")
+)
+
+
+# True while a caller that records credential.revoked itself settles leases (continuous
+# authorization: it records what changed and why). A lease it leaves to the sweeper (revoke
+# failed, retried) is recorded by the sweeper once confirmed.
+_CALLER_RECORDS_REVOKED: Final[contextvars.ContextVar[bool]] = contextvars.ContextVar(
+    "tasklease_caller_records_revoked", default=False
+)
 
 
 class RevokeReason(StrEnum):
@@ -114,6 +143,9 @@ class RevokeReason(StrEnum):
     RUN_REVOKED = "run_revoked"
     RELEASED = "released"
     FORCED = "forced"
+    # Re-evaluated against current policy, catalog and quarantines and now denied
+    # (broker/continuous.py).
+    CONTINUOUS_AUTHORIZATION = "continuous_authorization"
     DUE = "due"  # made due before its expiry without a recorded reason
 
 
@@ -301,8 +333,8 @@ class RevocationMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.settled = Counter(
             "tasklease_revocations",
-            "Leases settled by the revocation engine, by outcome",
-            ["outcome"],
+            "Leases settled by the revocation engine, by target kind and outcome",
+            ["kind", "outcome"],
             registry=self.registry,
         )
         self.revoke_failed_transitions = Counter(
@@ -327,7 +359,9 @@ class RevocationMetrics:
         )
         self.revoke_seconds = Histogram(
             "tasklease_revoke_duration_seconds",
-            "Time of one revocation in Vault, confirmation included",
+            "Time of one revocation in Vault, confirmation included, by target kind and "
+            "outcome (confirmed, unconfirmed, failed, timeout)",
+            ["kind", "outcome"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
@@ -335,7 +369,8 @@ class RevocationMetrics:
 
     def record(self, result: LeaseResult) -> None:
         """Count one settle result and keep the revoke_failed gauge current."""
-        self.settled.labels(outcome=result.outcome.value).inc()
+        kind = result.lease.kind.value if result.lease is not None else "unknown"
+        self.settled.labels(kind=kind, outcome=result.outcome.value).inc()
         if result.outcome is SettleOutcome.REVOKE_FAILED:
             self._failed_ids.add(result.credential_id)
         elif result.outcome.confirmed or result.outcome is SettleOutcome.MISSING:
@@ -362,10 +397,15 @@ class Revoker:
         settings: RevocationSettings | None = None,
         metrics: RevocationMetrics | None = None,
         rng: random.Random | None = None,
+        audit: AuditTrail | None = None,
+        audit_actor: str = "tasklease-broker",
     ) -> None:
         self._ledger = ledger
         self._minter = minter
         self._clock = clock
+        # Revocation never waits for the audit trail: a failed record is logged, not raised.
+        self._audit = audit
+        self._audit_actor = audit_actor
         self._settings = settings or RevocationSettings()
         self.metrics = metrics or RevocationMetrics()
         # Jitter only; not security relevant.
@@ -473,6 +513,7 @@ class Revoker:
                 f"no workflow run {workflow_id!r} visible to you", reason="workflow.not_found"
             )
         now = self._clock.now()
+        ended_now = run.state is RunState.ACTIVE
         if run.state is RunState.ACTIVE:
             if now >= run.deadline:
                 run = _expired(run)
@@ -509,18 +550,39 @@ class Revoker:
         await self._tombstone(
             leases, until=max(run.deadline, after) + self._settings.tombstone_margin
         )
-        if len(self._ended) >= _MAX_WATCHED_RUNS:
-            self._ended.pop(next(iter(self._ended)))
-        self._ended[run.id] = _EndedRun(
-            reason=reason, ended=after, next_check=after + _FIRST_RECHECK
-        )
-        marked = await self._bounded(live, lambda lease: self._mark(lease, reason, now))
+        # The run is watched for late mints only once its listed leases are marked: a recheck
+        # during a long marking took the leases not marked yet for late mints, and marking
+        # them again moved them out from under another replica's claim (a second revocation;
+        # seen with two broker processes, tests/integration/test_revocation_faults.py).
+        try:
+            marked = await self._bounded(live, lambda lease: self._mark(lease, reason, now))
+        finally:
+            if len(self._ended) >= _MAX_WATCHED_RUNS:
+                self._ended.pop(next(iter(self._ended)))
+            self._ended[run.id] = _EndedRun(
+                reason=reason, ended=after, next_check=after + _FIRST_RECHECK
+            )
         scheduled = tuple(lease.credential_id for lease in marked if lease.revocable)
+        if ended_now:
+            await self._record(
+                _run_event(
+                    run,
+                    caller.principal_id,
+                    WorkflowCompleted(
+                        state=run.state.value, outcome=outcome.value, leases_due=len(scheduled)
+                    ),
+                    now,
+                )
+            )
         if not wait:
             return CompletionResult(run=run, scheduled=scheduled)
-        settled = await self._settle_many(
-            [lease.credential_id for lease in marked], now=now, reason=reason
-        )
+        initiated = _INITIATED.set((caller.principal_id, ""))
+        try:
+            settled = await self._settle_many(
+                [lease.credential_id for lease in marked], now=now, reason=reason
+            )
+        finally:
+            _INITIATED.reset(initiated)
         done = [
             LeaseResult(lease.credential_id, SettleOutcome.ALREADY_REVOKED, lease)
             for lease in leases
@@ -554,9 +616,13 @@ class Revoker:
         elif lease.is_live:
             if lease.state is not LeaseState.ISSUING:
                 await self._mark(lease, RevokeReason.RELEASED, now)
-            result = await self._settle_single_flight(
-                credential_id, now, reason=RevokeReason.RELEASED
-            )
+            initiated = _INITIATED.set((caller.principal_id, ""))
+            try:
+                result = await self._settle_single_flight(
+                    credential_id, now, reason=RevokeReason.RELEASED
+                )
+            finally:
+                _INITIATED.reset(initiated)
         else:
             result = LeaseResult(credential_id, SettleOutcome.ALREADY_REVOKED, lease)
         _log.info(
@@ -608,9 +674,13 @@ class Revoker:
         marked = await self._bounded(
             found, lambda lease: self._mark(lease, RevokeReason.FORCED, now)
         )
-        results = await self._settle_many(
-            [lease.credential_id for lease in marked], now=now, reason=RevokeReason.FORCED
-        )
+        initiated = _INITIATED.set((caller.principal_id, printable(reason, 500)))
+        try:
+            results = await self._settle_many(
+                [lease.credential_id for lease in marked], now=now, reason=RevokeReason.FORCED
+            )
+        finally:
+            _INITIATED.reset(initiated)
         report = RevocationReport(results=tuple(results), truncated=len(found) >= MAX_ADDRESSED)
         _log.warning(
             "revocation.forced",
@@ -622,7 +692,51 @@ class Revoker:
             truncated=report.truncated,
             credential_ids=[r.credential_id for r in report.results[:200]],
         )
+        await self._record(
+            AuditEvent(
+                event_id=_event_id(),
+                time=now,
+                actor=caller.principal_id,
+                payload=RevocationForced(
+                    selector=_selector_fields(selector),
+                    reason=printable(reason, 500),
+                    confirmed=len(report.confirmed_revoked),
+                    still_live=len(report.still_live),
+                    credential_ids=tuple(lease.credential_id for lease in found[:200]),
+                    workflow_ids=tuple(sorted({lease.workflow_id for lease in found}))[:50],
+                ),
+                workflow_id=selector.workflow_id or "",
+                task_id=selector.task_id or "",
+                request_id=current_request_id(),
+            )
+        )
         return report
+
+    # ---- revocation decided by the broker itself
+
+    async def revoke_leases(
+        self, leases: Sequence[Lease], reason: RevokeReason
+    ) -> RevocationReport:
+        """Revoke these leases now for ``reason`` (no caller: the broker decided, e.g.
+        continuous authorization): record the intent, revoke and confirm; the report says
+        what is confirmed and what is still live. Unlike :meth:`force`, only the tasks of
+        leases still being minted are tombstoned, and only just past their write-ahead (so
+        their activation records the token and they are revoked): a new request for the task
+        is decided afresh and is not blocked."""
+        now = self._clock.now()
+        in_flight = [lease for lease in leases if lease.state is LeaseState.ISSUING]
+        if in_flight:
+            until = max(lease.issued_at for lease in in_flight) + _JUST_PAST
+            await self._tombstone(in_flight, until=until)
+        marked = await self._bounded(leases, lambda lease: self._mark(lease, reason, now))
+        recorded_by_caller = _CALLER_RECORDS_REVOKED.set(True)
+        try:
+            results = await self._settle_many(
+                [lease.credential_id for lease in marked], now=now, reason=reason
+            )
+        finally:
+            _CALLER_RECORDS_REVOKED.reset(recorded_by_caller)
+        return RevocationReport(results=tuple(results))
 
     # ---- shared steps
 
@@ -841,6 +955,7 @@ class Revoker:
         if updated is None:
             return LeaseResult(lease.credential_id, SettleOutcome.ALREADY_REVOKED, lease)
         _log.info("credential.revoked", **_lease_fields(updated), reason=reason.value)
+        await self._record_revoked(updated)
         return LeaseResult(lease.credential_id, SettleOutcome.EXPIRED, updated)
 
     async def _revoke(
@@ -868,12 +983,15 @@ class Revoker:
     async def _call_minter(self, lease: Lease) -> tuple[RevokeOutcome | None, str]:
         """Revoke in Vault within ``revoke_timeout``; (outcome, a short safe error)."""
         started = asyncio.get_running_loop().time()
+        measured = "failed"
         try:
             async with asyncio.timeout(self._settings.revoke_timeout.total_seconds()):
                 outcome = await self._minter.revoke(
                     token_accessor=lease.token_accessor, vault_lease_ids=lease.vault_lease_ids
                 )
+            measured = "confirmed" if outcome.confirmed else "unconfirmed"
         except TimeoutError:
+            measured = "timeout"
             return None, f"revoke.timeout: no answer within {self._settings.revoke_timeout}"
         except TaskleaseError as exc:
             # Only the stable reason code and the class title: the detail may quote a Vault
@@ -887,7 +1005,9 @@ class Revoker:
             )
             return None, f"revoke.error: {type(exc).__name__}"
         finally:
-            self.metrics.revoke_seconds.observe(asyncio.get_running_loop().time() - started)
+            self.metrics.revoke_seconds.labels(kind=lease.kind.value, outcome=measured).observe(
+                asyncio.get_running_loop().time() - started
+            )
         if outcome.confirmed:
             return outcome, ""
         unconfirmed = f"revoke.unconfirmed: {len(outcome.still_live)} item(s) still known to Vault"
@@ -917,6 +1037,7 @@ class Revoker:
             reason=updated.revoke_reason,
             failed_attempts=updated.attempts,
         )
+        await self._record_revoked(updated)
         return LeaseResult(lease.credential_id, SettleOutcome.REVOKED, updated)
 
     async def _failed(self, lease: Lease, now: datetime, error: str) -> LeaseResult:
@@ -956,6 +1077,20 @@ class Revoker:
                     error=updated.last_error,
                     next_attempt_at=retry_at.isoformat(),
                     alert=True,
+                )
+                await self._record(
+                    _lease_event(
+                        updated,
+                        self._audit_actor,
+                        CredentialRevokeFailed(
+                            attempts=updated.attempts,
+                            error=updated.last_error,
+                            still_live=tuple(
+                                x for x in (updated.token_accessor, *updated.vault_lease_ids) if x
+                            ),
+                        ),
+                        self._clock.now(),
+                    )
                 )
             else:
                 _log.warning(
@@ -1023,6 +1158,44 @@ class Revoker:
             return new
         raise _LeaseChangedError
 
+    # ---- audit
+
+    async def _record(self, event: AuditEvent) -> None:
+        """Record ``event``; a failure is logged and never stops a revocation."""
+        if self._audit is None:
+            return
+        try:
+            await self._audit.record(event)
+        except TaskleaseError as exc:
+            _log.error(
+                "revocation.audit_failed",
+                event_id=event.event_id,
+                type=event.type.value,
+                credential_id=event.credential_id,
+                reason=exc.reason,
+            )
+
+    async def _record_revoked(self, lease: Lease) -> None:
+        if (
+            lease.revoke_reason == RevokeReason.CONTINUOUS_AUTHORIZATION
+            and _CALLER_RECORDS_REVOKED.get()
+        ):
+            return  # broker/continuous.py records these itself, with what changed and why
+        initiated_by, why = _INITIATED.get()
+        await self._record(
+            _lease_event(
+                lease,
+                self._audit_actor,
+                CredentialRevoked(
+                    cause=lease.revoke_reason,
+                    target=lease.target,
+                    reason=why,
+                    initiated_by=initiated_by,
+                ),
+                self._clock.now(),
+            )
+        )
+
     # ---- runs past their deadline, late mints
 
     async def _expire_run_past_deadline(
@@ -1041,6 +1214,14 @@ class Revoker:
             return
         runs[workflow_id] = expired
         _log.info("workflow.expired", workflow_id=run.id, deadline=run.deadline.isoformat())
+        await self._record(
+            _run_event(
+                expired,
+                self._audit_actor,
+                WorkflowCompleted(state=expired.state.value, outcome=expired.outcome),
+                now,
+            )
+        )
 
     async def _recheck_ended_runs(self, now: datetime) -> int:
         """Revoke leases of runs this replica completed that are live but were not made due
@@ -1137,6 +1318,37 @@ def _lease_fields(lease: Lease) -> dict[str, object]:
         "owner": lease.owner,
         "token_accessor": lease.token_accessor,
     }
+
+
+def _event_id() -> str:
+    return f"evt_{secrets.token_hex(12)}"
+
+
+def _lease_event(lease: Lease, actor: str, payload: Payload, time: datetime) -> AuditEvent:
+    return AuditEvent(
+        event_id=_event_id(),
+        time=time,
+        actor=actor,
+        payload=payload,
+        chain=lease.chain,
+        workflow_id=lease.workflow_id,
+        task_id=lease.task_id,
+        credential_id=lease.credential_id,
+        approval_id=lease.approval_id or "",
+        request_id=current_request_id(),
+    )
+
+
+def _run_event(run: WorkflowRun, actor: str, payload: Payload, time: datetime) -> AuditEvent:
+    return AuditEvent(
+        event_id=_event_id(),
+        time=time,
+        actor=actor,
+        payload=payload,
+        chain=run.chain,
+        workflow_id=run.id,
+        request_id=current_request_id(),
+    )
 
 
 def _selector_fields(selector: LeaseSelector) -> dict[str, object]:

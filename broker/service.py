@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -14,6 +15,18 @@ from typing import Any
 
 import structlog
 
+from broker.approvals import Approvals
+from broker.core.audit import (
+    AuditEvent,
+    AuditTrail,
+    CredentialDenied,
+    CredentialIssued,
+    Payload,
+    PolicyDecision,
+    QuarantineChanged,
+    WorkflowStarted,
+    current_request_id,
+)
 from broker.core.authn import Caller
 from broker.core.identity import AuthMethod, WorkloadIdentity
 from broker.core.model import (
@@ -21,12 +34,15 @@ from broker.core.model import (
     CredentialRequest,
     Decision,
     DecisionOutcome,
+    DelegationChain,
     DelegationHop,
     Lease,
+    LeaseState,
     Quarantine,
     QuarantineKind,
     Target,
     WorkflowRun,
+    check_id,
     credential_ttl,
 )
 from broker.core.ports import (
@@ -42,11 +58,16 @@ from broker.core.ports import (
     SecretMinter,
 )
 from broker.core.roles import Role, SpiffeIdPattern
+from broker.core.untrusted import printable
 from broker.errors import (
+    ApprovalPendingError,
+    AuditUnavailableError,
     BadRequestError,
     ConflictError,
     ForbiddenError,
     IdempotentReplayError,
+    LedgerUnavailableError,
+    MintOutcomeUnknownError,
     NotFoundError,
     PolicyDeniedError,
     SpiffeIdError,
@@ -122,11 +143,18 @@ class CredentialBroker:
         quarantines: QuarantineStore | None = None,
         max_run_duration: timedelta = timedelta(days=7),
         idempotency_ttl: timedelta = timedelta(days=1),
+        approvals: Approvals | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
+        # The audit trail (bootstrap always wires one). None only in unit set-ups.
+        self._audit = audit
+        # Without approvals, needs_approval is refused (403 policy.needs_approval).
+        self._approvals = approvals
         self._policy = policy
         self._minter = minter
         self._ledger = ledger
-        self._targets = dict(targets)
+        # Not copied: the catalog in force may be replaced by a hot reload (LiveTargets).
+        self._targets = targets
         self._clock = clock
         self._quarantines = quarantines
         self._max_run_duration = max_run_duration
@@ -186,6 +214,21 @@ class CredentialBroker:
             started_by=run.started_by,
             deadline=run.deadline.isoformat(),
         )
+        await self._record(
+            _event(
+                caller.principal_id,
+                WorkflowStarted(
+                    owner=run.owner,
+                    purpose=run.purpose,
+                    deadline=run.deadline,
+                    labels=dict(run.labels),
+                    participants=run.participants,
+                ),
+                now,
+                chain=run.chain,
+                workflow_id=run.id,
+            )
+        )
         return run
 
     async def get_workflow(
@@ -218,6 +261,10 @@ class CredentialBroker:
                 "an identity quarantine names a SPIFFE ID (or a prefix of one)",
                 reason="invalid.quarantine",
             )
+        if kind in (QuarantineKind.WORKFLOW, QuarantineKind.TARGET):
+            # Only an identifier can ever match a run or a target; anything else would block
+            # nothing (and a run id names the run's audit stream).
+            check_id(value, f"quarantined {kind.value}")
         quarantine = Quarantine(
             kind=kind,
             value=value,
@@ -236,6 +283,20 @@ class CredentialBroker:
             by=caller.principal_id,
             expires_at=quarantine.expires_at.isoformat(),
         )
+        await self._record(
+            _event(
+                caller.principal_id,
+                QuarantineChanged(
+                    action="set",
+                    kind=kind.value,
+                    value=value,
+                    reason=reason,
+                    expires_at=quarantine.expires_at,
+                ),
+                now,
+                workflow_id=value if kind is QuarantineKind.WORKFLOW else "",
+            )
+        )
         return quarantine
 
     async def lift_quarantine(self, caller: Caller, *, kind: QuarantineKind, value: str) -> None:
@@ -252,6 +313,21 @@ class CredentialBroker:
             value=value,
             by=caller.principal_id,
         )
+        await self._record(
+            _event(
+                caller.principal_id,
+                QuarantineChanged(action="lift", kind=kind.value, value=value),
+                self._clock.now(),
+                workflow_id=value if kind is QuarantineKind.WORKFLOW else "",
+            )
+        )
+
+    async def find_leases(
+        self, caller: Caller, selector: LeaseSelector, *, limit: int
+    ) -> list[Lease]:
+        """Leases' metadata by selector (never a secret): for admins."""
+        _require(caller, Role.ADMIN, "query leases")
+        return await self._ledger.find_leases(selector, limit=limit)
 
     async def list_quarantines(self, caller: Caller) -> list[Quarantine]:
         """The active quarantines."""
@@ -286,6 +362,29 @@ class CredentialBroker:
         request: CredentialRequest,
         *,
         params: Mapping[str, str],
+    ) -> IssuedCredential:
+        """Issue a credential (:meth:`_issue`). Audit: an allowed request records
+        ``policy.decision`` and ``credential.issued`` together before the secret is returned;
+        a refused one records its decision (if one was made) and ``credential.denied``."""
+        attempt = _Attempt()
+        try:
+            return await self._issue(caller, request, params=params, attempt=attempt)
+        except (IdempotentReplayError, AuditUnavailableError):
+            raise  # a replay is no new request; a failed trail cannot take the refusal
+        except ApprovalPendingError:
+            await self._record_refusal(caller, request, attempt, None)
+            raise
+        except TaskleaseError as exc:
+            await self._record_refusal(caller, request, attempt, exc)
+            raise
+
+    async def _issue(
+        self,
+        caller: Caller,
+        request: CredentialRequest,
+        *,
+        params: Mapping[str, str],
+        attempt: _Attempt,
     ) -> IssuedCredential:
         """Authenticate (done) → load the run → decide → write ahead → mint → record → return.
 
@@ -328,6 +427,13 @@ class CredentialBroker:
             svid_expires_at=svid_expiry,
         )
         chain = run.chain.extended(DelegationHop("agent", caller.principal_id, verified=True))
+        # A presented approval must be this exact request's, approved, unexpired and unused;
+        # policy then decides with it in context (request time, not grant time).
+        presented = (
+            await self._approvals.verify_presented(caller, request, params, now=now)
+            if self._approvals is not None and request.approval_id is not None
+            else None
+        )
         decision = self._policy.decide(
             PolicyRequest(
                 principal=caller.principal_id,
@@ -342,6 +448,7 @@ class CredentialBroker:
                 justification=request.justification,
                 ttl=candidate,
                 now=now,
+                approval=presented,
             )
         )
         _log.info(
@@ -353,7 +460,13 @@ class CredentialBroker:
             outcome=decision.outcome.value,
             policy_ids=list(decision.policy_ids),
         )
+        attempt.decided(decision, target, chain, now)
         if decision.outcome is DecisionOutcome.NEEDS_APPROVAL:
+            if self._approvals is not None:
+                # Raises ApprovalPendingError (202) with the open approval for this request.
+                await self._approvals.open_or_reuse(
+                    caller, request, params, run=run, chain=chain, decision=decision, now=now
+                )
             raise ForbiddenError(
                 f"target {target.name!r} needs a human approval for this request "
                 f"(policies: {', '.join(decision.policy_ids) or 'none'}); approvals are not "
@@ -373,8 +486,14 @@ class CredentialBroker:
             now=now,
             svid_expires_at=svid_expiry,
             policy_max=decision.max_ttl,
+            approval_expires_at=presented.expires_at if presented is not None else None,
         )
         credential_id = f"cred_{secrets.token_hex(12)}"
+        if presented is not None and self._approvals is not None:
+            # Single use, atomically; it stays used if the mint below fails (README).
+            await self._approvals.consume(
+                caller, request, params, credential_id=credential_id, now=now
+            )
         if request.idempotency_key is not None:
             existing = await self._ledger.remember_idempotency(
                 f"{caller.principal_id}|{request.idempotency_key}",
@@ -397,35 +516,57 @@ class CredentialBroker:
             issued_at=now,
             expires_at=now + ttl,
             revocable=target.revocable,
+            approval_id=presented.approval_id if presented is not None else None,
+            tool=request.tool,
+            justification=request.justification,
         )
         await self._ledger.write_ahead(lease)
-        minted = await self._minter.mint(
-            MintSpec(
-                credential_id=credential_id,
-                workflow_id=run.id,
-                task_id=request.task_id,
-                holder=caller.principal_id,
-                owner=run.owner,
-                chain=chain,
-                target=target,
-                ttl=ttl,
-                params=params,
+        try:
+            minted = await self._minter.mint(
+                MintSpec(
+                    credential_id=credential_id,
+                    workflow_id=run.id,
+                    task_id=request.task_id,
+                    holder=caller.principal_id,
+                    owner=run.owner,
+                    chain=chain,
+                    target=target,
+                    ttl=ttl,
+                    params=params,
+                )
             )
-        )
+        except MintOutcomeUnknownError:
+            # A task token may exist: the write-ahead record stays (due at its expiry) for the
+            # sweeper, and the reconciler finds the token by its metadata (SECURITY 23).
+            raise
+        except TaskleaseError:
+            # Definitely refused, nothing left in Vault: no record, and a retry may mint.
+            await self._forget_refused(lease, caller, request)
+            raise
         try:
             active = await self._ledger.activate(
                 credential_id,
                 token_accessor=minted.token_accessor,
                 vault_lease_ids=minted.vault_lease_ids,
+                written=lease,
             )
-        except TaskleaseError:
+        except TaskleaseError as exc:
             # Not durably recorded (or the task was revoked meanwhile): the secret must not
             # leave. Revoke now; the write-ahead record stays due, so the sweeper retries.
             with contextlib.suppress(TaskleaseError):
                 await self._minter.revoke(
                     token_accessor=minted.token_accessor, vault_lease_ids=minted.vault_lease_ids
                 )
+            if isinstance(exc, NotFoundError):
+                # The write-ahead record vanished (Redis lost data): a ledger failure, not a
+                # missing resource of the caller's.
+                raise LedgerUnavailableError(
+                    f"the ledger lost the record of {credential_id} while it was being minted "
+                    "(Redis data loss?); the credential was revoked",
+                    reason="ledger.record_lost",
+                ) from exc
             raise
+        await self._record_issued(active, attempt, minted.token_accessor, minted.vault_lease_ids)
         _log.info(
             "credential.issued",
             credential_id=credential_id,
@@ -440,6 +581,215 @@ class CredentialBroker:
             policy_ids=list(decision.policy_ids),
         )
         return IssuedCredential(lease=active, secret=minted.secret, decision=decision)
+
+    # ---- audit
+
+    async def _record(self, event: AuditEvent) -> None:
+        if self._audit is not None:
+            await self._audit.record(event)
+
+    async def _record_issued(
+        self,
+        lease: Lease,
+        attempt: _Attempt,
+        token_accessor: str,
+        vault_lease_ids: tuple[str, ...],
+    ) -> None:
+        """Record the decision and the issuance before the secret leaves; if the trail cannot
+        take them, revoke the fresh credential and fail closed (503)."""
+        if self._audit is None or attempt.decision is None:
+            return
+        decision = attempt.decision
+        issued = _event(
+            lease.holder,
+            CredentialIssued(
+                target=lease.target,
+                kind=lease.kind.value,
+                expires_at=lease.expires_at,
+                ttl_seconds=int((lease.expires_at - lease.issued_at).total_seconds()),
+                token_accessor=token_accessor,
+                vault_lease_count=len(vault_lease_ids),
+                policy_ids=decision.policy_ids,
+                revocable=lease.revocable,
+            ),
+            self._clock.now(),
+            chain=lease.chain,
+            workflow_id=lease.workflow_id,
+            task_id=lease.task_id,
+            credential_id=lease.credential_id,
+            approval_id=lease.approval_id or "",
+        )
+        try:
+            decided = attempt.decision_event(
+                lease.holder,
+                workflow_id=lease.workflow_id,
+                task_id=lease.task_id,
+                approval_id=lease.approval_id or "",
+            )
+            await self._audit.record_all((decided, issued))
+        except AuditUnavailableError:
+            _log.error(
+                "credential.unaudited_revoked",
+                credential_id=lease.credential_id,
+                workflow_id=lease.workflow_id,
+                token_accessor=token_accessor,
+            )
+            with contextlib.suppress(TaskleaseError):
+                await self._minter.revoke(
+                    token_accessor=token_accessor, vault_lease_ids=vault_lease_ids
+                )
+            with contextlib.suppress(TaskleaseError):
+                # Due now with the reason: the sweeper confirms the revocation and records it.
+                await self._ledger.save_lease(
+                    dataclasses.replace(
+                        lease, state=LeaseState.REVOKING, revoke_reason=_AUDIT_UNAVAILABLE
+                    )
+                )
+            with contextlib.suppress(TaskleaseError):
+                await self._ledger.schedule(lease.credential_id, self._clock.now())
+            raise
+
+    async def _record_refusal(
+        self,
+        caller: Caller,
+        request: CredentialRequest,
+        attempt: _Attempt,
+        error: TaskleaseError | None,
+    ) -> None:
+        """Record a refused (or pending) request: its decision, if one was made, and
+        ``credential.denied`` (not for a pending approval). Never masks the refusal."""
+        if self._audit is None:
+            return
+        events: list[AuditEvent] = []
+        if attempt.decision is not None:
+            events.append(
+                attempt.decision_event(
+                    caller.principal_id,
+                    workflow_id=request.workflow_id,
+                    task_id=request.task_id,
+                    approval_id=request.approval_id or "",
+                )
+            )
+        if error is not None:
+            policy_ids = error.policy_ids if isinstance(error, PolicyDeniedError) else ()
+            events.append(
+                _event(
+                    caller.principal_id,
+                    CredentialDenied(
+                        target=request.target,
+                        reason=error.reason,
+                        detail=printable(error.detail, 500),
+                        policy_ids=policy_ids,
+                    ),
+                    attempt.now or self._clock.now(),
+                    chain=attempt.chain,
+                    workflow_id=request.workflow_id,
+                    task_id=request.task_id,
+                    approval_id=request.approval_id or "",
+                )
+            )
+        if not events:
+            return
+        try:
+            await self._audit.record_all(events)
+        except TaskleaseError as exc:
+            _log.error(
+                "credential.refusal_not_audited",
+                workflow_id=request.workflow_id,
+                task_id=request.task_id,
+                reason=exc.reason,
+            )
+
+    async def _forget_refused(
+        self, lease: Lease, caller: Caller, request: CredentialRequest
+    ) -> None:
+        """Undo the write-ahead (and the idempotency binding) of a mint Vault definitely
+        refused (SECURITY 24). Best effort: a record left behind is revoked by the sweeper."""
+        try:
+            await self._ledger.discard(lease)
+            if request.idempotency_key is not None:
+                await self._ledger.forget_idempotency(
+                    f"{caller.principal_id}|{request.idempotency_key}", lease.credential_id
+                )
+        except TaskleaseError as exc:
+            _log.warning(
+                "ledger.discard_failed",
+                credential_id=lease.credential_id,
+                reason=exc.reason,
+            )
+
+
+# Lease.revoke_reason of a credential revoked because its issuance could not be audited.
+_AUDIT_UNAVAILABLE = "audit_unavailable"
+
+
+@dataclass
+class _Attempt:
+    """What one issuance attempt decided, for its audit events."""
+
+    decision: Decision | None = None
+    target: Target | None = None
+    chain: DelegationChain | None = None
+    now: datetime | None = None
+
+    def decided(
+        self, decision: Decision, target: Target, chain: DelegationChain, now: datetime
+    ) -> None:
+        """Note the policy decision (recorded with the issuance or the refusal)."""
+        self.decision, self.target, self.chain, self.now = decision, target, chain, now
+
+    def decision_event(
+        self, actor: str, *, workflow_id: str, task_id: str, approval_id: str
+    ) -> AuditEvent:
+        """The ``policy.decision`` event of this attempt, with the full evaluated context
+        (principal, action, resource and context as the policy engine saw them)."""
+        decision, target = self.decision, self.target
+        if decision is None or target is None or self.now is None:
+            raise ValueError("no decision was made")
+        return _event(
+            actor,
+            PolicyDecision(
+                action=ActionName.REQUEST_CREDENTIAL.value,
+                target=target.name,
+                outcome=decision.outcome.value,
+                policy_ids=decision.policy_ids,
+                reasons=decision.reasons,
+                context=decision.context,
+                max_ttl_seconds=(
+                    int(decision.max_ttl.total_seconds()) if decision.max_ttl else None
+                ),
+            ),
+            self.now,
+            chain=self.chain,
+            workflow_id=workflow_id,
+            task_id=task_id,
+            approval_id=approval_id,
+        )
+
+
+def _event(
+    actor: str,
+    payload: Payload,
+    time: datetime,
+    *,
+    chain: DelegationChain | None = None,
+    workflow_id: str = "",
+    task_id: str = "",
+    credential_id: str = "",
+    approval_id: str = "",
+) -> AuditEvent:
+    return AuditEvent(
+        event_id=f"evt_{secrets.token_hex(12)}",
+        time=time,
+        actor=actor,
+        payload=payload,
+        chain=chain,
+        workflow_id=workflow_id,
+        task_id=task_id,
+        credential_id=credential_id,
+        approval_id=approval_id,
+        request_id=current_request_id(),
+    )
 
 
 def _require(caller: Caller, role: Role, what: str) -> None:

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+import redis.exceptions
 import structlog
 
 from broker.devstack import DevStack, missing_parts
+from tests.audit_dump import dump_audit_streams, verify_audit_files
 from tests.secret_scan import scan_paths
 
 REQUIRE_STACK = os.environ.get("TASKLEASE_REQUIRE_STACK") == "1"
@@ -26,6 +28,12 @@ REQUIRE_STACK = os.environ.get("TASKLEASE_REQUIRE_STACK") == "1"
 # (SECURITY.md 38): the broker's structlog JSON, the standard library's records, and the logs
 # of OpenBao, SPIRE, Redis and PostgreSQL.
 LOG_DIR = Path(os.environ.get("TASKLEASE_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="tl-test-logs-"))
+# The audit trail the suite's brokers write: their JSONL file, and (copied out of Redis before
+# the stack stops) the audit streams. Both are scanned with the logs; the file's hash chains
+# must verify.
+AUDIT_DIR = LOG_DIR / "audit"
+AUDIT_FILE = AUDIT_DIR / "brokers.jsonl"
+AUDIT_DUMP_ERRORS: list[str] = []
 KNOWN_SECRETS: list[str] = []
 _log_file: IO[str] | None = None
 
@@ -62,6 +70,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         _log_file.flush()
     findings = scan_paths([LOG_DIR], known=KNOWN_SECRETS)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    tampered = verify_audit_files([AUDIT_FILE])
+    if tampered or AUDIT_DUMP_ERRORS:
+        if reporter is not None:
+            for path, broken in tampered[:20]:
+                reporter.write_line(f"AUDIT CHAIN: {path}: {broken.kind.value}: {broken.detail}")
+            for error in AUDIT_DUMP_ERRORS:
+                reporter.write_line(f"AUDIT DUMP: {error}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if findings:
         if reporter is not None:
             reporter.write_line(f"SECRET SCAN: {len(findings)} finding(s) in the logs of this run:")
@@ -103,6 +119,19 @@ def stack() -> Iterator[DevStack]:
             remember_secret(secret)
         yield dev
     finally:
+        if dev.endpoints is not None:
+            try:
+                try:
+                    dump_audit_streams(dev.endpoints.redis_url, AUDIT_DIR / "redis", attempts=4)
+                except redis.exceptions.ConnectionError:
+                    # A fault test restarted Redis from a worker thread, and PR_SET_PDEATHSIG
+                    # ended it with that thread. Its AOF holds the streams: start it again.
+                    dev.restart_redis()
+                    dump_audit_streams(dev.endpoints.redis_url, AUDIT_DIR / "redis")
+            except Exception as exc:  # noqa: BLE001 - reported, and the session fails
+                AUDIT_DUMP_ERRORS.append(
+                    f"cannot copy the audit streams out of Redis: {type(exc).__name__}: {exc}"
+                )
         dev.stop()
         # Keep the services' logs for the secret scan; drop everything else (stack.json holds
         # the dev secrets).
@@ -124,6 +153,11 @@ def broker_env(stack: DevStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
         "TASKLEASE_REDIS__URL": endpoints.redis_url,
         "TASKLEASE_SERVER__PORT": "0",
         "TASKLEASE_SERVER__READINESS_TIMEOUT_SECONDS": "3",
+        "TASKLEASE_AUDIT__FILE__PATH": str(AUDIT_FILE),
+        # Stack tests run at any hour; the working-hours policies (confidential targets, off-hours
+        # production) are tested at fixed times in tests/unit/test_policy.py and the policy cases.
+        "TASKLEASE_POLICY__WORKING_HOURS_START_UTC": "0",
+        "TASKLEASE_POLICY__WORKING_HOURS_END_UTC": "24",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

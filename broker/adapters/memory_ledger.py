@@ -204,6 +204,16 @@ def key_reused_error() -> ConflictError:
     )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class DueBacklog:
+    """The due index at one moment (for metrics): how much revocation work is waiting."""
+
+    due: int  # due at that moment and not claimed
+    claimed: int  # held by a claimer (a sweep settling them)
+    claim_expired: int  # claims past their visibility deadline: the claimer died or stalled
+    oldest_due_at: datetime | None  # the oldest due time among the ``due`` ones
+
+
 def check_claim(limit: int, visibility: timedelta) -> None:
     """``claim_due`` arguments: a positive limit and a positive visibility timeout."""
     if limit < 1:
@@ -268,8 +278,24 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         self._leases[lease.credential_id] = lease
         await self.schedule(lease.credential_id, lease.expires_at)
 
+    async def discard(self, lease: Lease) -> bool:
+        """Remove a lease exactly as written ahead (its mint was definitely refused); False
+        when the stored record differs or is absent."""
+        check_write_ahead(lease)
+        if self._leases.get(lease.credential_id) != lease:
+            return False
+        del self._leases[lease.credential_id]
+        self._due.pop(lease.credential_id, None)
+        self._in_flight.pop(lease.credential_id, None)
+        return True
+
     async def activate(
-        self, credential_id: str, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
+        self,
+        credential_id: str,
+        *,
+        token_accessor: str,
+        vault_lease_ids: tuple[str, ...],
+        written: Lease | None = None,
     ) -> Lease:
         """issuing → active with its Vault references (see :func:`activated`); refused with
         ``lease.tombstoned`` when the task was tombstoned (the lease then stays issuing, with
@@ -328,6 +354,12 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
             raise key_reused_error()
         return existing[1]
 
+    async def forget_idempotency(self, key: str, credential_id: str) -> None:
+        """Unbind ``key`` if it is still bound to ``credential_id``."""
+        existing = self._idempotency.get(key)
+        if existing is not None and existing[1] == credential_id:
+            del self._idempotency[key]
+
     async def tombstone_task(self, workflow_id: str, task_id: str, *, until: datetime) -> None:
         """Block activation of leases of this task written ahead before ``until`` (the latest
         ``until`` given wins)."""
@@ -365,6 +397,16 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         """Drop the claim on a lease (no-op when it holds none)."""
         check_id(credential_id, "credential id")
         self._in_flight.pop(credential_id, None)
+
+    async def due_backlog(self, now: datetime) -> DueBacklog:
+        """What is due at ``now`` and not settled: unclaimed, claimed, claims expired."""
+        due = [due_at for due_at in self._due.values() if due_at <= now]
+        return DueBacklog(
+            due=len(due),
+            claimed=len(self._in_flight),
+            claim_expired=sum(1 for deadline, _ in self._in_flight.values() if deadline <= now),
+            oldest_due_at=min(due, default=None),
+        )
 
     # ---- quarantines
 

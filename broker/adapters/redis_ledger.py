@@ -46,6 +46,9 @@ Lua scripts (each atomic on one slot; results are plain strings so no JSON is pa
   ``refused`` when given: issuing, Vault references recorded) if the task's tombstone is later
   than ``issued_at``; else writes ``activated`` and answers ``ok``.
 * ``tombstone`` (run tombstones; task, until): keep the later of the stored and the new until.
+* ``discard`` (run leases; C, expected): delete field C only if it holds exactly ``expected``
+  (a write-ahead record whose mint was definitely refused); 1 or 0.
+* ``forget_idempotency`` (idempotency key; C): delete the binding only if it names C.
 * ``peek`` (due, in-flight, claimed; now, limit, cap): first return up to ``cap`` claims whose
   deadline is ≤ now to the due set at the due time they were claimed at (a crashed claimer's
   items come back: SECURITY 35), then list the ``limit`` oldest items due at ``now`` with
@@ -97,6 +100,7 @@ import structlog
 from redis.asyncio.client import Pipeline
 
 from broker.adapters.memory_ledger import (
+    DueBacklog,
     activated,
     check_claim,
     check_rewrite,
@@ -151,6 +155,8 @@ STORED_LEASE_FIELDS: Final = frozenset(
         "attempts",
         "last_error",
         "revoked_at",
+        "tool",
+        "justification",
     }
 )
 _NAMESPACE = re.compile(r"[a-z][a-z0-9-]{0,15}")
@@ -362,6 +368,10 @@ def _encode_lease(lease: Lease) -> str:
         doc["le"] = lease.last_error
     if lease.revoked_at is not None:
         doc["ra"] = _micros(lease.revoked_at)
+    if lease.tool:
+        doc["tl"] = lease.tool
+    if lease.justification:
+        doc["js"] = lease.justification
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -396,6 +406,8 @@ def _decode_lease(raw: str, credential_id: str, workflow_id: str, where: str) ->
             attempts=int(doc.get("at", 0)),
             last_error=str(doc.get("le", "")),
             revoked_at=None if revoked_at is None else _moment(revoked_at),
+            tool=str(doc.get("tl", "")),
+            justification=str(doc.get("js", "")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise _corrupt(where, exc) from exc
@@ -575,7 +587,28 @@ return items
 """,
 )
 
-_SCRIPTS: Final = (_CAS, _ACTIVATE, _TOMBSTONE, _PEEK, _CLAIM)
+_DISCARD = _Script(
+    "discard",
+    """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+""",
+)
+
+# The binding is [fingerprint, credential id] as JSON; delete it only if it names ARGV[1].
+_FORGET_IDEMPOTENCY = _Script(
+    "forget_idempotency",
+    """
+local bound = redis.call('GET', KEYS[1])
+if not bound then return 0 end
+local ok, doc = pcall(cjson.decode, bound)
+if ok and type(doc) == 'table' and doc[2] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""",
+)
+
+_SCRIPTS: Final = (_CAS, _ACTIVATE, _TOMBSTONE, _PEEK, _CLAIM, _DISCARD, _FORGET_IDEMPOTENCY)
 
 
 def _pairs(flat: Sequence[str]) -> Iterator[tuple[int, str]]:
@@ -968,10 +1001,46 @@ class RedisLedger:  # satisfies core.ports.Ledger
         found = await self._read_lease(credential_id)
         return None if found is None else found[0]
 
+    async def discard(self, lease: Lease) -> bool:
+        """Remove a lease exactly as it was written ahead (issuing, no Vault references): the
+        mint was definitely refused, so there is nothing to revoke and no record to keep
+        (SECURITY 24). False, and nothing removed, when the record is any different (it was
+        activated, tombstoned with references, or never written)."""
+        check_write_ahead(lease)
+        keys = self._keys
+        cid, wid = lease.credential_id, lease.workflow_id
+        discard = self._script_call(_DISCARD, [keys.leases(wid)], [cid, _encode_lease(lease)])
+        if (await self._checked("discard", discard))[0] != 1:
+            return False
+        bucket = keys.bucket(cid)
+        due, in_flight, claimed = keys.due(bucket)
+
+        def build(pipe: Pipeline) -> None:
+            pipe.hdel(keys.creds(bucket), cid)
+            pipe.srem(keys.holder(lease.holder), cid)
+            pipe.srem(keys.owner(lease.owner), cid)
+            pipe.srem(keys.target(lease.target), cid)
+            pipe.zrem(due, cid)
+            pipe.zrem(in_flight, cid)
+            pipe.hdel(claimed, cid)
+
+        await self._checked("discard", build, transaction=True)
+        return True
+
     async def activate(
-        self, credential_id: str, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
+        self,
+        credential_id: str,
+        *,
+        token_accessor: str,
+        vault_lease_ids: tuple[str, ...],
+        written: Lease | None = None,
     ) -> Lease:
         """issuing → active with its Vault references, then the durability barrier.
+
+        ``written`` (optional) is the lease as the caller wrote it ahead: the first attempt
+        then compares-and-sets against its encoding without reading it back, so activation
+        is one round trip; if the record changed meanwhile the script answers ``stale`` and
+        the lease is read as usual.
 
         Raises :class:`NotFoundError` (``lease.not_found``); :class:`ConflictError`
         ``lease.tombstoned`` when the task was tombstoned — the lease stays issuing, records
@@ -983,8 +1052,14 @@ class RedisLedger:  # satisfies core.ports.Ledger
         check_id(credential_id, "credential id")
         if self._settings.durability == "fsync":
             await self._supports_waitaof()
+        hint = (
+            (written, _encode_lease(written))
+            if written is not None and written.credential_id == credential_id
+            else None
+        )
         for _ in range(_CAS_ATTEMPTS):
-            found = await self._read_lease(credential_id)
+            found = hint or await self._read_lease(credential_id)
+            hint = None
             if found is None:
                 raise NotFoundError(f"no lease {credential_id}", reason="lease.not_found")
             lease, raw = found
@@ -1013,7 +1088,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
                     refused_raw,
                 ],
             )
-            replies = await self._pipeline("activate", build)
+            replies = await self._activate_once_more_if_cut(build)
             with _translated("activate"):
                 _raise_first_error(replies[:1])
             outcome = replies[0]
@@ -1037,6 +1112,20 @@ class RedisLedger:  # satisfies core.ports.Ledger
             f"lease {credential_id} kept changing while it was being activated",
             reason="lease.contended",
         )
+
+    async def _activate_once_more_if_cut(self, build: Callable[[Pipeline], object]) -> list[Any]:
+        """Run the activation; if the connection was cut (Redis restarted or failed over since
+        the write-ahead, and the pool still held a dead connection) run it once more on a
+        fresh one. Safe: the script is a compare-and-set, so a second run after a first that
+        did land answers ``stale`` and the lease is read back; the barrier then covers the
+        new connection's write."""
+        try:
+            return await self._pipeline("activate", build)
+        except LedgerUnavailableError as exc:
+            if exc.reason != "ledger.unreachable":
+                raise
+            _log.warning("ledger.activation_retried", reason=exc.reason, detail=exc.detail)
+            return await self._pipeline("activate", build)
 
     def _activation(self, keys: list[str], args: list[str | int]) -> Callable[[Pipeline], None]:
         """The activate script and, on the same connection, the durability barrier."""
@@ -1231,6 +1320,13 @@ class RedisLedger:  # satisfies core.ports.Ledger
             raise key_reused_error()
         return str(bound_id)
 
+    async def forget_idempotency(self, key: str, credential_id: str) -> None:
+        """Unbind ``key`` if it is still bound to ``credential_id`` (its mint was refused, so
+        a retry may mint)."""
+        name = self._keys.idempotency(key)
+        forget = self._script_call(_FORGET_IDEMPOTENCY, [name], [credential_id])
+        await self._checked("forget_idempotency", forget)
+
     async def tombstone_task(self, workflow_id: str, task_id: str, *, until: datetime) -> None:
         """Block activation of leases of this task written ahead before ``until`` (the latest
         ``until`` given wins)."""
@@ -1319,6 +1415,31 @@ class RedisLedger:  # satisfies core.ports.Ledger
             pipe.hdel(claimed, credential_id)
 
         await self._checked("ack", build, transaction=True)
+
+    async def due_backlog(self, now: datetime) -> DueBacklog:
+        """What is due at ``now`` and not settled (for metrics): four O(log n) reads per
+        bucket in one round trip, whatever the number of active leases."""
+        await self._ensure_layout()
+        keys, now_us = self._keys, _micros(now)
+
+        def build(pipe: Pipeline) -> None:
+            for bucket in range(keys.due_buckets):
+                due, in_flight, _claimed = keys.due(bucket)
+                pipe.zcount(due, "-inf", now_us)
+                pipe.zrange(due, 0, 0, withscores=True)
+                pipe.zcard(in_flight)
+                pipe.zcount(in_flight, "-inf", now_us)
+
+        replies = await self._checked("due_backlog", build)
+        quads = [replies[i : i + 4] for i in range(0, len(replies), 4)]
+        oldest = [int(first[0][1]) for _, first, _, _ in quads if first]
+        oldest_us = min((score for score in oldest if score <= now_us), default=None)
+        return DueBacklog(
+            due=sum(int(q[0]) for q in quads),
+            claimed=sum(int(q[2]) for q in quads),
+            claim_expired=sum(int(q[3]) for q in quads),
+            oldest_due_at=None if oldest_us is None else _moment(oldest_us),
+        )
 
 
 class RedisReadiness:  # satisfies core.ports.ReadinessCheck

@@ -265,6 +265,9 @@ class Decision:
     context: Mapping[str, Any] = field(default_factory=dict)
     # A TTL cap some policies impose (e.g. legacy targets, asserted delegation hops).
     max_ttl: timedelta | None = None
+    # needs_approval only: how many distinct approvers the gates that fired ask for (the
+    # largest @quorum among them; 1 when none sets one).
+    approval_quorum: int = 1
 
     @property
     def allowed(self) -> bool:
@@ -306,6 +309,10 @@ class Lease:
     attempts: int = 0
     last_error: str = ""
     revoked_at: datetime | None = None
+    # What the agent said it would use the credential with, and why: part of the request
+    # policy decided on, kept so continuous authorization can decide it again.
+    tool: str = ""
+    justification: str = ""
 
     def __post_init__(self) -> None:
         _require_aware(self.issued_at, "issued_at")

@@ -2,17 +2,23 @@
 
 The policy set (``config/policies/*.cedar``) and its schema (``schema.cedarschema`` in the
 same directory, which documents the request shape) are parsed and validated when the engine is
-built; any problem stops start-up with a :class:`ConfigurationError` naming the file. Each
-:meth:`CedarPolicyEngine.decide` builds the Cedar request from a :class:`PolicyRequest` and
-calls cedarpy once. cedarpy computes and does no I/O, so the engine lives in core; only
-:meth:`CedarPolicyEngine.load` reads files.
+built; any problem raises a :class:`ConfigurationError` naming the file (at start-up it stops
+the broker; on a hot reload the old set stays in force). Each :meth:`CedarPolicyEngine.decide`
+builds the Cedar request from a :class:`PolicyRequest` and calls cedarpy once. cedarpy
+computes and does no I/O, so the engine lives in core and takes texts; reading (and watching)
+the files is ``broker.adapters.config_files`` and ``broker.policy_reload``.
+
+Cedar has no configuration of its own: values a deployment tunes reach the policies as context
+the engine fills from :class:`WorkingHours` (``context.working_hours``).
 
 Outcomes (see the schema file for the annotations):
 
 * **allow** only for an explicit Cedar Allow with no evaluation error. ``max_ttl`` is the
   smallest ``@max_ttl`` among the satisfied permits.
 * **needs_approval** when Cedar denies and every determining policy is an approval gate
-  (a ``forbid`` annotated ``@approval("required")``).
+  (a ``forbid`` annotated ``@approval("required")``). ``approval_quorum`` is the largest
+  ``@quorum("<n>")`` among those gates (1 when none sets one): how many distinct approvers
+  the approval needs (``broker.core.approvals``).
 * **deny** otherwise: a hard forbid applied, no permit applied, a policy failed to evaluate
   (Cedar skips such a policy, which could turn a forbid into an allow), the request did not
   fit the schema, or the engine itself failed.
@@ -25,9 +31,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import cedarpy
@@ -40,13 +45,14 @@ from broker.core.untrusted import printable
 from broker.errors import ConfigurationError, SpiffeIdError
 
 SCHEMA_FILE = "schema.cedarschema"
-POLICY_GLOB = "*.cedar"
 
 # The annotations the broker reads. Anything else stops start-up: a misspelt `@max_tll`
 # would otherwise silently lift a cap.
-_KNOWN_ANNOTATIONS = frozenset({"id", "reason", "approval", "max_ttl"})
+_KNOWN_ANNOTATIONS = frozenset({"id", "reason", "approval", "max_ttl", "quorum"})
 _POLICY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _SECONDS = re.compile(r"[1-9][0-9]{0,5}")
+# @quorum: 1..10 distinct approvers (core.approvals.MAX_QUORUM).
+_QUORUM = re.compile(r"[1-9]|10")
 # A cap longer than a day would be meaningless: a credential request is at most one day.
 _MAX_CAP = timedelta(days=1)
 # Jira-style ticket keys: PROJECT-123.
@@ -54,6 +60,53 @@ TICKET_SHAPE = re.compile(r"[A-Z][A-Z0-9]{1,9}-[0-9]{1,9}")
 # cedarpy names policies by their positional id (`policy3`) in evaluation errors.
 _CEDAR_ID_IN_ERROR = re.compile(r"`(policy[0-9]+)`")
 _ERROR_TEXT_LIMIT = 300
+
+
+@dataclass(frozen=True, slots=True)
+class WorkingHours:
+    """The deployment's working window, which policies see as ``context.working_hours``.
+
+    ``[start_hour_utc, end_hour_utc)`` in UTC on the ISO weekdays in ``days`` (1 Monday ..
+    7 Sunday). A window with ``start > end`` wraps midnight (22-6: a night shift); its day is
+    the day of the hour being checked. ``0``-``24`` on every day is "always".
+    """
+
+    start_hour_utc: int = 6
+    end_hour_utc: int = 20
+    days: frozenset[int] = frozenset(range(1, 8))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start_hour_utc <= 23:
+            raise ValueError(f"start_hour_utc must be 0..23, got {self.start_hour_utc}")
+        if not 1 <= self.end_hour_utc <= 24:
+            raise ValueError(f"end_hour_utc must be 1..24, got {self.end_hour_utc}")
+        if self.start_hour_utc == self.end_hour_utc:
+            raise ValueError(
+                f"start_hour_utc and end_hour_utc are both {self.start_hour_utc}: an empty "
+                "window; use 0 and 24 for the whole day"
+            )
+        if not self.days or not self.days <= frozenset(range(1, 8)):
+            raise ValueError(f"days must be ISO weekdays 1..7 (at least one), got {self.days}")
+
+    def contains(self, utc: datetime) -> bool:
+        """True when ``utc`` (a UTC time) falls inside the window."""
+        if utc.isoweekday() not in self.days:
+            return False
+        hour = utc.hour
+        if self.start_hour_utc < self.end_hour_utc:
+            return self.start_hour_utc <= hour < self.end_hour_utc
+        return hour >= self.start_hour_utc or hour < self.end_hour_utc
+
+    def context(self, utc: datetime) -> dict[str, Any]:
+        """``context.working_hours`` at ``utc`` (shape: ``WorkingHours`` in the schema)."""
+        return {
+            "within": self.contains(utc),
+            "start_hour_utc": self.start_hour_utc,
+            "end_hour_utc": self.end_hour_utc,
+        }
+
+
+_DEFAULT_HOURS = WorkingHours()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +119,8 @@ class PolicyInfo:
     reason: str
     # A forbid annotated @approval("required"): an approval can lift it.
     approval_gate: bool = False
+    # An approval gate's @quorum("<n>"): how many distinct approvers it asks for.
+    approval_quorum: int = 1
     # A permit annotated @max_ttl("<seconds>"): the credential lives at most this long.
     max_ttl: timedelta | None = None
 
@@ -88,12 +143,19 @@ class CedarPolicyEngine:
 
     ``policies`` maps a source name (a file name) to its Cedar text; ``schema`` is the Cedar
     schema text. Both are parsed and validated here: the engine cannot exist with a policy set
-    that is empty, unparsable, or inconsistent with the schema.
+    that is empty, unparsable, or inconsistent with the schema. ``hours`` is the configured
+    working window the policies see as ``context.working_hours``.
     """
 
     def __init__(
-        self, *, policies: Mapping[str, str], schema: str, schema_source: str = SCHEMA_FILE
+        self,
+        *,
+        policies: Mapping[str, str],
+        schema: str,
+        schema_source: str = SCHEMA_FILE,
+        hours: WorkingHours | None = None,
     ) -> None:
+        self._hours = hours if hours is not None else WorkingHours()
         try:
             self._schema = cedarpy.Schema.from_str(schema)
         except ValueError as exc:
@@ -126,22 +188,6 @@ class CedarPolicyEngine:
         self._order = {info.id: index for index, info in enumerate(infos)}
         self._infos = tuple(infos)
 
-    @classmethod
-    def load(cls, policy_dir: Path) -> CedarPolicyEngine:
-        """Build the engine from ``<dir>/*.cedar`` and ``<dir>/schema.cedarschema``."""
-        schema_path = policy_dir / SCHEMA_FILE
-        try:
-            schema = schema_path.read_text(encoding="utf-8")
-            policies = {
-                str(path): path.read_text(encoding="utf-8")
-                for path in sorted(policy_dir.glob(POLICY_GLOB))
-            }
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigurationError(
-                f"policy directory {str(policy_dir)!r} cannot be read: {type(exc).__name__}: {exc}"
-            ) from None
-        return cls(policies=policies, schema=schema, schema_source=str(schema_path))
-
     @property
     def policies(self) -> tuple[PolicyInfo, ...]:
         """Every policy of the set, in source order."""
@@ -150,7 +196,7 @@ class CedarPolicyEngine:
     def decide(self, request: PolicyRequest) -> Decision:
         """The decision for ``request``. Anything but an explicit, error-free allow is not one."""
         try:
-            cedar_input = cedar_input_for(request)
+            cedar_input = cedar_input_for(request, hours=self._hours)
         except Exception as exc:  # noqa: BLE001 - fail closed: a request we cannot express is denied
             return _failed(f"the request cannot be expressed for the policy engine: {exc!r}", {})
         try:
@@ -226,6 +272,7 @@ class CedarPolicyEngine:
                 policy_ids=ids,
                 reasons=reasons,
                 context=evaluated,
+                approval_quorum=max((info.approval_quorum for info in infos), default=1),
             )
         return _failed(f"the engine answered {outcome!r}, neither allow nor deny", evaluated)
 
@@ -326,6 +373,12 @@ def _policy_info(source: str, effect: str, annotations: dict[str, str]) -> Polic
                 f"{where}: @max_ttl must be whole seconds between 1 and 86400, got {raw_cap!r}"
             )
         cap = timedelta(seconds=int(raw_cap))
+    raw_quorum = annotations.get("quorum")
+    if raw_quorum is not None and (approval is None or _QUORUM.fullmatch(raw_quorum) is None):
+        raise ConfigurationError(
+            f'{where}: @quorum("<1-10>") only applies to approval gates '
+            f'(with @approval("required")), got @quorum({raw_quorum!r}) on a {effect} policy'
+        )
     reason = annotations.get("reason") or f"{effect} policy {policy_id} applies"
     return PolicyInfo(
         id=policy_id,
@@ -333,6 +386,7 @@ def _policy_info(source: str, effect: str, annotations: dict[str, str]) -> Polic
         effect=effect,
         reason=reason,
         approval_gate=approval is not None,
+        approval_quorum=int(raw_quorum) if raw_quorum is not None else 1,
         max_ttl=cap,
     )
 
@@ -340,8 +394,9 @@ def _policy_info(source: str, effect: str, annotations: dict[str, str]) -> Polic
 # --------------------------------------------------------------------------- request shape
 
 
-def cedar_input_for(request: PolicyRequest) -> CedarInput:
-    """Build the Cedar request, entities and evaluated context (shape: the schema file)."""
+def cedar_input_for(request: PolicyRequest, *, hours: WorkingHours | None = None) -> CedarInput:
+    """Build the Cedar request, entities and evaluated context (shape: the schema file);
+    ``context.working_hours`` comes from ``hours`` (default :class:`WorkingHours`)."""
     now = request.now
     if now.utcoffset() is None:
         raise ValueError("now must be timezone-aware")
@@ -363,6 +418,7 @@ def cedar_input_for(request: PolicyRequest) -> CedarInput:
     approval = request.approval
     context: dict[str, Any] = {
         "now": {"epoch": int(utc.timestamp()), "hour_utc": utc.hour, "weekday": utc.isoweekday()},
+        "working_hours": (hours or _DEFAULT_HOURS).context(utc),
         "ttl_seconds": int(request.ttl.total_seconds()),
         "run": {
             "id": run.id,

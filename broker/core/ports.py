@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from broker.core.approvals import Approval
 from broker.core.model import (
     Decision,
     DelegationChain,
@@ -189,10 +190,25 @@ class Ledger(Protocol):
         ...
 
     async def activate(
-        self, credential_id: str, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
+        self,
+        credential_id: str,
+        *,
+        token_accessor: str,
+        vault_lease_ids: tuple[str, ...],
+        written: Lease | None = None,
     ) -> Lease:
         """issuing → active with the Vault references, durably acknowledged. Raises
-        ConflictError (``lease.tombstoned``) if the task was revoked meanwhile."""
+        ConflictError (``lease.tombstoned``) if the task was revoked meanwhile. ``written``,
+        the lease as written ahead, lets an implementation skip reading it back."""
+        ...
+
+    async def discard(self, lease: Lease) -> bool:
+        """Remove ``lease`` if the stored record is still exactly it as written ahead
+        (issuing, no Vault references): its mint was definitely refused. False otherwise."""
+        ...
+
+    async def forget_idempotency(self, key: str, credential_id: str) -> None:
+        """Unbind an idempotency key still bound to ``credential_id`` (its mint was refused)."""
         ...
 
     async def get_lease(self, credential_id: str) -> Lease | None:
@@ -275,4 +291,61 @@ class Locks(Protocol):
 
     async def unlock(self, name: str, owner: str) -> None:
         """Release ``name`` if ``owner`` still holds it."""
+        ...
+
+
+# --------------------------------------------------------------------------- approvals
+
+
+class ApprovalStore(Protocol):
+    """Approvals, shared by every replica (Redis in production, in memory in unit tests).
+
+    Every change is a compare-and-set on :attr:`Approval.version`, so concurrent decisions,
+    withdrawals and uses serialize: of two uses of one approval exactly one succeeds. The store
+    also keeps, per request digest, a pointer to the open approval for it (so an identical
+    request reuses it) and an index of pending approvals.
+    """
+
+    async def create_approval(self, approval: Approval, *, replaces: str | None) -> bool:
+        """Store a new approval and point its digest at it, if the digest currently points at
+        ``replaces`` (None: at nothing). False when it does not (someone else opened one for
+        the same request meanwhile): read :meth:`open_approval_for` again."""
+        ...
+
+    async def open_approval_for(self, digest: str) -> str | None:
+        """The id the digest points at: the last approval opened for that request, while it
+        is open (pending or approved; it may have expired meanwhile). None otherwise."""
+        ...
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        """The approval, or None (unknown, or dropped after its retention)."""
+        ...
+
+    async def save_approval(self, approval: Approval, *, expected_version: int) -> bool:
+        """Replace the stored approval if its version is still ``expected_version``
+        (``approval.version`` must be higher); keep the pending index and the digest pointer
+        in step. False when the version moved (re-read and decide again)."""
+        ...
+
+    async def list_approvals(self, *, pending_only: bool, limit: int) -> list[Approval]:
+        """Up to ``limit`` approvals, newest first: those in the pending index, or every one
+        still retained."""
+        ...
+
+    async def count_pending(self) -> int:
+        """How many approvals the pending index holds (those past their expiry included until
+        an operation records the expiry)."""
+        ...
+
+
+class ApprovalNotifier(Protocol):
+    """Tells people and bots that an approval was requested or decided (e.g. webhooks).
+
+    ``notify`` must not wait for delivery: it queues and returns at once, so the request path
+    never depends on a chat or ticketing system being up.
+    """
+
+    def notify(self, event: str, data: Mapping[str, Any]) -> None:
+        """Queue ``event`` (``approval.requested`` | ``approval.decided``) with ``data`` (the
+        step, who took it, and the approval's JSON view) for delivery in the background."""
         ...

@@ -18,16 +18,15 @@ Each ``[[target]]`` table becomes one :class:`~broker.core.model.Target`::
     params = { domain = "..." }      # optional, kind-specific (see _PARAMS)
 
 Errors name the entry and the key (``targets: target[2] ("demo-ssh").max_ttl: ...``) and stop
-start-up. Parsing is pure; :func:`load_target_catalog` is the one function that reads a file.
+start-up (on a hot reload, the old catalog stays in force). Parsing is pure: the file is read
+by ``broker.adapters.config_files.load_target_catalog``.
 """
 
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from datetime import timedelta
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -62,17 +61,6 @@ _PARAMS: Mapping[TargetKind, Mapping[str, tuple[re.Pattern[str], str]]] = {
         "valid_principals": (_PRINCIPALS, "comma-separated user names such as deploy,demo")
     },
 }
-
-
-def load_target_catalog(path: Path) -> Mapping[str, Target]:
-    """Read and parse ``targets.toml``; a missing or unreadable file stops start-up."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigurationError(
-            f"targets file {str(path)!r} cannot be read: {type(exc).__name__}: {exc}"
-        ) from None
-    return parse_target_catalog(data)
 
 
 def parse_target_catalog(data: Mapping[str, Any]) -> Mapping[str, Target]:

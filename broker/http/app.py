@@ -13,7 +13,9 @@ from broker.core.identity import WorkloadIdentity
 from broker.core.model import CredentialRequest
 from broker.core.ports import Clock
 from broker.core.roles import Role
-from broker.errors import BadRequestError
+from broker.errors import ApprovalPendingError, BadRequestError
+from broker.http.approval_routes import approval_pending_response
+from broker.http.audit_rejections import RejectionAuditor
 from broker.http.auth import CALLER_KEY, make_auth_middleware, require_roles
 from broker.http.problems import problem_middleware
 from broker.http.wire import (
@@ -104,23 +106,28 @@ async def get_workflow(request: web.Request) -> web.Response:
 
 
 async def request_credential(request: web.Request) -> web.Response:
-    """POST /v1/credentials: 201 with the secret, exactly once."""
+    """POST /v1/credentials: 201 with the secret, exactly once; 202 when it waits for an
+    approval."""
     body = await parse_body(request, CredentialRequestBody)
     idempotency_key = request.headers.get("Idempotency-Key")
-    issued = await request.app[BROKER_KEY].request_credential(
-        request[CALLER_KEY],
-        CredentialRequest(
-            workflow_id=body.workflow_id,
-            task_id=body.task_id,
-            target=body.target,
-            ttl=timedelta(seconds=body.ttl_seconds),
-            justification=body.justification,
-            tool=body.tool,
-            approval_id=body.approval_id,
-            idempotency_key=idempotency_key,
-        ),
-        params=body.params,
-    )
+    try:
+        issued = await request.app[BROKER_KEY].request_credential(
+            request[CALLER_KEY],
+            CredentialRequest(
+                workflow_id=body.workflow_id,
+                task_id=body.task_id,
+                target=body.target,
+                ttl=timedelta(seconds=body.ttl_seconds),
+                justification=body.justification,
+                tool=body.tool,
+                approval_id=body.approval_id,
+                idempotency_key=idempotency_key,
+            ),
+            params=body.params,
+        )
+    except ApprovalPendingError as pending:
+        # Not a failure: 202 with the approval to wait for (approval_routes).
+        return approval_pending_response(pending)
     lease = issued.lease
     ttl = int((lease.expires_at - lease.issued_at).total_seconds())
     payload = {
@@ -174,12 +181,13 @@ def create_app(
     now: Callable[[], datetime],
     broker: CredentialBroker | None = None,
     clock: Clock | None = None,
+    rejections: RejectionAuditor | None = None,
 ) -> web.Application:
-    """The broker's HTTP application."""
+    """The broker's HTTP application (``rejections`` records ``identity.rejected``)."""
     app = web.Application(
         middlewares=[
             problem_middleware,
-            make_auth_middleware(authenticator=authenticator, now=now),
+            make_auth_middleware(authenticator=authenticator, now=now, rejections=rejections),
         ],
         client_max_size=64 * 1024,
     )

@@ -22,6 +22,7 @@ from broker.core.authn import Caller, CallerAuthenticator
 from broker.core.roles import Role
 from broker.core.untrusted import printable
 from broker.errors import AuthenticationError, ForbiddenError, TaskleaseError
+from broker.http.audit_rejections import RejectionAuditor
 from broker.http.problems import REQUEST_ID_KEY
 
 CALLER_KEY = web.RequestKey("caller", Caller)
@@ -77,9 +78,13 @@ def _der(cert: object) -> bytes:
 
 
 def make_auth_middleware(
-    *, authenticator: CallerAuthenticator, now: Callable[[], datetime]
+    *,
+    authenticator: CallerAuthenticator,
+    now: Callable[[], datetime],
+    rejections: RejectionAuditor | None = None,
 ) -> Middleware:
-    """Middleware that authenticates every non-public request, or answers 401/403."""
+    """Middleware that authenticates every non-public request, or answers 401/403 (and
+    records ``identity.rejected`` through ``rejections``)."""
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -93,6 +98,8 @@ def make_auth_middleware(
             )
         except (AuthenticationError, ForbiddenError) as exc:
             _log_rejection(request, exc)
+            if rejections is not None:
+                await rejections.rejected(request, exc)
             raise
         request[CALLER_KEY] = caller
         structlog.contextvars.bind_contextvars(principal=caller.principal_id)

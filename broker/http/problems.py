@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from broker.core.audit import REQUEST_ID
 from broker.core.untrusted import printable
 from broker.errors import TaskleaseError
 
@@ -60,6 +61,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     if not (0 < len(request_id) <= 64 and request_id.isascii() and request_id.isprintable()):
         request_id = str(uuid.uuid4())
     request[REQUEST_ID_KEY] = request_id
+    # Audit events recorded while serving this request carry its id (broker.core.audit).
+    bound = REQUEST_ID.set(request_id)
     try:
         response = await handler(request)
     except TaskleaseError as exc:
@@ -90,6 +93,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             detail=exc.reason,
             request_id=request_id,
         )
+        # RFC 9110 §15.5.6: a 405 MUST list the methods the resource supports.
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never leak a trace
         _log.error(
             "request.crashed",
@@ -104,5 +110,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             detail="the broker failed to handle this request; see the broker log",
             request_id=request_id,
         )
+    finally:
+        REQUEST_ID.reset(bound)
     response.headers["X-Request-Id"] = request_id
     return response

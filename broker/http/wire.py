@@ -23,10 +23,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=4096)
 
 
+# The shape of identifiers (broker.core.model.check_id). The domain refuses any other with a 400
+# naming the field; the schema says so to clients (json_schema_extra: the check stays there).
+ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+_ID: dict[str, Any] = {"pattern": ID_PATTERN}
+
+
 class StartWorkflowBody(_Strict):
     """POST /v1/workflows"""
 
-    id: str = Field(min_length=1, max_length=128)
+    # Exactly one of deadline and ttl_seconds (checked by the route).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["deadline"], "properties": {"deadline": {"type": "string"}}},
+                {"required": ["ttl_seconds"], "properties": {"ttl_seconds": {"type": "integer"}}},
+            ]
+        }
+    )
+
+    id: str = Field(min_length=1, max_length=128, json_schema_extra=_ID)
     owner: str = Field(min_length=1, max_length=256, description="the accountable human")
     purpose: str = Field(min_length=1, max_length=1024, description="why; a ticket reference")
     deadline: datetime | None = Field(default=None, description="RFC 3339, with a timezone")
@@ -38,13 +54,13 @@ class StartWorkflowBody(_Strict):
 class CredentialRequestBody(_Strict):
     """POST /v1/credentials"""
 
-    workflow_id: str = Field(min_length=1, max_length=128)
-    task_id: str = Field(min_length=1, max_length=128)
-    target: str = Field(min_length=1, max_length=128)
+    workflow_id: str = Field(min_length=1, max_length=128, json_schema_extra=_ID)
+    task_id: str = Field(min_length=1, max_length=128, json_schema_extra=_ID)
+    target: str = Field(min_length=1, max_length=128, json_schema_extra=_ID)
     ttl_seconds: int = Field(default=300, ge=1, le=24 * 3600)
     justification: str = Field(default="", max_length=1024)
     tool: str = Field(default="", max_length=256)
-    approval_id: str | None = Field(default=None, max_length=128)
+    approval_id: str | None = Field(default=None, max_length=128, json_schema_extra=_ID)
     params: dict[str, str] = Field(default_factory=dict, max_length=8)
 
 

@@ -145,7 +145,13 @@ async def test_write_ahead_then_activate_records_the_vault_references(ledger: Le
 
 
 async def test_every_lease_field_round_trips(ledger: Ledger) -> None:
-    lease = make_lease(approval_id="appr-7", revocable=False, kind=TargetKind.SSH)
+    lease = make_lease(
+        approval_id="appr-7",
+        revocable=False,
+        kind=TargetKind.SSH,
+        tool="ssh",
+        justification="rotate the host keys — OPS-42",
+    )
     await ledger.write_ahead(lease)
     await ledger.activate("cred_a", token_accessor="acc-1", vault_lease_ids=("ssh/sign/l1", "l2"))
     final = dataclasses.replace(
@@ -190,6 +196,64 @@ async def test_an_orphaned_issuing_lease_is_due_at_its_expiry(ledger: Ledger) ->
         == []
     )
     assert await ledger.claim_due(expiry, limit=10, visibility=VISIBILITY) == ["cred_a"]
+
+
+async def test_activate_with_the_written_lease_is_the_same_as_without(ledger: Ledger) -> None:
+    lease = make_lease()
+    await ledger.write_ahead(lease)
+    active = await ledger.activate(
+        "cred_a", token_accessor="acc-1", vault_lease_ids=("l1",), written=lease
+    )
+    assert active == dataclasses.replace(
+        lease, state=LeaseState.ACTIVE, token_accessor="acc-1", vault_lease_ids=("l1",)
+    )
+    assert active == await ledger.get_lease("cred_a")
+
+
+async def test_activate_with_a_stale_written_lease_reads_the_record(ledger: Ledger) -> None:
+    """The hint is only a guess: a record changed meanwhile (tombstoned, marked revoked) wins."""
+    lease = make_lease()
+    await ledger.write_ahead(lease)
+    await ledger.tombstone_task("wf-1", "task-1", until=NOW + timedelta(seconds=1))
+    with pytest.raises(ConflictError) as caught:
+        await ledger.activate("cred_a", token_accessor="acc-1", vault_lease_ids=(), written=lease)
+    assert caught.value.reason == "lease.tombstoned"
+    stored = await ledger.get_lease("cred_a")
+    assert stored is not None
+    assert (stored.state, stored.token_accessor) == (LeaseState.ISSUING, "acc-1")
+    with pytest.raises(ConflictError):  # a hint naming another record changes nothing
+        await ledger.activate(
+            "cred_a", token_accessor="acc-2", vault_lease_ids=(), written=make_lease()
+        )
+
+
+async def test_a_refused_mint_discards_its_write_ahead_record_and_index_entries(
+    ledger: Ledger,
+) -> None:
+    """SECURITY 24: a mint Vault definitely refused leaves no record behind."""
+    lease = make_lease()
+    await ledger.write_ahead(lease)
+    assert await ledger.discard(lease) is True
+    assert await ledger.get_lease("cred_a") is None
+    assert await ledger.find_leases(LeaseSelector(workflow_id="wf-1")) == []
+    assert await ledger.find_leases(LeaseSelector(holder=AGENT)) == []
+    assert await ledger.find_leases(LeaseSelector(everything=True)) == []
+    later = NOW + timedelta(hours=1)
+    assert await ledger.claim_due(later, limit=10, visibility=VISIBILITY) == []
+    assert await ledger.discard(lease) is False
+
+
+async def test_discard_keeps_a_record_that_changed_since_it_was_written(ledger: Ledger) -> None:
+    lease = make_lease()
+    await ledger.write_ahead(lease)
+    await ledger.activate("cred_a", token_accessor="acc-1", vault_lease_ids=())
+    assert await ledger.discard(lease) is False
+    stored = await ledger.get_lease("cred_a")
+    assert stored is not None
+    assert stored.state is LeaseState.ACTIVE
+    assert await ledger.claim_due(NOW + timedelta(hours=1), limit=10, visibility=VISIBILITY) == [
+        "cred_a"
+    ]
 
 
 async def test_activating_an_unknown_lease_is_not_found(ledger: Ledger) -> None:
@@ -445,6 +509,16 @@ async def test_an_idempotency_key_reused_for_another_request_conflicts(ledger: L
         await ledger.remember_idempotency("agent|k1", "fp-2", "cred_b", ttl=ttl)
     assert caught.value.reason == "idempotency.key_reused"
     assert await ledger.remember_idempotency("agent|k1", "fp-1", "cred_b", ttl=ttl) == "cred_a"
+
+
+async def test_a_forgotten_idempotency_key_can_be_bound_again(ledger: Ledger) -> None:
+    ttl = timedelta(hours=1)
+    await ledger.remember_idempotency("agent|k1", "fp-1", "cred_a", ttl=ttl)
+    await ledger.forget_idempotency("agent|k1", "cred_other")  # bound to another: kept
+    assert await ledger.remember_idempotency("agent|k1", "fp-1", "cred_b", ttl=ttl) == "cred_a"
+    await ledger.forget_idempotency("agent|k1", "cred_a")
+    assert await ledger.remember_idempotency("agent|k1", "fp-1", "cred_b", ttl=ttl) is None
+    await ledger.forget_idempotency("agent|never", "cred_a")  # unbound: nothing happens
 
 
 # --------------------------------------------------------------------------- due index

@@ -329,7 +329,7 @@ async def test_hostile_values_are_logged_as_one_escaped_truncated_line(
     lines = [
         line
         for line in (LOG_DIR / "broker.jsonl").read_text().splitlines()
-        if request_id in line and "identity.rejected" in line
+        if request_id in line and '"event": "identity.rejected"' in line
     ]
     assert len(lines) == 1
     event = json.loads(lines[0])

@@ -219,7 +219,6 @@ async def test_vault_token_kind_returns_a_task_token_with_the_target_policies(
     [
         ("unknown-target", (404, "target.unknown")),
         ("not-participant", (403, "policy.deny")),
-        ("restricted-target", (403, "policy.needs_approval")),
         ("unknown-run", (404, "workflow.not_found")),
         ("bad-body", (400, "body.invalid")),
         ("orchestrator-asks", (403, "auth.role_required")),
@@ -235,8 +234,6 @@ async def test_refusals_are_typed_problems(
     elif case == "not-participant":
         status, body = await actors.request(broker, run_id, "demo-db", context=actors.other_agent)
         assert "agent-request" in body["detail"] or body["policy_ids"]
-    elif case == "restricted-target":
-        status, body = await actors.request(broker, run_id, "prod-db")
     elif case == "unknown-run":
         status, body = await actors.request(broker, "wf-nope", "demo-db")
     elif case == "bad-body":

@@ -549,7 +549,10 @@ async def test_postgres_down_during_revocation_is_revoke_failed_then_recovered(
 
             await _until(failed, within=5)
         alerts = [e for e in logs if e["event"] == "credential.revoke_failed"]
-        assert [(e["credential_id"], e["alert"]) for e in alerts] == [(cid, True)]
+        # At least one alert, each for this credential (a loaded machine may reach the slow
+        # retry, which alerts again, before the state is polled).
+        assert alerts
+        assert {(e["credential_id"], e["alert"]) for e in alerts} == {(cid, True)}
         assert engine.revoker.metrics.registry.get_sample_value("tasklease_revoke_failed_total")
         assert _lease_alive(stack, lease_id)  # OpenBao could not drop the role either
     finally:

@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
+from broker.adapters.config_files import load_policy_engine, load_target_catalog
 from broker.adapters.memory_ledger import InMemoryLedger
 from broker.adapters.scheduler import RevocationSweeper
 from broker.core.authn import Caller, CallerAuthenticator
@@ -30,11 +31,9 @@ from broker.core.model import (
     TargetKind,
     WorkflowRun,
 )
-from broker.core.policy import CedarPolicyEngine
 from broker.core.ports import LeaseSelector, MintedCredential, MintSpec, RevokeOutcome
 from broker.core.roles import Role
 from broker.core.spiffe_id import SpiffeId
-from broker.core.targets import load_target_catalog
 from broker.errors import (
     BadRequestError,
     ConflictError,
@@ -476,8 +475,18 @@ async def test_sweep_metrics_report_lag_and_overdue() -> None:
     registry = engine.metrics.registry
     assert registry.get_sample_value("tasklease_revocation_sweep_lag_seconds") == 10.0
     assert registry.get_sample_value("tasklease_revocations_overdue") == 1
-    assert registry.get_sample_value("tasklease_revocations_total", {"outcome": "revoked"}) == 1
-    assert registry.get_sample_value("tasklease_revocations_total", {"outcome": "retrying"}) == 1
+    assert (
+        registry.get_sample_value(
+            "tasklease_revocations_total", {"kind": "database", "outcome": "revoked"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "tasklease_revocations_total", {"kind": "database", "outcome": "retrying"}
+        )
+        == 1
+    )
     assert old.expires_at < NOW
 
 
@@ -635,7 +644,7 @@ async def test_completion_reports_a_failing_revocation_as_still_live() -> None:
 
 def _broker(ledger: InMemoryLedger, minter: FakeMinter, clock: Clock) -> CredentialBroker:
     return CredentialBroker(
-        policy=CedarPolicyEngine.load(Path("config/policies")),
+        policy=load_policy_engine(Path("config/policies")),
         minter=minter,
         ledger=ledger,
         targets=load_target_catalog(Path("config/targets.toml")),
@@ -757,7 +766,9 @@ async def test_two_sweepers_never_double_count_and_never_skip() -> None:
     assert sorted(minter.calls) == [f"acc-{cid}" for cid in ids]
     assert {(await stored(ledger, cid)).state for cid in ids} == {LeaseState.REVOKED}
     counted = sum(
-        r.metrics.registry.get_sample_value("tasklease_revocations_total", {"outcome": "revoked"})
+        r.metrics.registry.get_sample_value(
+            "tasklease_revocations_total", {"kind": "database", "outcome": "revoked"}
+        )
         or 0
         for r in (a, b)
     )
@@ -1067,7 +1078,7 @@ async def test_a_completion_and_a_sweep_on_one_lease_make_one_vault_call() -> No
     assert minter.calls == ["acc-c-1"]
     assert (
         engine.metrics.registry.get_sample_value(
-            "tasklease_revocations_total", {"outcome": "revoked"}
+            "tasklease_revocations_total", {"kind": "database", "outcome": "revoked"}
         )
         == 1
     )

@@ -8,20 +8,20 @@ from pathlib import Path
 
 import pytest
 
+from broker.adapters.config_files import load_policy_engine, load_target_catalog
 from broker.adapters.memory_ledger import InMemoryLedger
 from broker.core.authn import Caller
 from broker.core.identity import AuthMethod, HumanIdentity, WorkloadIdentity
 from broker.core.model import CredentialRequest, Lease, LeaseState
-from broker.core.policy import CedarPolicyEngine
 from broker.core.ports import MintedCredential, MintSpec, RevokeOutcome
 from broker.core.roles import Role
 from broker.core.spiffe_id import SpiffeId
-from broker.core.targets import load_target_catalog
 from broker.errors import (
     ConflictError,
     ForbiddenError,
     IdempotentReplayError,
     LedgerUnavailableError,
+    MintOutcomeUnknownError,
     NotFoundError,
     PolicyDeniedError,
     VaultUnavailableError,
@@ -31,7 +31,7 @@ from broker.service import CredentialBroker
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 AGENT = "spiffe://tasklease.test/agent/demo"
 ORCH = "spiffe://tasklease.test/orchestrator/demo"
-POLICY = CedarPolicyEngine.load(Path("config/policies"))
+POLICY = load_policy_engine(Path("config/policies"))
 TARGETS = load_target_catalog(Path("config/targets.toml"))
 
 
@@ -69,7 +69,12 @@ class FakeMinter:
 
 class FailingActivateLedger(InMemoryLedger):
     async def activate(
-        self, credential_id: str, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
+        self,
+        credential_id: str,
+        *,
+        token_accessor: str,
+        vault_lease_ids: tuple[str, ...],
+        written: Lease | None = None,
     ) -> Lease:
         raise LedgerUnavailableError("not acknowledged", reason="ledger.not_acknowledged")
 
@@ -240,6 +245,36 @@ async def test_a_mint_failure_leaves_no_active_lease() -> None:
         await service.request_credential(AGENT_CALLER, request(), params=PARAMS)
     _, leases = await service.get_workflow(ORCH_CALLER, "wf-1")
     assert [x for x in leases if x.state is LeaseState.ACTIVE] == []
+
+
+async def test_a_refused_mint_leaves_no_record_and_frees_the_idempotency_key() -> None:
+    """SECURITY 24: sealed / 403 / 429 on mint → a clear error and no record."""
+    ledger = InMemoryLedger()
+    minter = FakeMinter(fail=VaultUnavailableError("sealed", reason="vault.sealed"))
+    service = broker(minter=minter, ledger=ledger)
+    await start_run(service)
+    keyed = request(idempotency_key="retry-1")
+    with pytest.raises(VaultUnavailableError):
+        await service.request_credential(AGENT_CALLER, keyed, params=PARAMS)
+    assert (await service.get_workflow(ORCH_CALLER, "wf-1"))[1] == []
+    minter.fail = None
+    issued = await service.request_credential(AGENT_CALLER, keyed, params=PARAMS)
+    assert issued.lease.state is LeaseState.ACTIVE
+
+
+async def test_an_unknown_mint_outcome_keeps_the_write_ahead_record_for_the_sweeper() -> None:
+    """SECURITY 23: a token may exist, so its record stays, due at its expiry."""
+    ledger = InMemoryLedger()
+    minter = FakeMinter(fail=MintOutcomeUnknownError("lost", reason="vault.mint_outcome_unknown"))
+    service = broker(minter=minter, ledger=ledger)
+    await start_run(service)
+    with pytest.raises(MintOutcomeUnknownError):
+        await service.request_credential(AGENT_CALLER, request(), params=PARAMS)
+    [lease] = (await service.get_workflow(ORCH_CALLER, "wf-1"))[1]
+    assert lease.state is LeaseState.ISSUING
+    assert await ledger.claim_due(lease.expires_at, limit=5, visibility=timedelta(seconds=5)) == [
+        lease.credential_id
+    ]
 
 
 async def test_runs_are_visible_to_their_orchestrator_and_admins_only() -> None:
