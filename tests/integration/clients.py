@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import hvac
+import hvac.exceptions
+import psycopg
 
 from broker.bootstrap import RunningBroker
 from broker.devstack import DevStack
@@ -52,3 +55,49 @@ async def call(
 def workload_id(stack: DevStack, name: str) -> str:
     """The SPIFFE ID of a demo workload (agent, orchestrator, admin) in the dev trust domain."""
     return f"spiffe://{stack.trust_domain}/{name}/demo"
+
+
+# --------------------------------------------------------------------------- the stack's own view
+
+
+def openbao_root(stack: DevStack) -> hvac.Client:
+    """An hvac client with the dev stack's root token (tests only: the broker never has it)."""
+    assert stack.endpoints is not None
+    return hvac.Client(url=stack.endpoints.openbao_addr, token=stack.endpoints.openbao_root_token)
+
+
+def orders_as(stack: DevStack, user: str, password: str) -> int:
+    """Log into the demo PostgreSQL database as ``user`` and count the orders (raises
+    ``psycopg.OperationalError`` when the login is refused)."""
+    assert stack.endpoints is not None
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=stack.endpoints.postgres_port,
+        dbname="demo",
+        user=user,
+        password=password,
+        connect_timeout=5,
+    ) as conn:
+        row = conn.execute("SELECT count(*) FROM orders").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def token_alive(stack: DevStack, accessor: str) -> bool:
+    """Whether OpenBao still knows the token behind ``accessor``."""
+    try:
+        openbao_root(stack).auth.token.lookup_accessor(accessor)
+    except hvac.exceptions.InvalidRequest as exc:
+        assert "invalid accessor" in str(exc)
+        return False
+    return True
+
+
+def lease_alive(stack: DevStack, lease_id: str) -> bool:
+    """Whether OpenBao still knows the lease ``lease_id``."""
+    try:
+        openbao_root(stack).sys.read_lease(lease_id)
+    except hvac.exceptions.InvalidRequest as exc:
+        assert "invalid lease" in str(exc)
+        return False
+    return True

@@ -26,6 +26,7 @@ from broker.bootstrap import RunningBroker
 from broker.devstack import DevStack
 from tests.conftest import remember_secret
 from tests.integration.clients import StartBroker, call, client_context, workload_id
+from tests.integration.clients import orders_as as _orders_as
 from tests.jwt_tokens import Signer, ec_key, token
 
 pytestmark = pytest.mark.stack
@@ -241,21 +242,6 @@ async def _pending_gauge(broker: RunningBroker, world: World) -> float:
         if sample.name == "tasklease_approvals_pending"
     ]
     return value
-
-
-def _orders_as(stack: DevStack, user: str, password: str) -> int:
-    assert stack.endpoints is not None
-    with psycopg.connect(
-        host="127.0.0.1",
-        port=stack.endpoints.postgres_port,
-        dbname="demo",
-        user=user,
-        password=password,
-        connect_timeout=5,
-    ) as conn:
-        row = conn.execute("SELECT count(*) FROM orders").fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 async def test_a_restricted_request_waits_for_a_person_then_the_credential_works(

@@ -27,7 +27,7 @@ from broker.client import (
 )
 from broker.devstack import DevStack
 from tests.conftest import remember_secret
-from tests.integration.clients import StartBroker, workload_id
+from tests.integration.clients import StartBroker, orders_as, workload_id
 
 pytestmark = pytest.mark.stack
 
@@ -63,18 +63,7 @@ async def _start_run(stack: DevStack, broker: RunningBroker, **extra: Any) -> st
 
 
 def _pg_login(stack: DevStack, secret: Any) -> int:
-    assert stack.endpoints is not None
-    with psycopg.connect(
-        host="127.0.0.1",
-        port=stack.endpoints.postgres_port,
-        dbname="demo",
-        user=secret["username"],
-        password=secret["password"],
-        connect_timeout=5,
-    ) as conn:
-        row = conn.execute("SELECT count(*) FROM orders").fetchone()
-        assert row is not None
-        return int(row[0])
+    return orders_as(stack, secret["username"], secret["password"])
 
 
 async def _state(stack: DevStack, broker: RunningBroker, credential_id: str) -> str:

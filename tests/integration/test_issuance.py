@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import hvac
-import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -22,6 +21,8 @@ from broker.bootstrap import RunningBroker
 from broker.devstack import DevStack
 from tests.conftest import remember_secret
 from tests.integration.clients import StartBroker, call, client_context, workload_id
+from tests.integration.clients import openbao_root as _root
+from tests.integration.clients import orders_as as _pg_rows
 
 pytestmark = pytest.mark.stack
 
@@ -84,26 +85,6 @@ class Actors:
 @pytest.fixture
 def actors(stack: DevStack, tmp_path: Path) -> Actors:
     return Actors(stack, tmp_path)
-
-
-def _root(stack: DevStack) -> hvac.Client:
-    assert stack.endpoints is not None
-    return hvac.Client(url=stack.endpoints.openbao_addr, token=stack.endpoints.openbao_root_token)
-
-
-def _pg_rows(stack: DevStack, user: str, password: str) -> int:
-    assert stack.endpoints is not None
-    with psycopg.connect(
-        host="127.0.0.1",
-        port=stack.endpoints.postgres_port,
-        dbname="demo",
-        user=user,
-        password=password,
-        connect_timeout=5,
-    ) as conn:
-        row = conn.execute("SELECT count(*) FROM orders").fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 async def test_an_agent_gets_database_credentials_for_one_task_and_queries(

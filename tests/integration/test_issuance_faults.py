@@ -34,6 +34,7 @@ from broker.devstack import DevStack
 from broker.reconciler import Reconciler
 from tests.conftest import remember_secret
 from tests.integration.clients import StartBroker, call, client_context, workload_id
+from tests.integration.clients import openbao_root as _root
 
 pytestmark = pytest.mark.stack
 
@@ -121,11 +122,6 @@ async def proxy(stack: DevStack) -> AsyncIterator[SwallowingProxy]:
         yield proxy
     finally:
         await proxy.close()
-
-
-def _root(stack: DevStack) -> hvac.Client:
-    assert stack.endpoints is not None
-    return hvac.Client(url=stack.endpoints.openbao_addr, token=stack.endpoints.openbao_root_token)
 
 
 def _db_leases(root: hvac.Client) -> set[str]:

@@ -18,8 +18,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import hvac
-import hvac.exceptions
 import psycopg
 import pytest
 import redis
@@ -27,7 +25,9 @@ import redis
 from broker.bootstrap import RunningBroker
 from broker.devstack import DevStack
 from tests.conftest import remember_secret
-from tests.integration.clients import StartBroker, call, client_context, workload_id
+from tests.integration.clients import StartBroker, call, client_context, orders_as, workload_id
+from tests.integration.clients import lease_alive as _lease_alive
+from tests.integration.clients import token_alive as _token_alive
 
 pytestmark = pytest.mark.stack
 
@@ -131,42 +131,8 @@ async def until(probe: Callable[[], Awaitable[bool]], *, within: float = 10.0) -
         await asyncio.sleep(0.1)
 
 
-def _root(stack: DevStack) -> hvac.Client:
-    assert stack.endpoints is not None
-    return hvac.Client(url=stack.endpoints.openbao_addr, token=stack.endpoints.openbao_root_token)
-
-
-def _token_alive(stack: DevStack, accessor: str) -> bool:
-    try:
-        _root(stack).auth.token.lookup_accessor(accessor)
-    except hvac.exceptions.InvalidRequest as exc:
-        assert "invalid accessor" in str(exc)
-        return False
-    return True
-
-
-def _lease_alive(stack: DevStack, lease_id: str) -> bool:
-    try:
-        _root(stack).sys.read_lease(lease_id)
-    except hvac.exceptions.InvalidRequest as exc:
-        assert "invalid lease" in str(exc)
-        return False
-    return True
-
-
 def _pg_rows(stack: DevStack, secret: dict[str, Any]) -> int:
-    assert stack.endpoints is not None
-    with psycopg.connect(
-        host="127.0.0.1",
-        port=stack.endpoints.postgres_port,
-        dbname="demo",
-        user=secret["username"],
-        password=secret["password"],
-        connect_timeout=5,
-    ) as conn:
-        row = conn.execute("SELECT count(*) FROM orders").fetchone()
-        assert row is not None
-        return int(row[0])
+    return orders_as(stack, secret["username"], secret["password"])
 
 
 async def test_hot_reload_keeps_the_old_set_on_an_invalid_file_and_applies_a_valid_one(

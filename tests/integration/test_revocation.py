@@ -39,7 +39,10 @@ from broker.core.ports import LeaseSelector, RevokeOutcome
 from broker.devstack import DevStack
 from broker.revocation import RevocationSettings, Revoker
 from tests.conftest import remember_secret
-from tests.integration.clients import call
+from tests.integration.clients import call, orders_as
+from tests.integration.clients import lease_alive as _lease_alive
+from tests.integration.clients import openbao_root as _root
+from tests.integration.clients import token_alive as _token_alive
 
 pytestmark = pytest.mark.stack
 
@@ -223,24 +226,8 @@ def actors(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Actors:
 # --------------------------------------------------------------------------- checks in Vault/PG
 
 
-def _root(stack: DevStack) -> hvac.Client:
-    assert stack.endpoints is not None
-    return hvac.Client(url=stack.endpoints.openbao_addr, token=stack.endpoints.openbao_root_token)
-
-
 def _pg_login(stack: DevStack, secret: dict[str, Any]) -> int:
-    assert stack.endpoints is not None
-    with psycopg.connect(
-        host="127.0.0.1",
-        port=stack.endpoints.postgres_port,
-        dbname="demo",
-        user=secret["username"],
-        password=secret["password"],
-        connect_timeout=5,
-    ) as conn:
-        row = conn.execute("SELECT count(*) FROM orders").fetchone()
-        assert row is not None
-        return int(row[0])
+    return orders_as(stack, secret["username"], secret["password"])
 
 
 async def _pg_login_fails(stack: DevStack, secret: dict[str, Any]) -> bool:
@@ -249,24 +236,6 @@ async def _pg_login_fails(stack: DevStack, secret: dict[str, Any]) -> bool:
     except psycopg.OperationalError:
         return True
     return False
-
-
-def _token_alive(stack: DevStack, accessor: str) -> bool:
-    try:
-        _root(stack).auth.token.lookup_accessor(accessor)
-    except hvac.exceptions.InvalidRequest as exc:
-        assert "invalid accessor" in str(exc)
-        return False
-    return True
-
-
-def _lease_alive(stack: DevStack, lease_id: str) -> bool:
-    try:
-        _root(stack).sys.read_lease(lease_id)
-    except hvac.exceptions.InvalidRequest as exc:
-        assert "invalid lease" in str(exc)
-        return False
-    return True
 
 
 async def _until(

@@ -37,6 +37,8 @@ from broker.core.ports import MintSpec
 from broker.devstack import DevStack
 from broker.errors import BadRequestError, ConfigurationError, VaultUnavailableError
 from tests.conftest import remember_secret
+from tests.integration.clients import openbao_root as _root
+from tests.integration.clients import orders_as as _pg_login
 
 pytestmark = pytest.mark.stack
 
@@ -113,26 +115,6 @@ async def minter(stack: DevStack) -> AsyncIterator[VaultMinter]:
         await minter.close()
         vault.close()
         source.close()
-
-
-def _root(stack: DevStack) -> hvac.Client:
-    assert stack.endpoints is not None
-    return hvac.Client(url=stack.endpoints.openbao_addr, token=stack.endpoints.openbao_root_token)
-
-
-def _pg_login(stack: DevStack, user: str, password: str) -> int:
-    assert stack.endpoints is not None
-    with psycopg.connect(
-        host="127.0.0.1",
-        port=stack.endpoints.postgres_port,
-        dbname="demo",
-        user=user,
-        password=password,
-        connect_timeout=5,
-    ) as conn:
-        row = conn.execute("SELECT count(*) FROM orders").fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 async def test_database_credential_is_bound_to_the_task_token_and_revoked_with_it(
