@@ -212,15 +212,20 @@ async def main(requests_per_cell: int) -> None:
                 print(f"\nfailed requests (excluded from latencies): {FAILURES}")
             # Bytes per lease in Redis: every key the ledger holds, over the leases it holds.
             client = redis.Redis.from_url(endpoints.redis_url)
-            keys = list(client.scan_iter(count=1000))
+            every_key = list(client.scan_iter(count=1000))
+            # The audit streams (tl:audit, tl:audit:run:<id>) are not the ledger: counted apart.
+            audit_keys = [k for k in every_key if k.startswith(b"tl:audit")]
+            keys = [k for k in every_key if not k.startswith(b"tl:audit")]
             total = sum(client.memory_usage(k) or 0 for k in keys)
+            audit_total = sum(client.memory_usage(k) or 0 for k in audit_keys)
             # Leases are fields of their run's `…:leases` hash (see redis_ledger's layout).
             leases = sum(int(client.hlen(k)) for k in keys if k.endswith(b":leases"))
             client.close()
             if leases:
                 print(
-                    f"\nRedis: {total} bytes in {len(keys)} keys for {leases} leases = "
-                    f"{total / leases:.0f} bytes per lease (all indexes included)"
+                    f"\nRedis ledger: {total} bytes in {len(keys)} keys for {leases} leases = "
+                    f"{total / leases:.0f} bytes per lease (all indexes included); audit "
+                    f"streams: {audit_total} bytes ({audit_total / leases:.0f} per issuance)"
                 )
     finally:
         broker.send_signal(signal.SIGINT)

@@ -551,30 +551,44 @@ class CredentialBroker:
             # Definitely refused, nothing left in Vault: no record, and a retry may mint.
             await self._forget_refused(lease, caller, request)
             raise
-        try:
-            active = await self._ledger.activate(
+        # The durable record and the audit events (decision, issuance) are both conditions for
+        # handing out the secret and independent of each other, so they are written at the
+        # same time: the request waits for the slower of two fsyncs, not for their sum. If the
+        # record fails, the audit trail says "issued" and then "revoked" (the sweeper confirms
+        # the revocation of the write-ahead record), which is what happened in OpenBao.
+        recorded, audited = await asyncio.gather(
+            self._ledger.activate(
                 credential_id,
                 token_accessor=minted.token_accessor,
                 vault_lease_ids=minted.vault_lease_ids,
                 written=lease,
-            )
-        except TaskleaseError as exc:
+            ),
+            self._record_issued(lease, attempt, minted.token_accessor, minted.vault_lease_ids),
+            return_exceptions=True,
+        )
+        if isinstance(recorded, BaseException):
+            if not isinstance(recorded, TaskleaseError):
+                raise recorded
             # Not durably recorded (or the task was revoked meanwhile): the secret must not
             # leave. Revoke now; the write-ahead record stays due, so the sweeper retries.
             with contextlib.suppress(TaskleaseError):
                 await self._minter.revoke(
                     token_accessor=minted.token_accessor, vault_lease_ids=minted.vault_lease_ids
                 )
-            if isinstance(exc, NotFoundError):
+            if isinstance(recorded, NotFoundError):
                 # The write-ahead record vanished (Redis lost data): a ledger failure, not a
                 # missing resource of the caller's.
                 raise LedgerUnavailableError(
                     f"the ledger lost the record of {credential_id} while it was being minted "
                     "(Redis data loss?); the credential was revoked",
                     reason="ledger.record_lost",
-                ) from exc
-            raise
-        await self._record_issued(active, attempt, minted.token_accessor, minted.vault_lease_ids)
+                ) from recorded
+            raise recorded
+        active = recorded
+        if isinstance(audited, BaseException):
+            if isinstance(audited, AuditUnavailableError):
+                await self._revoke_unaudited(active, minted.token_accessor, minted.vault_lease_ids)
+            raise audited
         # The audit trail carries this (stdout sink); at info level it would print twice.
         _log.debug(
             "credential.issued",
@@ -604,8 +618,8 @@ class CredentialBroker:
         token_accessor: str,
         vault_lease_ids: tuple[str, ...],
     ) -> None:
-        """Record the decision and the issuance before the secret leaves; if the trail cannot
-        take them, revoke the fresh credential and fail closed (503)."""
+        """Record the decision and the issuance (raises AuditUnavailableError when a durable
+        sink cannot take them; the caller then revokes and fails closed with 503)."""
         if self._audit is None or attempt.decision is None:
             return
         decision = attempt.decision
@@ -628,35 +642,38 @@ class CredentialBroker:
             credential_id=lease.credential_id,
             approval_id=lease.approval_id or "",
         )
-        try:
-            decided = attempt.decision_event(
-                lease.holder,
-                workflow_id=lease.workflow_id,
-                task_id=lease.task_id,
-                approval_id=lease.approval_id or "",
+        decided = attempt.decision_event(
+            lease.holder,
+            workflow_id=lease.workflow_id,
+            task_id=lease.task_id,
+            approval_id=lease.approval_id or "",
+        )
+        await self._audit.record_all((decided, issued))
+
+    async def _revoke_unaudited(
+        self, lease: Lease, token_accessor: str, vault_lease_ids: tuple[str, ...]
+    ) -> None:
+        """The trail could not take a credential's issuance: revoke it now and leave its
+        record due with the reason, so the sweeper confirms the revocation (fail closed)."""
+        _log.error(
+            "credential.unaudited_revoked",
+            credential_id=lease.credential_id,
+            workflow_id=lease.workflow_id,
+            token_accessor=token_accessor,
+        )
+        with contextlib.suppress(TaskleaseError):
+            await self._minter.revoke(
+                token_accessor=token_accessor, vault_lease_ids=vault_lease_ids
             )
-            await self._audit.record_all((decided, issued))
-        except AuditUnavailableError:
-            _log.error(
-                "credential.unaudited_revoked",
-                credential_id=lease.credential_id,
-                workflow_id=lease.workflow_id,
-                token_accessor=token_accessor,
+        with contextlib.suppress(TaskleaseError):
+            # Due now with the reason: the sweeper confirms the revocation and records it.
+            await self._ledger.save_lease(
+                dataclasses.replace(
+                    lease, state=LeaseState.REVOKING, revoke_reason=_AUDIT_UNAVAILABLE
+                )
             )
-            with contextlib.suppress(TaskleaseError):
-                await self._minter.revoke(
-                    token_accessor=token_accessor, vault_lease_ids=vault_lease_ids
-                )
-            with contextlib.suppress(TaskleaseError):
-                # Due now with the reason: the sweeper confirms the revocation and records it.
-                await self._ledger.save_lease(
-                    dataclasses.replace(
-                        lease, state=LeaseState.REVOKING, revoke_reason=_AUDIT_UNAVAILABLE
-                    )
-                )
-            with contextlib.suppress(TaskleaseError):
-                await self._ledger.schedule(lease.credential_id, self._clock.now())
-            raise
+        with contextlib.suppress(TaskleaseError):
+            await self._ledger.schedule(lease.credential_id, self._clock.now())
 
     async def _record_refusal(
         self,

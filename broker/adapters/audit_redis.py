@@ -49,6 +49,12 @@ _CHUNK: Final = 256
 # such keys it remembers.
 _REFRESH_SECONDS: Final = 3600.0
 _MAX_INDEXED: Final = 100_000
+# After a cut connection: how far back to look for an entry that may have landed.
+_LANDED_WINDOW: Final = 256
+
+
+def _text(value: object) -> object:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _translated(operation: str, exc: Exception) -> AuditUnavailableError:
@@ -94,21 +100,31 @@ class RedisStreamAuditSink:
         for sealed in records:
             for run in record_runs(sealed.record):
                 by_run.setdefault(run, []).append(sealed.line)
-        pipe = self._redis.pipeline(transaction=False)
-        entry: dict[Any, Any] = {f"r{index}": sealed.line for index, sealed in enumerate(records)}
-        if self._maxlen:
-            pipe.xadd(self.stream, entry, maxlen=self._maxlen, approximate=True)
-        else:
-            pipe.xadd(self.stream, entry)
+        entries: list[tuple[str, dict[Any, Any]]] = [
+            (self.stream, {f"r{index}": sealed.line for index, sealed in enumerate(records)})
+        ]
         for run, lines in by_run.items():
-            pipe.xadd(self.run_key(run), {f"r{index}": line for index, line in enumerate(lines)})
+            entries.append(
+                (self.run_key(run), {f"r{index}": line for index, line in enumerate(lines)})
+            )
         now = time.monotonic()
         refresh = [key for key in map(self.run_key, by_run) if self._stale(key, now)]
-        for key in refresh:
-            pipe.expire(key, self._ttl)
         try:
-            results = await pipe.execute(raise_on_error=False)
-        except (redis.exceptions.RedisError, OSError) as exc:
+            results = await self._append(entries, refresh)
+        except (redis.exceptions.ConnectionError, OSError) as cut:
+            # A pooled connection died (Redis restarted or failed over): append once more on
+            # a fresh one what did not land, so no entry is written twice (a duplicate would
+            # read as an inserted record to the verifier). Not when no connection could be
+            # made at all (redis-py says "… connecting to …"): Redis is down, retrying waits
+            # for nothing.
+            if "connecting to" in str(cut):
+                raise _translated("XADD", cut) from cut
+            try:
+                missing = [e for e in entries if not await self._landed(*e)]
+                results = await self._append(missing, refresh)
+            except (redis.exceptions.RedisError, OSError) as exc:
+                raise _translated("XADD", exc) from cut
+        except redis.exceptions.RedisError as exc:
             raise _translated("XADD", exc) from exc
         for result in results:
             if isinstance(result, Exception):
@@ -117,6 +133,27 @@ class RedisStreamAuditSink:
             self._indexed.clear()
         for key in refresh:
             self._indexed[key] = now
+
+    async def _append(
+        self, entries: Sequence[tuple[str, dict[Any, Any]]], refresh: Sequence[str]
+    ) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for key, entry in entries:
+            if key == self.stream and self._maxlen:
+                pipe.xadd(key, entry, maxlen=self._maxlen, approximate=True)
+            else:
+                pipe.xadd(key, entry)
+        for key in refresh:
+            pipe.expire(key, self._ttl)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+    async def _landed(self, key: str, entry: Mapping[Any, Any]) -> bool:
+        """Whether ``entry`` is among the last entries of ``key`` (its first record is unique:
+        it carries its writer, sequence number and hash)."""
+        recent = await self._redis.xrevrange(key, count=_LANDED_WINDOW) or []
+        first = entry["r0"]
+        return any(_text((fields or {}).get("r0")) == first for _, fields in recent)
 
     def _stale(self, key: str, now: float) -> bool:
         written = self._indexed.get(key)
