@@ -1,8 +1,10 @@
 """``tasklease audit``: verify the hash chains, tell the story of a run, follow the trail.
 
 Records come from JSONL files (``--file``: the audit file, or a broker log holding the stdout
-sink's lines; repeat it for rotated files, oldest first) or, without ``--file``, from the Redis
-stream named by the settings (``audit.redis.stream`` on ``redis.url``).
+sink's lines; repeat it for rotated files, oldest first), from a running broker over HTTPS
+(``--remote``: ``GET /v1/audit`` with the admin identity given by the global options, see
+``tasklease --help``), or otherwise from the Redis stream named by the settings
+(``audit.redis.stream`` on ``redis.url``).
 
 Exit codes: 0 ok; 1 a tasklease error; 3 configuration; 4 ``verify`` found tampering.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +44,16 @@ _Stream = Annotated[
     str | None,
     typer.Option("--stream", help="Redis stream key (default: audit.redis.stream)."),
 ]
+_Remote = Annotated[
+    bool,
+    typer.Option(
+        "--remote",
+        help="Read GET /v1/audit from the broker at --url (admin identity: --cert/--key/"
+        "--bundle, --token, or the Workload API) instead of Redis.",
+    ),
+]
+# Pages of GET /v1/audit read by one --remote command, at most (500 records each).
+_MAX_REMOTE_PAGES = 2000
 
 
 def _fail(exc: TaskleaseError) -> typer.Exit:
@@ -91,6 +104,33 @@ async def _redis_records(
         await client.aclose()
 
 
+def _remote_records(
+    ctx: typer.Context, *, run: str | None = None, since: str | None = None
+) -> list[tuple[str, object]]:
+    """Every record ``GET /v1/audit`` returns for the filters, page after page."""
+    from broker.cli_remote import run_admin  # noqa: PLC0415
+    from broker.client import AdminClient  # noqa: PLC0415
+
+    async def read(client: AdminClient) -> list[tuple[str, object]]:
+        found: list[tuple[str, object]] = []
+        filters = {"limit": "500"}
+        if run is not None:
+            filters["workflow_id"] = run
+        if since is not None:
+            filters["since"] = since
+        cursor: str | None = None
+        for page_number in range(_MAX_REMOTE_PAGES):
+            page = await client.audit(**filters, **({"cursor": cursor} if cursor else {}))
+            for index, event in enumerate(page.get("events", [])):
+                found.append((f"page {page_number + 1} #{index + 1}", event))
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+        return found
+
+    return run_admin(ctx, read)
+
+
 def _records(
     files: list[Path] | None,
     stream: str | None,
@@ -115,9 +155,11 @@ def _records(
 
 
 @audit_app.command("verify")
-def audit_verify(
+def audit_verify(  # noqa: PLR0917 - typer options
+    ctx: typer.Context,
     files: _Files = None,
     stream: _Stream = None,
+    remote: _Remote = False,
     anchor: Annotated[
         list[str] | None,
         typer.Option(
@@ -141,7 +183,7 @@ def audit_verify(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
-        entries = _records(files, stream)
+        entries = _remote_records(ctx) if remote else _records(files, stream)
     except TaskleaseError as exc:
         raise _fail(exc) from None
     report = verify_records(
@@ -197,16 +239,18 @@ def audit_verify(
 
 @audit_app.command("trace")
 def audit_trace(
+    ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="The workflow run id.")],
     files: _Files = None,
     stream: _Stream = None,
+    remote: _Remote = False,
 ) -> None:
     """The story of a run: owner, who started it, which agent got which credential under
     which decision, approvals, tool calls and side effects, revocations and why."""
     from broker.core.audit_trace import render_trace  # noqa: PLC0415
 
     try:
-        entries = _records(files, stream, run=run)
+        entries = _remote_records(ctx, run=run) if remote else _records(files, stream, run=run)
     except TaskleaseError as exc:
         raise _fail(exc) from None
     records = [r for _, r in entries if isinstance(r, dict)]
@@ -214,9 +258,15 @@ def audit_trace(
 
 
 @audit_app.command("tail")
-def audit_tail(
+def audit_tail(  # noqa: PLR0917 - typer options
+    ctx: typer.Context,
     files: _Files = None,
     stream: _Stream = None,
+    remote: _Remote = False,
+    since: Annotated[
+        str | None,
+        typer.Option(help="With --remote: read from this RFC 3339 time (default: 1 hour ago)."),
+    ] = None,
     count: Annotated[int, typer.Option("--count", "-n", min=1, max=10_000)] = 20,
     follow: Annotated[
         bool, typer.Option("--follow", help="Keep printing new records (Redis; Ctrl-C stops).")
@@ -231,8 +281,8 @@ def audit_tail(
 
     if output not in ("text", "json", "ocsf"):
         raise typer.BadParameter("--format is text, json or ocsf")
-    if follow and files:
-        raise typer.BadParameter("--follow reads Redis; leave out --file")
+    if follow and (files or remote):
+        raise typer.BadParameter("--follow reads Redis; leave out --file and --remote")
 
     def show(record: object) -> None:
         if not isinstance(record, dict):
@@ -245,7 +295,11 @@ def audit_tail(
             typer.echo(summary_line(record))
 
     try:
-        entries = _records(files, stream, last=count)
+        if remote:
+            start = since or (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+            entries = _remote_records(ctx, since=start)[-count:]
+        else:
+            entries = _records(files, stream, last=count)
     except TaskleaseError as exc:
         raise _fail(exc) from None
     for _, record in entries:

@@ -124,6 +124,12 @@ def _fail_config(message: str) -> NoReturn:
     raise typer.Exit(EXIT_CONFIG)
 
 
+def run_admin(ctx: typer.Context, work: Callable[[AdminClient], Awaitable[_T]]) -> _T:
+    """Run ``work`` with an admin client built from the global options; a refusal prints its
+    code and reason and exits 1, a configuration problem exits 3."""
+    return _run(ctx, work)
+
+
 def _run(ctx: typer.Context, work: Callable[[AdminClient], Awaitable[_T]]) -> _T:
     conn: Connection = ctx.obj
     try:

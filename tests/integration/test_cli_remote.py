@@ -177,3 +177,37 @@ async def test_errors_are_clear_with_exit_codes(
     assert "no identity" in nobody.stderr
     half = await _cli(running_broker, None, "--cert", str(agent["cert"]), "targets", "ls")
     assert half.exit_code == 3
+
+
+async def test_audit_trace_tail_and_verify_over_https(
+    stack: DevStack, running_broker: RunningBroker, tmp_path: Path
+) -> None:
+    """`tasklease audit … --remote` reads GET /v1/audit with the admin's own identity."""
+    broker = running_broker
+    run_id, credential = await _issue(stack, broker, tmp_path)
+    assert isinstance(credential, Credential)
+    admin = _pems(stack, tmp_path, workload_id(stack, "admin"))
+    done = await _cli(broker, admin, "revoke", "--run", run_id, "--reason", "INC-8", "--yes")
+    assert done.exit_code == 0, done.output
+
+    trace = await _cli(broker, admin, "audit", "trace", run_id, "--remote")
+    assert trace.exit_code == 0, trace.output
+    assert f"Run {run_id}" in trace.stdout
+    assert credential.credential_id[:9] in trace.stdout
+    assert "INC-8" in trace.stdout
+    assert credential.secret["password"] not in trace.stdout
+
+    tail = await _cli(broker, admin, "audit", "tail", "--remote", "-n", "3", "--format", "json")
+    assert tail.exit_code == 0, tail.output
+    lines = [json.loads(line) for line in tail.stdout.splitlines() if line.strip()]
+    assert len(lines) == 3
+    assert all("hash" in record and "type" in record for record in lines)
+
+    verify = await _cli(broker, admin, "audit", "verify", "--remote")
+    assert verify.exit_code == 0, verify.output
+    assert "OK: every chain verifies" in verify.stdout
+
+    agent = _pems(stack, tmp_path, workload_id(stack, "agent"))
+    refused = await _cli(broker, agent, "audit", "trace", run_id, "--remote")
+    assert refused.exit_code == 1
+    assert "auth.role_required" in refused.stderr
