@@ -49,6 +49,7 @@ dies, a stray ends by its TTL, which never passes the run's deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import random
@@ -875,6 +876,11 @@ class Revoker:
                 continue
             if claimed:
                 await self._release_claim(result, reschedule=False)
+            elif result.confirmed_revoked:
+                # Settled directly (release, completion with wait, forced revocation): the due
+                # entry its marking left would only make a sweep find it revoked again.
+                with contextlib.suppress(TaskleaseError):
+                    await self._ledger.unschedule(credential_id)
             return result
         # Contended every time: leave it due soon, the next sweep decides afresh.
         retry_at = now + self._settings.backoff_base

@@ -393,6 +393,12 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
             self._in_flight[credential_id] = (now + visibility, due_at)
         return [credential_id for _, credential_id in ready]
 
+    async def unschedule(self, credential_id: str) -> None:
+        """Remove a revoked lease's due entry and any claim on it."""
+        check_id(credential_id, "credential id")
+        self._due.pop(credential_id, None)
+        self._in_flight.pop(credential_id, None)
+
     async def ack(self, credential_id: str) -> None:
         """Drop the claim on a lease (no-op when it holds none)."""
         check_id(credential_id, "credential id")

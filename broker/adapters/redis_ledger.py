@@ -1416,6 +1416,19 @@ class RedisLedger:  # satisfies core.ports.Ledger
 
         await self._checked("ack", build, transaction=True)
 
+    async def unschedule(self, credential_id: str) -> None:
+        """Remove a revoked lease's due entry and any claim on it, in one MULTI/EXEC."""
+        check_id(credential_id, "credential id")
+        await self._ensure_layout()
+        due, in_flight, claimed = self._keys.due(self._keys.bucket(credential_id))
+
+        def build(pipe: Pipeline) -> None:
+            pipe.zrem(due, credential_id)
+            pipe.zrem(in_flight, credential_id)
+            pipe.hdel(claimed, credential_id)
+
+        await self._checked("unschedule", build, transaction=True)
+
     async def due_backlog(self, now: datetime) -> DueBacklog:
         """What is due at ``now`` and not settled (for metrics): four O(log n) reads per
         bucket in one round trip, whatever the number of active leases."""

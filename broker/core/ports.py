@@ -247,6 +247,11 @@ class Ledger(Protocol):
         """Done with a claimed lease (revoked, or rescheduled with :meth:`schedule`)."""
         ...
 
+    async def unschedule(self, credential_id: str) -> None:
+        """Take a lease that is confirmed revoked out of the due index (and any claim), so no
+        sweep has to find that out again. Only for leases in a final state."""
+        ...
+
 
 class QuarantineStore(Protocol):
     """Quarantines, shared by every replica (the ledger implements it)."""

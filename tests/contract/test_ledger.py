@@ -581,6 +581,17 @@ async def test_an_expired_claim_keeps_its_place_in_the_queue(ledger: Ledger) -> 
     assert await ledger.claim_due(later, limit=1, visibility=VISIBILITY) == ["cred_old"]
 
 
+async def test_unschedule_takes_a_revoked_lease_out_of_the_due_index(ledger: Ledger) -> None:
+    await ledger.schedule("cred_a", NOW)
+    await ledger.schedule("cred_b", NOW)
+    assert await ledger.claim_due(NOW, limit=1, visibility=VISIBILITY) == ["cred_a"]
+    await ledger.unschedule("cred_a")  # claimed: the claim goes too
+    await ledger.unschedule("cred_b")  # due: the entry goes
+    await ledger.unschedule("cred_none")  # absent: nothing happens
+    later = NOW + VISIBILITY + timedelta(seconds=1)
+    assert await ledger.claim_due(later, limit=10, visibility=VISIBILITY) == []
+
+
 async def test_ack_ends_a_claim_for_good(ledger: Ledger) -> None:
     await _schedule_all(ledger, {"cred_a": NOW, "cred_b": NOW})
     await ledger.claim_due(NOW, limit=10, visibility=VISIBILITY)

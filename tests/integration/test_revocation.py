@@ -510,13 +510,15 @@ async def test_postgres_down_during_revocation_is_revoke_failed_then_recovered(
             status, report = await actors.credential(engine, cid, method="DELETE")
             assert (status, report["complete"]) == (207, False)
             (live,) = report["still_live"]
-            assert live["last_error"] == "vault.invalid_request: Bad request"
+            # What OpenBao says depends on how far PostgreSQL's shutdown got: a refused
+            # connection ("Bad request") or a timeout; either way a Vault error, surfaced.
+            assert str(live["last_error"]).startswith("vault."), live
 
             async def failed() -> bool:
                 _, metadata = await actors.credential(engine, cid)
                 return bool(metadata["state"] == "revoke_failed")
 
-            await _until(failed, within=5)
+            await _until(failed, within=15)
         alerts = [e for e in logs if e["event"] == "credential.revoke_failed"]
         # At least one alert, each for this credential (a loaded machine may reach the slow
         # retry, which alerts again, before the state is polled).
@@ -531,7 +533,7 @@ async def test_postgres_down_during_revocation_is_revoke_failed_then_recovered(
         _, metadata = await actors.credential(engine, cid)
         return bool(metadata["state"] == "revoked")
 
-    await _until(revoked, within=10)
+    await _until(revoked, within=30)
     assert not _lease_alive(stack, lease_id)
     assert await _pg_login_fails(stack, db["secret"])
     _, metadata = await actors.credential(engine, cid)
