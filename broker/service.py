@@ -556,7 +556,8 @@ class CredentialBroker:
         # same time: the request waits for the slower of two fsyncs, not for their sum. If the
         # record fails, the audit trail says "issued" and then "revoked" (the sweeper confirms
         # the revocation of the write-ahead record), which is what happened in OpenBao.
-        recorded, audited = await asyncio.gather(
+        # The minter's last step (shortening a database lease to the task) runs alongside.
+        recorded, audited, finished = await asyncio.gather(
             self._ledger.activate(
                 credential_id,
                 token_accessor=minted.token_accessor,
@@ -564,6 +565,7 @@ class CredentialBroker:
                 written=lease,
             ),
             self._record_issued(lease, attempt, minted.token_accessor, minted.vault_lease_ids),
+            minted.finish() if minted.finish is not None else _nothing(),
             return_exceptions=True,
         )
         if isinstance(recorded, BaseException):
@@ -585,10 +587,18 @@ class CredentialBroker:
                 ) from recorded
             raise recorded
         active = recorded
-        if isinstance(audited, BaseException):
-            if isinstance(audited, AuditUnavailableError):
-                await self._revoke_unaudited(active, minted.token_accessor, minted.vault_lease_ids)
-            raise audited
+        for failure in (audited, finished):
+            if isinstance(failure, BaseException):
+                if isinstance(failure, TaskleaseError):
+                    await self._revoke_unreturned(
+                        active,
+                        minted.token_accessor,
+                        minted.vault_lease_ids,
+                        reason=_AUDIT_UNAVAILABLE
+                        if isinstance(failure, AuditUnavailableError)
+                        else _MINT_UNFINISHED,
+                    )
+                raise failure
         # The audit trail carries this (stdout sink); at info level it would print twice.
         _log.debug(
             "credential.issued",
@@ -650,13 +660,21 @@ class CredentialBroker:
         )
         await self._audit.record_all((decided, issued))
 
-    async def _revoke_unaudited(
-        self, lease: Lease, token_accessor: str, vault_lease_ids: tuple[str, ...]
+    async def _revoke_unreturned(
+        self,
+        lease: Lease,
+        token_accessor: str,
+        vault_lease_ids: tuple[str, ...],
+        *,
+        reason: str,
     ) -> None:
-        """The trail could not take a credential's issuance: revoke it now and leave its
-        record due with the reason, so the sweeper confirms the revocation (fail closed)."""
+        """A recorded credential must not be handed out after all (the trail could not take
+        its issuance, or the minter could not finish it): revoke it now and leave its record
+        due with the reason, so the sweeper confirms the revocation (fail closed)."""
         _log.error(
-            "credential.unaudited_revoked",
+            "credential.unaudited_revoked"
+            if reason == _AUDIT_UNAVAILABLE
+            else "credential.unfinished_revoked",
             credential_id=lease.credential_id,
             workflow_id=lease.workflow_id,
             token_accessor=token_accessor,
@@ -668,9 +686,7 @@ class CredentialBroker:
         with contextlib.suppress(TaskleaseError):
             # Due now with the reason: the sweeper confirms the revocation and records it.
             await self._ledger.save_lease(
-                dataclasses.replace(
-                    lease, state=LeaseState.REVOKING, revoke_reason=_AUDIT_UNAVAILABLE
-                )
+                dataclasses.replace(lease, state=LeaseState.REVOKING, revoke_reason=reason)
             )
         with contextlib.suppress(TaskleaseError):
             await self._ledger.schedule(lease.credential_id, self._clock.now())
@@ -747,6 +763,8 @@ class CredentialBroker:
 
 # Lease.revoke_reason of a credential revoked because its issuance could not be audited.
 _AUDIT_UNAVAILABLE = "audit_unavailable"
+# The minter could not finish a recorded credential (a lease it could not bound to the task).
+_MINT_UNFINISHED = "mint_unfinished"
 
 
 @dataclass
@@ -816,6 +834,10 @@ def _event(
         approval_id=approval_id,
         request_id=current_request_id(),
     )
+
+
+async def _nothing() -> None:
+    """Nothing left to finish."""
 
 
 def _require(caller: Caller, role: Role, what: str) -> None:

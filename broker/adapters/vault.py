@@ -331,8 +331,6 @@ class VaultMinter:  # satisfies core.ports.SecretMinter and core.ports.TaskToken
             token_expires = started + timedelta(seconds=int(auth["lease_duration"]))
             read = await kind.read(self._http, spec, token=token)
             lease_ids: tuple[str, ...] = (read.lease_id,) if read.lease_id else ()
-            if read.lease_id:
-                await self._bound_lease(read, token_expires)
             if read.not_after is not None and read.not_after > token_expires + self._slack:
                 raise VaultUnavailableError(
                     f"the {spec.target.kind} credential would be valid until "
@@ -340,11 +338,20 @@ class VaultMinter:  # satisfies core.ports.SecretMinter and core.ports.TaskToken
                     f"{token_expires.isoformat()}; refused and revoked",
                     reason="vault.outlives_task",
                 )
+            # Shortening a lease to the task is left to the caller to await alongside the
+            # record of the credential: the secret is handed out only after both.
+            finish = None
+            if read.lease_id:
+
+                async def finish() -> None:
+                    await self._bound_lease(read, token_expires)
+
             return MintedCredential(
                 token_accessor=accessor,
                 vault_lease_ids=lease_ids,
                 expires_at=min(token_expires, read.not_after or token_expires),
                 secret=read.secret,
+                finish=finish,
             )
         except BaseException as failure:
             # Nothing half-minted survives: the token (and every lease under it) goes now.

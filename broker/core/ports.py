@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -114,6 +114,11 @@ class MintedCredential:
     vault_lease_ids: tuple[str, ...]
     expires_at: datetime
     secret: Mapping[str, Any] = field(repr=False)
+    # Work the minter left to finish before the secret may be handed out (e.g. shortening a
+    # database lease to the task), which the caller awaits concurrently with recording the
+    # credential. It raises (a TaskleaseError) if the credential must not be handed out; the
+    # caller then revokes it.
+    finish: Callable[[], Awaitable[None]] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,7 +133,11 @@ async def test_database_credential_is_bound_to_the_task_token_and_revoked_with_i
     assert token["meta"]["holder"] == "spiffe://tasklease.test/agent/demo"
     assert token["meta"]["owner"] == "alice"
     (lease_id,) = minted.vault_lease_ids
-    # The engine's default TTL (1 h) was shortened to the task's.
+    # The engine's default TTL (1 h) is shortened to the task's by the step the minter leaves
+    # to its caller (run alongside the record of the credential).
+    assert root.sys.read_lease(lease_id)["data"]["ttl"] > 45
+    assert minted.finish is not None
+    await minted.finish()
     assert root.sys.read_lease(lease_id)["data"]["ttl"] <= 45
     assert minted.expires_at <= datetime.now(UTC) + timedelta(seconds=45)
 

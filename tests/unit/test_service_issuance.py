@@ -44,10 +44,19 @@ class FrozenClock:
 
 
 class FakeMinter:
-    def __init__(self, *, fail: Exception | None = None) -> None:
+    def __init__(
+        self, *, fail: Exception | None = None, fail_finish: Exception | None = None
+    ) -> None:
         self.fail = fail
+        self.fail_finish = fail_finish
+        self.finished = 0
         self.minted: list[MintSpec] = []
         self.revoked: list[str] = []
+
+    async def _finish(self) -> None:
+        if self.fail_finish is not None:
+            raise self.fail_finish
+        self.finished += 1
 
     async def mint(self, spec: MintSpec) -> MintedCredential:
         if self.fail is not None:
@@ -58,6 +67,7 @@ class FakeMinter:
             vault_lease_ids=("database/creds/x/1",),
             expires_at=NOW + spec.ttl,
             secret={"password": "s3cret"},
+            finish=self._finish,
         )
 
     async def revoke(
@@ -260,6 +270,33 @@ async def test_a_refused_mint_leaves_no_record_and_frees_the_idempotency_key() -
     minter.fail = None
     issued = await service.request_credential(AGENT_CALLER, keyed, params=PARAMS)
     assert issued.lease.state is LeaseState.ACTIVE
+
+
+async def test_the_minters_last_step_runs_before_the_secret_is_returned() -> None:
+    minter = FakeMinter()
+    service = broker(minter=minter)
+    await start_run(service)
+    await service.request_credential(AGENT_CALLER, request(), params=PARAMS)
+    assert minter.finished == 1
+
+
+async def test_an_unfinished_mint_is_revoked_and_its_record_left_due() -> None:
+    """A lease that cannot be bounded to the task (SECURITY 22): nothing is handed out, the
+    credential is revoked, and its record says why and is due for the sweeper to confirm."""
+    ledger = InMemoryLedger()
+    minter = FakeMinter(
+        fail_finish=VaultUnavailableError("outlives the task", reason="vault.outlives_task")
+    )
+    service = broker(minter=minter, ledger=ledger)
+    await start_run(service)
+    with pytest.raises(VaultUnavailableError):
+        await service.request_credential(AGENT_CALLER, request(), params=PARAMS)
+    assert minter.revoked == ["acc-1"]
+    [lease] = (await service.get_workflow(ORCH_CALLER, "wf-1"))[1]
+    assert (lease.state, lease.revoke_reason) == (LeaseState.REVOKING, "mint_unfinished")
+    assert await ledger.claim_due(NOW + timedelta(hours=1), limit=5, visibility=timedelta(1)) == [
+        lease.credential_id
+    ]
 
 
 async def test_an_unknown_mint_outcome_keeps_the_write_ahead_record_for_the_sweeper() -> None:
