@@ -658,7 +658,7 @@ class TaskCredential:
     def __init__(
         self,
         broker_url: str,
-        auth: Auth,
+        source: Auth | _SourceLike,
         *,
         workflow: str,
         task: str,
@@ -671,7 +671,15 @@ class TaskCredential:
         poll_seconds: float = 2.0,
         idempotency_key: str | None = None,
         timeout: float = 30.0,
+        broker_id: str | None = None,
     ) -> None:
+        # A py-spiffe X509Source is used as is (mTLS with its current SVID); anything else is
+        # an Auth (PemAuth, JwtSourceAuth, BearerAuth, X509SourceAuth).
+        auth: Auth = (
+            X509SourceAuth(source, broker_id=broker_id)
+            if not hasattr(source, "ssl_context") and hasattr(source, "get_x509_context")
+            else source  # type: ignore[assignment]
+        )
         self._client = AgentClient(broker_url, auth, timeout=timeout)
         self._request: dict[str, Any] = {
             "workflow": workflow,

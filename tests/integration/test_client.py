@@ -221,7 +221,20 @@ async def test_an_x509_source_from_the_spire_agent_authenticates(
         async with TaskleaseClient(broker.url, auth) as client:
             with pytest.raises(ApiError) as caught:
                 await client.whoami()
+        # TaskCredential also takes the X509Source itself.
+        task = TaskCredential(
+            broker.url,
+            source,
+            workflow="wf-nowhere",
+            task="t",
+            target="demo-db",
+            broker_id=_broker_id(stack),
+        )
+        with pytest.raises(ApiError) as refused:
+            async with task:
+                pass
     finally:
         source.close()
+    assert (refused.value.status, refused.value.reason) == (403, "auth.no_role")
     assert (caught.value.status, caught.value.reason) == (403, "auth.no_role")
     assert _broker_id(stack) in caught.value.detail
