@@ -6,11 +6,12 @@ Parsing is strict: unknown fields are refused, sizes are bounded, and a validati
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from broker.core.model import Lease, Quarantine, QuarantineKind, WorkflowRun
 from broker.errors import BadRequestError
@@ -49,6 +50,24 @@ class StartWorkflowBody(_Strict):
     ttl_seconds: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
     labels: dict[str, str] = Field(default_factory=dict, max_length=32)
     participants: list[str] = Field(default_factory=list, max_length=32)
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: object) -> object:
+        """An RFC 3339 date-time text with its offset, as documented; pydantic alone would
+        also take a Unix time (a number, or digits in a string) or a naive time."""
+        if value is None:
+            return value
+        if not isinstance(value, str) or _RFC3339.fullmatch(value) is None:
+            raise ValueError("must be an RFC 3339 date-time with a timezone offset")
+        return value
+
+
+# YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM); pydantic does the calendar checks.
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}"
+    r"(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 
 
 class CredentialRequestBody(_Strict):

@@ -3,12 +3,14 @@ and what writing the document against the routes found, pinned here as fast regr
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import MultiDict
+from pydantic import ValidationError
 
 from broker.adapters.config_files import load_policy_engine, load_target_catalog
 from broker.adapters.memory_audit import MemoryAuditTrail
@@ -25,6 +27,7 @@ from broker.core.x509svid import TrustStoreX509Authenticator
 from broker.errors import BadRequestError
 from broker.http.app import create_app
 from broker.http.query_routes import _selector
+from broker.http.wire import StartWorkflowBody
 from broker.service import CredentialBroker, Readiness
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -140,3 +143,17 @@ def test_the_all_flag_still_reads_true_and_false(value: str, everything: bool) -
         MultiDict({"all": value} if everything else {"owner": "a", "all": value})
     )
     assert selector.everything is everything
+
+
+@pytest.mark.parametrize(
+    "deadline", ["1893456000", 1893456000, "2030-01-01T00:00:00", "2030-01-01", "tomorrow"]
+)
+def test_a_deadline_is_an_rfc3339_time_with_its_offset(deadline: object) -> None:
+    """pydantic alone takes a Unix time (or digits in a string) and naive times; the API
+    documents RFC 3339 with an offset, and that is all it accepts."""
+    body = {"id": "wf-1", "owner": "o", "purpose": "p", "deadline": deadline}
+    with pytest.raises(ValidationError):
+        StartWorkflowBody.model_validate_json(json.dumps(body))
+    body["deadline"] = "2030-01-01T00:00:00+02:00"
+    parsed = StartWorkflowBody.model_validate_json(json.dumps(body))
+    assert parsed.deadline == datetime(2030, 1, 1, tzinfo=UTC) - timedelta(hours=2)
