@@ -23,19 +23,18 @@ import asyncio
 import os
 import secrets
 import signal
-import ssl
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
-from bench_issuance import FAILURES, _cpu_seconds, _drive, _percentile
+from _common import broker_env, cpu_seconds, percentile, start_broker, svid_context, wait_ready
+from bench_issuance import FAILURES, _drive
 
 from broker.core.audit import AuditEvent, CredentialIssued
 from broker.core.audit_chain import ChainHead, seal_line
@@ -85,31 +84,15 @@ def _seal_cost(count: int = 20_000) -> float:
     return (time.perf_counter() - started) / count * 1e6
 
 
-def _broker(
-    env: dict[str, str], port: int, extra: dict[str, str], stdout: IO[bytes] | int, flags: str
-) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, *flags.split(), "-m", "broker", "serve"],
-        env={**env, "TASKLEASE_SERVER__PORT": str(port), **extra},
-        stdout=stdout,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 async def main(requests: int, rounds: int, clients: int, target: str) -> None:
     stack = DevStack(x509_svid_ttl="1h", jwt_svid_ttl="5m")
     endpoints = stack.start()
     workdir = Path(tempfile.mkdtemp(prefix="tl-bench-audit-"))
-    base = {
-        **os.environ,
-        "SPIFFE_ENDPOINT_SOCKET": f"unix://{endpoints.spire_agent_socket}",
-        "TASKLEASE_SPIFFE__WORKLOAD_API_SOCKET": f"unix://{endpoints.spire_agent_socket}",
-        "TASKLEASE_VAULT__ADDR": endpoints.openbao_addr,
-        "TASKLEASE_REDIS__URL": endpoints.redis_url,
-        "TASKLEASE_LOG_LEVEL": "warning",
-        "TASKLEASE_POLICY__WORKING_HOURS_START_UTC": "0",
-        "TASKLEASE_POLICY__WORKING_HOURS_END_UTC": "24",
-    }
+    base = broker_env(
+        endpoints,
+        TASKLEASE_POLICY__WORKING_HOURS_START_UTC="0",
+        TASKLEASE_POLICY__WORKING_HOURS_END_UTC="24",
+    )
     configs = {
         "off": {
             "TASKLEASE_AUDIT__STDOUT__ENABLED": "false",
@@ -130,40 +113,23 @@ async def main(requests: int, rounds: int, clients: int, target: str) -> None:
     # TASKLEASE_BENCH_PYFLAGS="-m cProfile -o /tmp/on.prof" profiles the broker with sinks on.
     flags = {"off": "", "on": os.environ.get("TASKLEASE_BENCH_PYFLAGS", "")}
     brokers = {
-        name: _broker(base, ports[name], configs[name], logs[name], flags[name]) for name in configs
+        name: start_broker(
+            {**base, "TASKLEASE_SERVER__PORT": str(ports[name]), **configs[name]},
+            stdout=logs[name],
+            flags=flags[name],
+        )
+        for name in configs
     }
     try:
         agent_id = endpoints.workload_ids["agent"]
-        minted = stack.mint_x509_svid(agent_id, ttl_seconds=3600)
-        orchestrator = stack.mint_x509_svid(
-            endpoints.workload_ids["orchestrator"], ttl_seconds=3600
-        )
-        for stem, svid in (("agent", minted), ("orch", orchestrator)):
-            (workdir / f"{stem}.pem").write_text(svid["svid"])
-            (workdir / f"{stem}-key.pem").write_text(svid["key"])
-
-        def context(stem: str) -> ssl.SSLContext:
-            ctx = ssl.create_default_context(cadata=minted["bundle"])
-            ctx.check_hostname = False
-            ctx.load_cert_chain(workdir / f"{stem}.pem", workdir / f"{stem}-key.pem")
-            return ctx
-
-        agent_tls, orch_tls = context("agent"), context("orch")
+        agent_tls = svid_context(stack, agent_id, workdir, "agent")
+        orch_tls = svid_context(stack, endpoints.workload_ids["orchestrator"], workdir, "orch")
         connector = aiohttp.TCPConnector(limit=256)
         async with aiohttp.ClientSession(connector=connector) as session:
             runs: dict[str, str] = {}
             for name, port in ports.items():
                 url = f"https://127.0.0.1:{port}"
-                for _ in range(300):
-                    try:
-                        async with session.get(f"{url}/readyz", ssl=agent_tls) as ready:
-                            if ready.status == 200:
-                                break
-                    except aiohttp.ClientError:
-                        pass
-                    await asyncio.sleep(0.1)
-                else:
-                    raise SystemExit(f"broker '{name}' did not become ready")
+                await wait_ready(session, url, agent_tls)
                 runs[name] = f"bench-audit-{name}-{secrets.token_hex(3)}"
                 async with session.post(
                     f"{url}/v1/workflows",
@@ -210,15 +176,15 @@ async def main(requests: int, rounds: int, clients: int, target: str) -> None:
             print("|---|---|---|---|---|---|")
             for round_no in range(1, rounds + 1):
                 for name in configs:
-                    before = _cpu_seconds(brokers[name].pid)
+                    before = cpu_seconds(brokers[name].pid)
                     lat, wall = await _drive(clients, requests, issue(name))
-                    spent = (_cpu_seconds(brokers[name].pid) - before) / requests
+                    spent = (cpu_seconds(brokers[name].pid) - before) / requests
                     rps[name].append(len(lat) / wall)
                     latencies[name].extend(lat)
                     cpu[name].append(spent)
                     print(
                         f"| {round_no} | {name} | {len(lat) / wall:.0f} | "
-                        f"{_percentile(lat, 0.5) * 1e3:.1f} | {_percentile(lat, 0.99) * 1e3:.1f} "
+                        f"{percentile(lat, 0.5) * 1e3:.1f} | {percentile(lat, 0.99) * 1e3:.1f} "
                         f"| {spent * 1e3:.2f} ms |"
                     )
             off, on = statistics.median(rps["off"]), statistics.median(rps["on"])
@@ -229,7 +195,7 @@ async def main(requests: int, rounds: int, clients: int, target: str) -> None:
                 lat = latencies[name]
                 print(
                     f"| {name} | {statistics.median(rps[name]):.0f} | "
-                    f"{_percentile(lat, 0.5) * 1e3:.1f} | {_percentile(lat, 0.99) * 1e3:.1f} | "
+                    f"{percentile(lat, 0.5) * 1e3:.1f} | {percentile(lat, 0.99) * 1e3:.1f} | "
                     f"{statistics.median(cpu[name]) * 1e3:.2f} ms |"
                 )
             print(

@@ -44,7 +44,6 @@ import os
 import signal
 import ssl
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -55,6 +54,7 @@ from typing import Any
 
 import aiohttp
 import structlog
+from _common import broker_env, cpu_seconds, start_broker, svid_context, wait_ready
 
 from broker.adapters.clock import SystemClock
 from broker.adapters.config_files import load_target_catalog
@@ -82,11 +82,6 @@ PER_RUN = 100
 TTL = timedelta(minutes=30)
 OWNER = "bench-forced@example.test"
 PREFIX = "auth/token/create/tasklease-task"
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _bounded(count: int, concurrency: int, work: Callable[[int], Awaitable[None]]) -> None:
@@ -273,7 +268,7 @@ async def bench_broker(
     accessors = await record_credentials(bench, minter, ledger)
     body = {"selector": {"owner": OWNER}, "reason": "bench: INC-0 bulk forced revocation"}
     confirmed = calls = 0
-    cpu_before = _cpu_seconds(broker_pid)
+    cpu_before = cpu_seconds(broker_pid)
     started = time.perf_counter()
     while True:
         calls += 1
@@ -290,7 +285,7 @@ async def bench_broker(
         if not report["truncated"]:
             break
     elapsed = time.perf_counter() - started
-    cpu = _cpu_seconds(broker_pid) - cpu_before
+    cpu = cpu_seconds(broker_pid) - cpu_before
     assert confirmed == COUNT, f"{confirmed} confirmed, expected {COUNT}"
     leases = await ledger.find_leases(LeaseSelector(owner=OWNER), limit=10_000)
     assert {lease.state for lease in leases} == {LeaseState.REVOKED}
@@ -336,25 +331,16 @@ async def main(count: int) -> None:
     stack = DevStack(x509_svid_ttl="1h", jwt_svid_ttl="5m")
     endpoints = stack.start()
     port = free_port()
-    env = {
-        **os.environ,
-        "SPIFFE_ENDPOINT_SOCKET": f"unix://{endpoints.spire_agent_socket}",
-        "TASKLEASE_SPIFFE__WORKLOAD_API_SOCKET": f"unix://{endpoints.spire_agent_socket}",
-        "TASKLEASE_VAULT__ADDR": endpoints.openbao_addr,
-        "TASKLEASE_REDIS__URL": endpoints.redis_url,
-        "TASKLEASE_SERVER__PORT": str(port),
-        "TASKLEASE_LOG_LEVEL": "warning",
-        # The prefix and floor tokens carry the broker's metadata and no ledger record: the
-        # broker's reconciler must not revoke them before they are measured.
-        "TASKLEASE_VAULT__RECONCILE_INTERVAL_SECONDS": "86400",
-        "TASKLEASE_VAULT__RECONCILE_GRACE_SECONDS": "86400",
-    }
-    broker = subprocess.Popen(
-        [sys.executable, "-m", "broker", "serve"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    broker = start_broker(
+        broker_env(
+            endpoints,
+            TASKLEASE_SERVER__PORT=str(port),
+            # The prefix and floor tokens carry the broker's metadata and no ledger record:
+            # the broker's reconciler must not revoke them before they are measured.
+            TASKLEASE_VAULT__RECONCILE_INTERVAL_SECONDS="86400",
+            TASKLEASE_VAULT__RECONCILE_GRACE_SECONDS="86400",
+        ),
+        flags="",
     )
     workdir = Path(tempfile.mkdtemp(prefix="tl-bench-"))
     source = WorkloadApiSource(socket_path=f"unix://{endpoints.spire_agent_socket}")
@@ -363,12 +349,9 @@ async def main(count: int) -> None:
     ledger = RedisLedger(settings=RedisSettings.model_validate({"url": endpoints.redis_url}))
     try:
         bench = Bench(stack, endpoints, workdir)
-        minted = stack.mint_x509_svid(endpoints.workload_ids["admin"], ttl_seconds=7200)
-        (workdir / "admin.pem").write_text(minted["svid"])
-        (workdir / "admin-key.pem").write_text(minted["key"])
-        admin = ssl.create_default_context(cadata=minted["bundle"])
-        admin.check_hostname = False
-        admin.load_cert_chain(workdir / "admin.pem", workdir / "admin-key.pem")
+        admin = svid_context(
+            stack, endpoints.workload_ids["admin"], workdir, "admin", ttl_seconds=7200
+        )
         # This process logs into OpenBao as the broker (same uid: the broker's SVID) and
         # mints with the broker's own minter.
         await source.start()
@@ -381,16 +364,7 @@ async def main(count: int) -> None:
         minter = VaultMinter(vault=vault, kinds=all_kinds(), now=SystemClock().now)
         url = f"https://127.0.0.1:{port}"
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
-            for _ in range(300):
-                try:
-                    async with session.get(f"{url}/readyz", ssl=admin) as ready:
-                        if ready.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                raise SystemExit("the broker did not become ready")
+            await wait_ready(session, url, admin)
             print(f"# {COUNT} vault-token credentials per path; the machine may be shared")
             print("\n## the limit: OpenBao sys/leases/revoke-prefix")
             prefix = await bench_prefix(bench, minter, session)

@@ -19,9 +19,6 @@ import asyncio
 import os
 import secrets
 import signal
-import ssl
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +26,7 @@ from pathlib import Path
 
 import aiohttp
 import redis
+from _common import broker_env, cpu_seconds, percentile, start_broker, svid_context, wait_ready
 
 from broker.devstack import DevStack, free_port
 
@@ -36,11 +34,6 @@ CONCURRENCY = tuple(int(c) for c in os.environ.get("TASKLEASE_BENCH_CLIENTS", "1
 
 
 FAILURES: dict[str, int] = {}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def _drive(
@@ -67,69 +60,21 @@ async def _drive(
     return latencies, time.perf_counter() - started
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
-
-
 async def main(requests_per_cell: int) -> None:
     stack = DevStack(x509_svid_ttl="1h", jwt_svid_ttl="5m")
     endpoints = stack.start()
     broker_port = free_port()
-    env = {
-        **os.environ,
-        "SPIFFE_ENDPOINT_SOCKET": f"unix://{endpoints.spire_agent_socket}",
-        "TASKLEASE_SPIFFE__WORKLOAD_API_SOCKET": f"unix://{endpoints.spire_agent_socket}",
-        "TASKLEASE_VAULT__ADDR": endpoints.openbao_addr,
-        "TASKLEASE_REDIS__URL": endpoints.redis_url,
-        "TASKLEASE_SERVER__PORT": str(broker_port),
-        "TASKLEASE_LOG_LEVEL": "warning",
-    }
-    broker = subprocess.Popen(
-        # TASKLEASE_BENCH_PYFLAGS="-m cProfile -o /tmp/broker.prof" profiles the broker.
-        [
-            sys.executable,
-            *os.environ.get("TASKLEASE_BENCH_PYFLAGS", "").split(),
-            "-m",
-            "broker",
-            "serve",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    broker = start_broker(broker_env(endpoints, TASKLEASE_SERVER__PORT=str(broker_port)))
     workdir = Path(tempfile.mkdtemp(prefix="tl-bench-"))
     try:
         agent_id = endpoints.workload_ids["agent"]
-        minted = stack.mint_x509_svid(agent_id, ttl_seconds=3600)
-        (workdir / "svid.pem").write_text(minted["svid"])
-        (workdir / "key.pem").write_text(minted["key"])
-        orchestrator = stack.mint_x509_svid(
-            endpoints.workload_ids["orchestrator"], ttl_seconds=3600
-        )
-        (workdir / "orch.pem").write_text(orchestrator["svid"])
-        (workdir / "orch-key.pem").write_text(orchestrator["key"])
-
-        def context(cert: str, key: str) -> ssl.SSLContext:
-            ctx = ssl.create_default_context(cadata=minted["bundle"])
-            ctx.check_hostname = False
-            ctx.load_cert_chain(workdir / cert, workdir / key)
-            return ctx
-
-        agent_tls, orch_tls = context("svid.pem", "key.pem"), context("orch.pem", "orch-key.pem")
+        agent_tls = svid_context(stack, agent_id, workdir, "agent")
+        orch_tls = svid_context(stack, endpoints.workload_ids["orchestrator"], workdir, "orch")
         jwt_svid = stack.mint_jwt_svid(agent_id, audience="openbao", ttl_seconds=3600)
         url = f"https://127.0.0.1:{broker_port}"
         connector = aiohttp.TCPConnector(limit=128)
         async with aiohttp.ClientSession(connector=connector) as session:
-            for _ in range(200):
-                try:
-                    async with session.get(f"{url}/readyz", ssl=agent_tls) as ready:
-                        if ready.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+            await wait_ready(session, url, agent_tls)
             run_id = f"bench-{secrets.token_hex(3)}"
             async with session.post(
                 f"{url}/v1/workflows",
@@ -197,11 +142,11 @@ async def main(requests_per_cell: int) -> None:
                         clients, requests_per_cell, direct_call(read_creds)
                     )
                     await _drive(clients, min(clients * 2, 32), broker_call(target))  # warm
-                    cpu_before = _cpu_seconds(broker.pid)
+                    cpu_before = cpu_seconds(broker.pid)
                     b_lat, b_wall = await _drive(clients, requests_per_cell, broker_call(target))
-                    cpu = (_cpu_seconds(broker.pid) - cpu_before) / requests_per_cell
-                    d50, d99 = _percentile(d_lat, 0.5) * 1e3, _percentile(d_lat, 0.99) * 1e3
-                    b50, b99 = _percentile(b_lat, 0.5) * 1e3, _percentile(b_lat, 0.99) * 1e3
+                    cpu = (cpu_seconds(broker.pid) - cpu_before) / requests_per_cell
+                    d50, d99 = percentile(d_lat, 0.5) * 1e3, percentile(d_lat, 0.99) * 1e3
+                    b50, b99 = percentile(b_lat, 0.5) * 1e3, percentile(b_lat, 0.99) * 1e3
                     d_rps, b_rps = requests_per_cell / d_wall, requests_per_cell / b_wall
                     print(
                         f"| {kind} | {clients} | {d50:.1f} | {d99:.1f} | {d_rps:.0f} | "

@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 import signal
 import ssl
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -34,16 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from _common import broker_env, percentile, start_broker, svid_context, wait_ready
 
-from broker.devstack import REPO_ROOT, DevStack, free_port
+from broker.devstack import DevStack, free_port
 
 RUNS_PER_SIZE = {1: 30, 10: 15, 100: 5}
 ISSUE_CONCURRENCY = 16
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # --------------------------------------------------------------------------- the client
@@ -124,7 +117,7 @@ async def bench_completion(client: Client, agent_id: str) -> None:
             latencies.append(time.perf_counter() - started)
             assert status == 200, body
             assert body["report"]["counts"]["confirmed_revoked"] == size, body
-        p50, p99 = _percentile(latencies, 0.5) * 1e3, _percentile(latencies, 0.99) * 1e3
+        p50, p99 = percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3
         print(
             f"| {size} | {runs} | {p50:.1f} | {p99:.1f} | {max(latencies) * 1e3:.1f} | "
             f"{p50 / size:.2f} |"
@@ -169,7 +162,7 @@ async def bench_direct(session: aiohttp.ClientSession, addr: str, root_token: st
             started = time.perf_counter()
             await asyncio.gather(*(revoke(a, gate) for a in accessors))
             latencies.append(time.perf_counter() - started)
-        p50 = _percentile(latencies, 0.5) * 1e3
+        p50 = percentile(latencies, 0.5) * 1e3
         print(f"| {size} | {p50:.1f} | {max(latencies) * 1e3:.1f} | {p50 / size:.2f} |")
 
 
@@ -214,7 +207,7 @@ async def bench_ttl_expiry(client: Client, agent_id: str, redis_url: str, count:
     ):
         if values:
             print(
-                f"| {name} | {_percentile(values, 0.5):.2f} | {_percentile(values, 0.99):.2f} | "
+                f"| {name} | {percentile(values, 0.5):.2f} | {percentile(values, 0.99):.2f} | "
                 f"{max(values):.2f} |"
             )
     print(
@@ -227,50 +220,16 @@ async def main(expiring: int) -> None:
     stack = DevStack(x509_svid_ttl="1h", jwt_svid_ttl="5m")
     endpoints = stack.start()
     port = free_port()
-    env = {
-        **os.environ,
-        "SPIFFE_ENDPOINT_SOCKET": f"unix://{endpoints.spire_agent_socket}",
-        "TASKLEASE_SPIFFE__WORKLOAD_API_SOCKET": f"unix://{endpoints.spire_agent_socket}",
-        "TASKLEASE_VAULT__ADDR": endpoints.openbao_addr,
-        "TASKLEASE_REDIS__URL": endpoints.redis_url,
-        "TASKLEASE_SERVER__PORT": str(port),
-        "TASKLEASE_LOG_LEVEL": "warning",
-    }
-    broker = subprocess.Popen(
-        # TASKLEASE_BENCH_PYFLAGS="-m cProfile -o /tmp/broker.prof" profiles the broker.
-        [
-            sys.executable,
-            *os.environ.get("TASKLEASE_BENCH_PYFLAGS", "").split(),
-            "-m",
-            "broker",
-            "serve",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    broker = start_broker(broker_env(endpoints, TASKLEASE_SERVER__PORT=str(port)))
     workdir = Path(tempfile.mkdtemp(prefix="tl-bench-"))
     try:
-        tls: dict[str, ssl.SSLContext] = {}
-        for who in ("agent", "orchestrator"):
-            minted = stack.mint_x509_svid(endpoints.workload_ids[who], ttl_seconds=3600)
-            (workdir / f"{who}.pem").write_text(minted["svid"])
-            (workdir / f"{who}-key.pem").write_text(minted["key"])
-            context = ssl.create_default_context(cadata=minted["bundle"])
-            context.check_hostname = False
-            context.load_cert_chain(workdir / f"{who}.pem", workdir / f"{who}-key.pem")
-            tls[who] = context
+        tls = {
+            who: svid_context(stack, endpoints.workload_ids[who], workdir, who)
+            for who in ("agent", "orchestrator")
+        }
         url = f"https://127.0.0.1:{port}"
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
-            for _ in range(300):
-                try:
-                    async with session.get(f"{url}/readyz", ssl=tls["agent"]) as ready:
-                        if ready.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+            await wait_ready(session, url, tls["agent"])
             client = Client(session, url, tls)
             agent_id = endpoints.workload_ids["agent"]
             await client.issue(await client.start_run(agent_id), 32, ttl=60)  # warm up
