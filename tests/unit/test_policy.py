@@ -916,3 +916,42 @@ def test_production_off_hours_follows_the_configured_working_hours() -> None:
 def test_a_bad_working_window_is_refused(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         WorkingHours(**changes)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- parsed entities
+
+
+def _production(**run_changes: object) -> PolicyRequest:
+    return make_request(
+        target=make_target(name="prod-db", environment="production"), run=make_run(**run_changes)
+    )
+
+
+def test_a_cached_entity_set_never_answers_for_a_changed_run() -> None:
+    # The run, chain, caller and target are parsed once and reused; the same run id with a
+    # different attribute (here its ticket label) is a different entity set, decided afresh.
+    engine = load_policy_engine(POLICY_DIR)
+    without = _production()
+    with_ticket = _production(labels=TICKET)
+    assert engine.decide(without).policy_ids == ("production-needs-ticket",)
+    assert engine.decide(with_ticket).allowed
+    assert engine.decide(without).policy_ids == ("production-needs-ticket",)
+
+
+def test_the_parsed_entity_sets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("broker.core.policy.ENTITY_CACHE_SIZE", 3)
+    engine = load_policy_engine(POLICY_DIR)
+    for index in range(10):
+        assert engine.decide(make_request(task_id="t", run=make_run(id=f"wf-{index}"))).allowed
+    assert len(engine._entity_cache) == 3  # the bound is the point
+    # The oldest went first; a decision over an evicted set is simply parsed again.
+    assert engine.decide(make_request(run=make_run(id="wf-0"))).allowed
+
+
+def test_the_run_and_chain_reach_policies_as_before_and_the_audit_sees_records() -> None:
+    engine = load_policy_engine(POLICY_DIR)
+    decision = engine.decide(make_request())
+    context = decision.context["context"]
+    assert context["run"]["owner"] == "alice@example.test"
+    assert context["chain"]["depth"] == 3
+    assert [hop["role"] for hop in context["chain"]["hops"]] == ["owner", "orchestrator", "agent"]
