@@ -469,6 +469,7 @@ async def build_runtime(
                 per_second=settings.audit.identity_rejected_per_second,
                 new_id=new_event_id,
             ),
+            trust_store=store,
         )
         revoker = Revoker(
             ledger=ledger,

@@ -136,6 +136,7 @@ class ChainingAuditTrail:  # satisfies core.audit.AuditTrail
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._health = {sink.name: _SinkHealth() for sink in self._sinks}
+        self._delivered: dict[str, Counter] = {}
 
     @property
     def writer(self) -> str:
@@ -172,8 +173,11 @@ class ChainingAuditTrail:  # satisfies core.audit.AuditTrail
         self.metrics.queue_depth.set(queue.qsize())
         try:
             async with asyncio.timeout(self._timeout):
-                # Shielded: a caller that gives up does not cancel the batch others share.
-                await asyncio.shield(done)
+                # A caller that gives up (timeout, cancellation) cancels only its own future:
+                # its events stay queued or in the batch being written, and the writer skips a
+                # future that is already done. No shield needed (it cost a future and a loop
+                # turn per record).
+                await done
         except TimeoutError:
             raise AuditUnavailableError(
                 f"the audit sinks did not acknowledge within {self._timeout} s",
@@ -289,7 +293,12 @@ class ChainingAuditTrail:  # satisfies core.audit.AuditTrail
                     )
             else:
                 health.last_error = ""
-                self.metrics.records.labels(sink=sink.name).inc(len(records))
+                delivered = self._delivered.get(sink.name)
+                if delivered is None:  # the labelled child, looked up once per sink
+                    delivered = self._delivered[sink.name] = self.metrics.records.labels(
+                        sink=sink.name
+                    )
+                delivered.inc(len(records))
         if failed:
             self._new_chain()
         return durable_failure

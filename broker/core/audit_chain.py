@@ -56,11 +56,19 @@ _GENESIS_LABEL: Final = b"tasklease-audit-genesis\x00"
 _HEX64 = frozenset("0123456789abcdef")
 
 
+# ``json.dumps`` with any option but the defaults builds a ``JSONEncoder`` with those options
+# and returns its ``encode(value)`` (CPython's json/__init__.py); an encoder keeps no state
+# between calls, so this one, built once with the same options, gives the same text.
+_CANONICAL_ENCODER: Final = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+)
+
+
 def canonical_json(value: Any) -> str:
-    """The one serialisation that is hashed: sorted keys, no spaces, ASCII, no NaN."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
+    """The one serialisation that is hashed: sorted keys, no spaces, ASCII, no NaN
+    (``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+    allow_nan=False)``)."""
+    return _CANONICAL_ENCODER.encode(value)
 
 
 def genesis_hash(writer: str) -> str:
@@ -111,22 +119,28 @@ def seal_line(
     clash = [name for name in (*CHAIN_FIELDS, "v") if name in event]
     if clash:
         raise ValueError(f"an event must not carry the chain fields {clash}")
-    chained = {
+    # One dict, hashed without "hash" and then completed with it: the record.
+    record = _chained(event, head)
+    body = canonical_json(record)
+    if vet is not None:
+        replacement = vet(event, body)
+        if replacement is not None:
+            record = _chained(replacement, head)
+            body = canonical_json(record)
+    digest = hashlib.sha256(body.encode("ascii")).hexdigest()
+    record["hash"] = digest
+    line = f'{body[:-1]},"hash":"{digest}"}}'
+    return record, line, ChainHead(head.writer, head.seq + 1, digest)
+
+
+def _chained(event: Mapping[str, Any], head: ChainHead) -> dict[str, Any]:
+    return {
+        **event,
         "v": RECORD_VERSION,
         "writer": head.writer,
         "seq": head.seq,
         "prev_hash": head.prev_hash,
     }
-    body = canonical_json({**event, **chained})
-    if vet is not None:
-        replacement = vet(event, body)
-        if replacement is not None:
-            event = replacement
-            body = canonical_json({**event, **chained})
-    digest = hashlib.sha256(body.encode("ascii")).hexdigest()
-    record: dict[str, Any] = {**event, **chained, "hash": digest}
-    line = f'{body[:-1]},"hash":"{digest}"}}'
-    return record, line, ChainHead(head.writer, head.seq + 1, digest)
 
 
 # --------------------------------------------------------------------------- verification

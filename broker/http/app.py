@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from aiohttp import web
 
 from broker.core.authn import CallerAuthenticator
+from broker.core.bundle import TrustStore
 from broker.core.identity import WorkloadIdentity
 from broker.core.model import CredentialRequest
 from broker.core.ports import Clock
@@ -182,12 +183,20 @@ def create_app(
     broker: CredentialBroker | None = None,
     clock: Clock | None = None,
     rejections: RejectionAuditor | None = None,
+    trust_store: TrustStore | None = None,
 ) -> web.Application:
-    """The broker's HTTP application (``rejections`` records ``identity.rejected``)."""
+    """The broker's HTTP application (``rejections`` records ``identity.rejected``;
+    ``trust_store``, the authenticator's, lets keep-alive mTLS connections reuse their
+    verified caller while it holds: ``broker.http.auth.PeerIdentityCache``)."""
     app = web.Application(
         middlewares=[
             problem_middleware,
-            make_auth_middleware(authenticator=authenticator, now=now, rejections=rejections),
+            make_auth_middleware(
+                authenticator=authenticator,
+                now=now,
+                rejections=rejections,
+                trust_store=trust_store,
+            ),
         ],
         client_max_size=64 * 1024,
     )

@@ -23,6 +23,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.core.model import Target
+from broker.http.wire import PARSED_BODY_KEY, CredentialRequestBody
 from broker.metrics import UNKNOWN_KIND, BrokerMetrics, error_outcome
 
 METRICS_KEY = web.AppKey("metrics", BrokerMetrics)
@@ -50,14 +51,19 @@ def _success_outcome(status: int) -> str:
 
 
 async def _kind(request: web.Request, targets: Mapping[str, Target]) -> str:
-    """The kind of the target the request body names (the handler has read and cached the
-    body already, so this costs one JSON parse); ``unknown`` for anything else."""
-    if request.content_length is not None and request.content_length > _MAX_PEEK:
+    """The kind of the target the request body names: from the body the handler validated,
+    else (a body it refused) from one JSON parse of the body it read and cached already;
+    ``unknown`` for anything else."""
+    parsed = request.get(PARSED_BODY_KEY)
+    if isinstance(parsed, CredentialRequestBody):
+        name: object = parsed.target
+    elif request.content_length is not None and request.content_length > _MAX_PEEK:
         return UNKNOWN_KIND
-    try:
-        name = json.loads(await request.read()).get("target")
-    except (ValueError, AttributeError, web.HTTPException):
-        return UNKNOWN_KIND
+    else:
+        try:
+            name = json.loads(await request.read()).get("target")
+        except (ValueError, AttributeError, web.HTTPException):
+            return UNKNOWN_KIND
     target = targets.get(name) if isinstance(name, str) else None
     return target.kind.value if target is not None else UNKNOWN_KIND
 

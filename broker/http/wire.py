@@ -18,6 +18,9 @@ from broker.errors import BadRequestError
 
 _M = TypeVar("_M", bound=BaseModel)
 MAX_BODY = 64 * 1024
+# The body parse_body validated, for middleware that needs a field of it after the handler
+# (the issuance metrics' target kind) without parsing the JSON again.
+PARSED_BODY_KEY = web.RequestKey("parsed_body", BaseModel)
 
 
 class _Strict(BaseModel):
@@ -89,7 +92,7 @@ async def parse_body(request: web.Request, model: type[_M]) -> _M:
         raise BadRequestError(f"body is larger than {MAX_BODY} bytes", reason="body.too_large")
     raw = await request.read()
     try:
-        return model.model_validate_json(raw)
+        parsed = model.model_validate_json(raw)
     except ValidationError as exc:
         problems = sorted(
             {f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()}
@@ -97,6 +100,9 @@ async def parse_body(request: web.Request, model: type[_M]) -> _M:
         raise BadRequestError(
             "invalid request body: " + "; ".join(problems[:10]), reason="body.invalid"
         ) from None
+    stored: BaseModel = parsed
+    request[PARSED_BODY_KEY] = stored
+    return parsed
 
 
 def run_json(run: WorkflowRun) -> dict[str, Any]:
