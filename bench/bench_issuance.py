@@ -5,6 +5,14 @@ runs as its own process (`python -m broker serve`) on the real local stack.
 Direct path: the same agent logs into OpenBao's JWT auth with its JWT-SVID and reads
 `database/creds/<role>` itself (for `vault-token`: the JWT login alone).
 
+Floor path: the external work the broker's design cannot skip, done by this process with no
+policy, audit, TLS or HTTP server in between: read the run, a write-ahead HSET (fsynced: the
+dev stack's Redis runs `appendfsync always`), the task token through the task token role with
+a token of the broker's policy, for `database` the `database/creds` read with the task token
+and the lease renewal to the task's TTL, then the activation HSET. The broker's time above
+the floor is what its own code costs; the floor above the direct path is what the design
+costs (a token creation instead of a login, two durable writes, the renewal).
+
 Prints median and p99 latency and throughput at 1, 16 and 64 concurrent clients, the ratios,
 the broker's own CPU time per issuance (from /proc), and the bytes a lease takes in Redis.
 Bounded: a fixed number of requests per cell. Asserts nothing.
@@ -23,9 +31,11 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import redis
+import redis.asyncio
 from _common import broker_env, cpu_seconds, percentile, start_broker, svid_context, wait_ready
 
 from broker.devstack import DevStack, free_port
@@ -126,12 +136,65 @@ async def main(requests_per_cell: int) -> None:
 
                 return one
 
+            async with session.post(
+                f"{endpoints.openbao_addr}/v1/auth/token/create",
+                headers={"X-Vault-Token": endpoints.openbao_root_token},
+                json={"policies": ["tasklease-broker"], "ttl": "2h", "no_default_policy": True},
+            ) as response:
+                broker_token = (await response.json())["auth"]["client_token"]
+            floor_redis = redis.asyncio.Redis.from_url(endpoints.redis_url)
+            floor_key = f"tl:bench-floor:{{{run_id}}}"
+            await floor_redis.set(f"{floor_key}:run", "r" * 400)
+            record = "x" * 600  # about a lease record
+
+            def floor_call(read_creds: bool) -> Callable[[], Awaitable[None]]:
+                async def vault(method: str, path: str, token: str, body: object) -> dict[str, Any]:
+                    async with session.request(
+                        method,
+                        f"{endpoints.openbao_addr}/v1/{path}",
+                        json=body,
+                        headers={"X-Vault-Token": token},
+                    ) as response:
+                        if response.status != 200:
+                            raise RuntimeError(f"{path}: {await response.text()}")
+                        return await response.json()  # type: ignore[no-any-return]
+
+                async def one() -> None:
+                    cid = f"cred_{secrets.token_hex(12)}"
+                    await floor_redis.get(f"{floor_key}:run")
+                    await floor_redis.hset(floor_key, cid, record)
+                    created = await vault(
+                        "POST",
+                        "auth/token/create/tasklease-task",
+                        broker_token,
+                        {
+                            "policies": ["target-demo-db" if read_creds else "target-demo-kv"],
+                            "ttl": "900s",
+                            "explicit_max_ttl": "900s",
+                            "renewable": False,
+                            "meta": {"tasklease": "1", "credential_id": cid},
+                        },
+                    )
+                    if read_creds:
+                        task_token = created["auth"]["client_token"]
+                        creds = await vault("GET", "database/creds/demo-readonly", task_token, None)
+                        await vault(
+                            "PUT",
+                            "sys/leases/renew",
+                            broker_token,
+                            {"lease_id": creds["lease_id"], "increment": 898},
+                        )
+                    await floor_redis.hset(floor_key, cid, record + "a")
+
+                return one
+
             print(f"# {requests_per_cell} requests per cell; latency in ms; throughput in req/s")
             print(
-                "| kind | clients | direct p50 | direct p99 | direct rps | broker p50 | "
-                "broker p99 | broker rps | p50 ratio | rps ratio | broker CPU/issuance |"
+                "| kind | clients | direct p50 | direct p99 | direct rps | floor p50 | "
+                "broker p50 | broker p99 | broker rps | p50 ratio | rps ratio | "
+                "broker/floor p50 | broker CPU/issuance |"
             )
-            print("|---|---|---|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             for kind, target, read_creds in (
                 ("database", "demo-db", True),
                 ("vault-token", "demo-kv", False),
@@ -141,18 +204,24 @@ async def main(requests_per_cell: int) -> None:
                     d_lat, d_wall = await _drive(
                         clients, requests_per_cell, direct_call(read_creds)
                     )
+                    await _drive(clients, min(clients * 2, 32), floor_call(read_creds))  # warm
+                    f_lat, _ = await _drive(clients, requests_per_cell, floor_call(read_creds))
+                    await floor_redis.delete(floor_key)
                     await _drive(clients, min(clients * 2, 32), broker_call(target))  # warm
                     cpu_before = cpu_seconds(broker.pid)
                     b_lat, b_wall = await _drive(clients, requests_per_cell, broker_call(target))
                     cpu = (cpu_seconds(broker.pid) - cpu_before) / requests_per_cell
                     d50, d99 = percentile(d_lat, 0.5) * 1e3, percentile(d_lat, 0.99) * 1e3
+                    f50 = percentile(f_lat, 0.5) * 1e3
                     b50, b99 = percentile(b_lat, 0.5) * 1e3, percentile(b_lat, 0.99) * 1e3
                     d_rps, b_rps = requests_per_cell / d_wall, requests_per_cell / b_wall
                     print(
                         f"| {kind} | {clients} | {d50:.1f} | {d99:.1f} | {d_rps:.0f} | "
-                        f"{b50:.1f} | {b99:.1f} | {b_rps:.0f} | {b50 / d50:.2f} | "
-                        f"{b_rps / d_rps:.2f} | {cpu * 1e3:.2f} ms |"
+                        f"{f50:.1f} | {b50:.1f} | {b99:.1f} | {b_rps:.0f} | {b50 / d50:.2f} | "
+                        f"{b_rps / d_rps:.2f} | {b50 / f50:.2f} | {cpu * 1e3:.2f} ms |"
                     )
+            await floor_redis.delete(f"{floor_key}:run")
+            await floor_redis.aclose()
             if FAILURES:
                 print(f"\nfailed requests (excluded from latencies): {FAILURES}")
             # Bytes per lease in Redis: every key the ledger holds, over the leases it holds.

@@ -411,6 +411,16 @@ async def build_runtime(
             policies=list(session.policies),
             expires_at=session.expires_at.isoformat(),
         )
+        if "default" in session.policies:
+            # Not unsafe, but more than the broker needs, and costly: OpenBao evaluates the
+            # templated `default` policy on every call the broker makes (about 2 ms of its CPU
+            # per task token creation).
+            _log.warning(
+                "vault.session_has_default_policy",
+                hint="set token_no_default_policy=true on the broker's OpenBao role; "
+                "its own policy grants what it uses (config/dev/openbao/policies/"
+                "tasklease-broker.hcl)",
+            )
         audit_trail, audit_reader = await _audit_trail(settings.audit, ledger)
         readiness = Readiness(
             checks=[
