@@ -1,5 +1,5 @@
-"""What the benchmarks that run a broker process share: its environment on the local stack,
-starting it, waiting until it is ready, client TLS with a minted SVID, and the statistics.
+"""What the benchmarks share: a broker process's environment on the local stack, starting it,
+waiting until it is ready, client TLS with a minted SVID, a private Redis, and the statistics.
 
 Not a benchmark itself (``make bench`` runs ``bench/bench_*.py`` only)."""
 
@@ -7,15 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
+import shutil
+import socket
 import ssl
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import aiohttp
 
-from broker.devstack import REPO_ROOT, DevStack, StackEndpoints
+from broker.devstack import (
+    REPO_ROOT,
+    DevStack,
+    ManagedProcess,
+    StackEndpoints,
+    free_port,
+    wait_until,
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -86,3 +98,64 @@ def svid_context(
     context.check_hostname = False
     context.load_cert_chain(cert, key)
     return context
+
+
+def _private_redis(directory: Path, *, appendfsync: str) -> tuple[ManagedProcess, str]:
+    """A Redis of this benchmark's own on loopback (AOF on, no eviction, a password kept in a
+    0600 file rather than on the command line)."""
+    port, password = free_port(), secrets.token_urlsafe(24)
+    conf = directory / "redis.conf"
+    conf.touch(mode=0o600)
+    conf.write_text(
+        "\n".join(
+            [
+                "bind 127.0.0.1",
+                f"port {port}",
+                f"dir {directory}",
+                "appendonly yes",
+                f"appendfsync {appendfsync}",
+                "auto-aof-rewrite-percentage 0",
+                "maxmemory-policy noeviction",
+                'save ""',
+                f"requirepass {password}",
+                "daemonize no",
+                "",
+            ]
+        )
+    )
+    process = ManagedProcess("redis", ["redis-server", str(conf)], directory / "redis.log")
+    process.start()
+
+    def answers() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+            reply = b""
+            while b"PONG" not in reply and len(reply) < 200:
+                chunk = sock.recv(100)
+                if not chunk:
+                    break
+                reply += chunk
+            return b"+PONG" in reply
+
+    wait_until(answers, what="the benchmark's Redis to answer PING", timeout=20, process=process)
+    return process, f"redis://:{password}@127.0.0.1:{port}/0"
+
+
+def with_redis(run: Callable[[str], Coroutine[Any, Any, None]], *, appendfsync: str) -> int:
+    """``run(url)`` against ``TASKLEASE_BENCH_REDIS_URL`` if set, else against a private Redis
+    started (and removed) for it with ``appendfsync``. Exit status 1 without redis-server."""
+    url = os.environ.get("TASKLEASE_BENCH_REDIS_URL", "")
+    if url:
+        asyncio.run(run(url))
+        return 0
+    if shutil.which("redis-server") is None:
+        sys.stdout.write("redis-server is not installed and TASKLEASE_BENCH_REDIS_URL is unset\n")
+        return 1
+    directory = Path(tempfile.mkdtemp(prefix="tl-bench-redis-"))
+    process, url = _private_redis(directory, appendfsync=appendfsync)
+    try:
+        asyncio.run(run(url))
+    finally:
+        process.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+    return 0

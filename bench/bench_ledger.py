@@ -40,21 +40,18 @@ import asyncio
 import dataclasses
 import logging
 import os
-import shutil
-import socket
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from _common import with_redis
 
 from broker.adapters.redis_ledger import RedisLedger, _encode_lease, _Keys, _micros
 from broker.config import RedisSettings
@@ -67,7 +64,6 @@ from broker.core.model import (
     TargetKind,
 )
 from broker.core.ports import MintedCredential, MintSpec, RevokeOutcome
-from broker.devstack import ManagedProcess, free_port, wait_until
 from broker.revocation import RevocationSettings, Revoker
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -413,58 +409,13 @@ async def _run(url: str, sizes: list[int]) -> None:
         await client.aclose()
 
 
-def _private_redis(directory: Path) -> tuple[ManagedProcess, str]:
-    port = free_port()
-    conf = directory / "redis.conf"
-    conf.write_text(
-        "\n".join(
-            [
-                "bind 127.0.0.1",
-                f"port {port}",
-                f"dir {directory}",
-                "appendonly yes",
-                "appendfsync everysec",
-                "auto-aof-rewrite-percentage 0",
-                "maxmemory-policy noeviction",
-                'save ""',
-                "daemonize no",
-                "",
-            ]
-        )
-    )
-    process = ManagedProcess("redis", ["redis-server", str(conf)], directory / "redis.log")
-    process.start()
-
-    def answers() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-
-    wait_until(answers, what="the benchmark's Redis to answer PING", timeout=20, process=process)
-    return process, f"redis://127.0.0.1:{port}/0"
-
-
 def main(argv: list[str]) -> int:
     """Run the benchmark and print the figures (``make bench`` asserts nothing)."""
     raw = argv[1] if len(argv) > 1 else os.environ.get("TASKLEASE_BENCH_LEDGER_SIZES", "")
     sizes = [int(s) for s in (raw or DEFAULT_SIZES).split(",")]
     # The sweep logs a line per revoked lease at info; this measures the ledger, not logging.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    url = os.environ.get("TASKLEASE_BENCH_REDIS_URL", "")
-    if url:
-        asyncio.run(_run(url, sizes))
-        return 0
-    if shutil.which("redis-server") is None:
-        sys.stdout.write("redis-server is not installed and TASKLEASE_BENCH_REDIS_URL is unset\n")
-        return 1
-    directory = Path(tempfile.mkdtemp(prefix="tl-bench-redis-"))
-    process, url = _private_redis(directory)
-    try:
-        asyncio.run(_run(url, sizes))
-    finally:
-        process.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-    return 0
+    return with_redis(lambda url: _run(url, sizes), appendfsync="everysec")
 
 
 if __name__ == "__main__":

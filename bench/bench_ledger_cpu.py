@@ -38,13 +38,9 @@ import asyncio
 import gc
 import importlib.util
 import logging
-import os
 import secrets
-import shutil
-import socket
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -56,6 +52,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 import structlog
+from _common import with_redis
 
 from broker.adapters.redis_ledger import RedisLedger
 from broker.config import RedisSettings
@@ -69,7 +66,6 @@ from broker.core.model import (
     TargetKind,
     WorkflowRun,
 )
-from broker.devstack import ManagedProcess, free_port, wait_until
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 TRUST_DOMAIN = "spiffe://prod.example.org"
@@ -340,46 +336,6 @@ def _report(figures: dict[str, Figures], args: argparse.Namespace) -> None:
         )
 
 
-def _private_redis(directory: Path) -> tuple[ManagedProcess, str]:
-    port, password = free_port(), secrets.token_urlsafe(24)
-    conf = directory / "redis.conf"
-    # The password lives in a 0600 file, not on the command line (visible in ps).
-    conf.touch(mode=0o600)
-    conf.write_text(
-        "\n".join(
-            [
-                "bind 127.0.0.1",
-                f"port {port}",
-                f"dir {directory}",
-                "appendonly yes",
-                "appendfsync always",
-                "auto-aof-rewrite-percentage 0",
-                "maxmemory-policy noeviction",
-                'save ""',
-                f"requirepass {password}",
-                "daemonize no",
-                "",
-            ]
-        )
-    )
-    process = ManagedProcess("redis", ["redis-server", str(conf)], directory / "redis.log")
-    process.start()
-
-    def answers() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(f"AUTH {password}\r\nPING\r\n".encode())
-            reply = b""
-            while b"PONG" not in reply and len(reply) < 200:
-                chunk = sock.recv(100)
-                if not chunk:
-                    break
-                reply += chunk
-            return b"+PONG" in reply
-
-    wait_until(answers, what="the benchmark's Redis to answer PING", timeout=20, process=process)
-    return process, f"redis://:{password}@127.0.0.1:{port}/0"
-
-
 def main(argv: list[str]) -> int:
     """Run the benchmark and print the figures (nothing is asserted)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -392,21 +348,7 @@ def main(argv: list[str]) -> int:
         parser.error("--issuances, --rounds and --concurrency must be positive")
     # The ledger logs nothing per call at info; keep warnings visible.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    url = os.environ.get("TASKLEASE_BENCH_REDIS_URL", "")
-    if url:
-        asyncio.run(_run(url, args))
-        return 0
-    if shutil.which("redis-server") is None:
-        sys.stdout.write("redis-server is not installed and TASKLEASE_BENCH_REDIS_URL is unset\n")
-        return 1
-    directory = Path(tempfile.mkdtemp(prefix="tl-bench-ledger-cpu-"))
-    process, url = _private_redis(directory)
-    try:
-        asyncio.run(_run(url, args))
-    finally:
-        process.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-    return 0
+    return with_redis(lambda url: _run(url, args), appendfsync="always")
 
 
 if __name__ == "__main__":
