@@ -9,7 +9,6 @@ import asyncio
 import os
 import secrets
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from broker.devstack import (
     ManagedProcess,
     StackEndpoints,
     free_port,
+    redis_answers,
     wait_until,
 )
 
@@ -127,15 +127,7 @@ def _private_redis(directory: Path, *, appendfsync: str) -> tuple[ManagedProcess
     process.start()
 
     def answers() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(f"AUTH {password}\r\nPING\r\n".encode())
-            reply = b""
-            while b"PONG" not in reply and len(reply) < 200:
-                chunk = sock.recv(100)
-                if not chunk:
-                    break
-                reply += chunk
-            return b"+PONG" in reply
+        return redis_answers(port, password)
 
     wait_until(answers, what="the benchmark's Redis to answer PING", timeout=20, process=process)
     return process, f"redis://:{password}@127.0.0.1:{port}/0"

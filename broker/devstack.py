@@ -52,6 +52,19 @@ _LOG_TAIL_LINES = 40
 # --------------------------------------------------------------------------- small pieces
 
 
+def redis_answers(port: int, password: str) -> bool:
+    """True when the Redis on loopback ``port`` accepts ``password`` and answers PING."""
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        sock.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+        reply = b""
+        while b"PONG" not in reply and len(reply) < 200:
+            chunk = sock.recv(100)
+            if not chunk:
+                break
+            reply += chunk
+        return b"+PONG" in reply
+
+
 def free_port(*, also_next: bool = False) -> int:
     """A free TCP port on 127.0.0.1 (and, with ``also_next``, port + 1 free as well)."""
     for _ in range(200):
@@ -449,16 +462,7 @@ class DevStack:
         process.start()
 
     def _redis_ping(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self._ports["redis"]), timeout=1) as sock:
-            secret = self._secrets["redis"]
-            sock.sendall(f"AUTH {secret}\r\nPING\r\n".encode())
-            reply = b""
-            while b"PONG" not in reply and len(reply) < 200:
-                chunk = sock.recv(100)
-                if not chunk:
-                    break
-                reply += chunk
-            return b"+PONG" in reply
+        return redis_answers(self._ports["redis"], self._secrets["redis"])
 
     def _wait_redis(self) -> None:
         wait_until(

@@ -36,6 +36,7 @@ from broker.errors import (
 )
 from broker.http.metrics_routes import register_metrics_routes
 from broker.http.problems import problem_middleware
+from broker.http.wire import PARSED_BODY_KEY, CredentialRequestBody, parse_body
 from broker.metrics import BrokerMetrics, CountingPolicyEngine, error_outcome
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -258,3 +259,42 @@ async def test_issuance_is_timed_and_counted_by_kind_and_outcome() -> None:
     }
     assert histogram == {"issued": 2, "policy.deny": 1, "error": 1}
     assert "never-in-metrics" not in text
+
+
+# The issuance metrics take the target's kind from the body the handler validated (no second
+# JSON parse), and still from the raw body when the handler refused it.
+
+
+async def test_the_kind_comes_from_the_validated_body_or_else_the_raw_one() -> None:
+    metrics = BrokerMetrics()
+    parsed: list[object] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await parse_body(request, CredentialRequestBody)
+        parsed.append(request.get(PARSED_BODY_KEY))
+        return web.json_response({"target": body.target}, status=201)
+
+    app = web.Application(middlewares=[problem_middleware])
+    app.router.add_post("/v1/credentials", handler)
+    register_metrics_routes(app, metrics, targets=lambda: TARGETS)
+    async with TestClient(TestServer(app)) as client:
+        valid = {"workflow_id": "wf-1", "task_id": "t-1", "target": "demo-db"}
+        assert (await client.post("/v1/credentials", json=valid)).status == 201
+        refused = {**valid, "ttl_seconds": 0}  # invalid: 400, the target is still named
+        assert (await client.post("/v1/credentials", json=refused)).status == 400
+        unknown = {**valid, "target": "nope"}
+        assert (await client.post("/v1/credentials", json=unknown)).status == 201
+        text = await (await client.get("/metrics")).text()
+    counted = {
+        (s.labels["kind"], s.labels["outcome"]): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "tasklease_issuance"
+        for s in family.samples
+        if s.name == "tasklease_issuance_total"
+    }
+    assert counted == {
+        ("database", "issued"): 1,
+        ("database", "body.invalid"): 1,
+        ("unknown", "issued"): 1,
+    }
+    assert [type(p) for p in parsed] == [CredentialRequestBody, CredentialRequestBody]
