@@ -41,6 +41,9 @@ from _common import broker_env, cpu_seconds, percentile, start_broker, svid_cont
 from broker.devstack import DevStack, free_port
 
 CONCURRENCY = tuple(int(c) for c in os.environ.get("TASKLEASE_BENCH_CLIENTS", "1,16,64").split(","))
+# Broker replicas (processes on one Redis, as deployed behind a load balancer); the client
+# spreads requests over them in turn and the CPU column sums them.
+REPLICAS = int(os.environ.get("TASKLEASE_BENCH_REPLICAS", "1"))
 
 
 FAILURES: dict[str, int] = {}
@@ -73,18 +76,23 @@ async def _drive(
 async def main(requests_per_cell: int) -> None:
     stack = DevStack(x509_svid_ttl="1h", jwt_svid_ttl="5m")
     endpoints = stack.start()
-    broker_port = free_port()
-    broker = start_broker(broker_env(endpoints, TASKLEASE_SERVER__PORT=str(broker_port)))
+    broker_ports = [free_port() for _ in range(REPLICAS)]
+    brokers = [
+        start_broker(broker_env(endpoints, TASKLEASE_SERVER__PORT=str(port)))
+        for port in broker_ports
+    ]
     workdir = Path(tempfile.mkdtemp(prefix="tl-bench-"))
     try:
         agent_id = endpoints.workload_ids["agent"]
         agent_tls = svid_context(stack, agent_id, workdir, "agent")
         orch_tls = svid_context(stack, endpoints.workload_ids["orchestrator"], workdir, "orch")
         jwt_svid = stack.mint_jwt_svid(agent_id, audience="openbao", ttl_seconds=3600)
-        url = f"https://127.0.0.1:{broker_port}"
+        urls = [f"https://127.0.0.1:{port}" for port in broker_ports]
+        url = urls[0]
         connector = aiohttp.TCPConnector(limit=128)
         async with aiohttp.ClientSession(connector=connector) as session:
-            await wait_ready(session, url, agent_tls)
+            for replica in urls:
+                await wait_ready(session, replica, agent_tls)
             run_id = f"bench-{secrets.token_hex(3)}"
             async with session.post(
                 f"{url}/v1/workflows",
@@ -103,14 +111,15 @@ async def main(requests_per_cell: int) -> None:
 
             def broker_call(target: str) -> Callable[[], Awaitable[None]]:
                 async def one() -> None:
+                    number = next(counter)
                     body = {
                         "workflow_id": run_id,
-                        "task_id": f"t{next(counter)}",
+                        "task_id": f"t{number}",
                         "target": target,
                         "ttl_seconds": 900,  # no TTL revocations inside the measurement
                     }
                     async with session.post(
-                        f"{url}/v1/credentials", json=body, ssl=agent_tls
+                        f"{urls[number % REPLICAS]}/v1/credentials", json=body, ssl=agent_tls
                     ) as response:
                         if response.status != 201:
                             raise RuntimeError(f"{response.status}: {await response.text()}")
@@ -188,7 +197,10 @@ async def main(requests_per_cell: int) -> None:
 
                 return one
 
-            print(f"# {requests_per_cell} requests per cell; latency in ms; throughput in req/s")
+            print(
+                f"# {requests_per_cell} requests per cell; latency in ms; throughput in req/s; "
+                f"{REPLICAS} broker process(es)"
+            )
             print(
                 "| kind | clients | direct p50 | direct p99 | direct rps | floor p50 | "
                 "broker p50 | broker p99 | broker rps | p50 ratio | rps ratio | "
@@ -208,9 +220,10 @@ async def main(requests_per_cell: int) -> None:
                     f_lat, _ = await _drive(clients, requests_per_cell, floor_call(read_creds))
                     await floor_redis.delete(floor_key)
                     await _drive(clients, min(clients * 2, 32), broker_call(target))  # warm
-                    cpu_before = cpu_seconds(broker.pid)
+                    cpu_before = sum(cpu_seconds(broker.pid) for broker in brokers)
                     b_lat, b_wall = await _drive(clients, requests_per_cell, broker_call(target))
-                    cpu = (cpu_seconds(broker.pid) - cpu_before) / requests_per_cell
+                    cpu_after = sum(cpu_seconds(broker.pid) for broker in brokers)
+                    cpu = (cpu_after - cpu_before) / requests_per_cell
                     d50, d99 = percentile(d_lat, 0.5) * 1e3, percentile(d_lat, 0.99) * 1e3
                     f50 = percentile(f_lat, 0.5) * 1e3
                     b50, b99 = percentile(b_lat, 0.5) * 1e3, percentile(b_lat, 0.99) * 1e3
@@ -242,8 +255,10 @@ async def main(requests_per_cell: int) -> None:
                     f"streams: {audit_total} bytes ({audit_total / leases:.0f} per issuance)"
                 )
     finally:
-        broker.send_signal(signal.SIGINT)
-        broker.wait(timeout=10)
+        for broker in brokers:
+            broker.send_signal(signal.SIGINT)
+        for broker in brokers:
+            broker.wait(timeout=10)
         stack.stop()
 
 
