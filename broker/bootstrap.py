@@ -82,18 +82,23 @@ from broker.service import CredentialBroker, Readiness
 _log = structlog.get_logger("broker")
 
 
+def log_processors() -> list[structlog.typing.Processor]:
+    """The broker's structlog chain: context, level, UTC ISO time, exceptions, sorted JSON."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(sort_keys=True),
+    ]
+
+
 def configure_logging(level: str = "info") -> None:
     """structlog JSON lines on stdout; the standard library's records go the same way."""
     numeric = logging.getLevelName(level.upper())
     logging.basicConfig(level=numeric, stream=sys.stdout, format="%(message)s")
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(sort_keys=True),
-        ],
+        processors=log_processors(),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,

@@ -860,16 +860,12 @@ def _introduce(
 def _log_into(path: Path) -> IO[str]:
     """Send the in-process broker's logs (structlog JSON and the standard library's) to
     ``path``, so the terminal shows only the story."""
+    from broker.bootstrap import log_processors  # noqa: PLC0415 - the composition root
+
     path.parent.mkdir(parents=True, exist_ok=True)
     stream = path.open("a", encoding="utf-8")
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(sort_keys=True),
-        ],
+        processors=log_processors(),
         logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )

@@ -18,6 +18,7 @@ import pytest
 import redis.exceptions
 import structlog
 
+from broker.bootstrap import log_processors
 from broker.devstack import DevStack, missing_parts
 from tests.audit_dump import dump_audit_streams, verify_audit_files
 from tests.secret_scan import scan_paths
@@ -49,13 +50,7 @@ def pytest_configure(config: pytest.Config) -> None:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     _log_file = (LOG_DIR / "broker.jsonl").open("a", encoding="utf-8")
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(sort_keys=True),
-        ],
+        processors=log_processors(),
         logger_factory=structlog.WriteLoggerFactory(file=_log_file),
         cache_logger_on_first_use=False,
     )
