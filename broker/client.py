@@ -243,12 +243,11 @@ def _read(value: bytes | str | Path) -> bytes:
     return Path(value).read_bytes()
 
 
-class BearerAuth:
-    """A bearer token (a person's OIDC ID token, or a JWT-SVID fetched elsewhere), with the
-    bundle to verify the broker's certificate."""
+class _BearerOverVerifiedTls:
+    """What the bearer-token identities share: no client certificate, and the broker's
+    certificate verified against ``bundle`` (and its SPIFFE ID, if given)."""
 
-    def __init__(self, token: str, *, bundle: bytes | str | Path, broker_id: str | None = None):
-        self._token = token
+    def __init__(self, *, bundle: bytes | str | Path, broker_id: str | None) -> None:
         self._tls = PemAuth(bundle=bundle, broker_id=broker_id)
 
     @property
@@ -260,6 +259,15 @@ class BearerAuth:
         """Server verification only."""
         return self._tls.ssl_context()
 
+
+class BearerAuth(_BearerOverVerifiedTls):
+    """A bearer token (a person's OIDC ID token, or a JWT-SVID fetched elsewhere), with the
+    bundle to verify the broker's certificate."""
+
+    def __init__(self, token: str, *, bundle: bytes | str | Path, broker_id: str | None = None):
+        super().__init__(bundle=bundle, broker_id=broker_id)
+        self._token = token
+
     async def headers(self) -> dict[str, str]:
         """``Authorization: Bearer``."""
         return {"Authorization": f"Bearer {self._token}"}
@@ -269,7 +277,7 @@ class _JwtSourceLike(Protocol):
     def fetch_svid(self, audience: set[str]) -> Any: ...
 
 
-class JwtSourceAuth:
+class JwtSourceAuth(_BearerOverVerifiedTls):
     """A fresh JWT-SVID per request from a py-spiffe ``JwtSource`` (audience: the broker's),
     with the X.509 bundle to verify the broker's certificate."""
 
@@ -281,18 +289,9 @@ class JwtSourceAuth:
         bundle: bytes | str | Path,
         broker_id: str | None = None,
     ) -> None:
+        super().__init__(bundle=bundle, broker_id=broker_id)
         self._source = source
         self._audience = audience
-        self._tls = PemAuth(bundle=bundle, broker_id=broker_id)
-
-    @property
-    def broker_id(self) -> str | None:
-        """The broker's expected SPIFFE ID."""
-        return self._tls.broker_id
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """Server verification only."""
-        return self._tls.ssl_context()
 
     async def headers(self) -> dict[str, str]:
         """``Authorization: Bearer <JWT-SVID>`` (the Workload API caches and renews it)."""
