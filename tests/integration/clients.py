@@ -52,6 +52,35 @@ async def call(
         return response.status, await response.json(content_type=None)
 
 
+async def start_run(
+    stack: DevStack,
+    broker: RunningBroker,
+    orchestrator: ssl.SSLContext,
+    run_id: str,
+    *,
+    owner: str,
+    purpose: str,
+    ttl_seconds: int = 600,
+) -> dict[str, Any]:
+    """POST /v1/workflows as the orchestrator, with the demo agent as the one participant;
+    asserts 201 and returns the run."""
+    status, body = await call(
+        broker,
+        orchestrator,
+        "POST",
+        "/v1/workflows",
+        json_body={
+            "id": run_id,
+            "owner": owner,
+            "purpose": purpose,
+            "ttl_seconds": ttl_seconds,
+            "participants": [workload_id(stack, "agent")],
+        },
+    )
+    assert status == 201, body
+    return body
+
+
 def workload_id(stack: DevStack, name: str) -> str:
     """The SPIFFE ID of a demo workload (agent, orchestrator, admin) in the dev trust domain."""
     return f"spiffe://{stack.trust_domain}/{name}/demo"

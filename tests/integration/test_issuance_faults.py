@@ -33,7 +33,7 @@ from broker.core.ports import MintedCredential, MintSpec
 from broker.devstack import DevStack
 from broker.reconciler import Reconciler
 from tests.conftest import remember_secret
-from tests.integration.clients import StartBroker, call, client_context, workload_id
+from tests.integration.clients import StartBroker, call, client_context, start_run, workload_id
 from tests.integration.clients import openbao_root as _root
 
 pytestmark = pytest.mark.stack
@@ -146,20 +146,9 @@ async def _run_and_request(
     orchestrator = client_context(stack, tmp_path, workload_id(stack, "orchestrator"))
     agent = client_context(stack, tmp_path, workload_id(stack, "agent"))
     run_id = f"wf-fault-{os.urandom(3).hex()}"
-    status, body = await call(
-        broker,
-        orchestrator,
-        "POST",
-        "/v1/workflows",
-        json_body={
-            "id": run_id,
-            "owner": "alice@example.test",
-            "purpose": "fault test",
-            "ttl_seconds": 600,
-            "participants": [workload_id(stack, "agent")],
-        },
+    await start_run(
+        stack, broker, orchestrator, run_id, owner="alice@example.test", purpose="fault test"
     )
-    assert status == 201, body
     status, body = await call(
         broker,
         agent,

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.bootstrap import RunningBroker
 from broker.devstack import DevStack
 from tests.conftest import remember_secret
-from tests.integration.clients import StartBroker, call, client_context, workload_id
+from tests.integration.clients import StartBroker, call, client_context, start_run, workload_id
 
 pytestmark = pytest.mark.stack
 
@@ -58,20 +58,9 @@ async def test_metrics_move_with_issuance_denial_and_revocation(
     agent = client_context(stack, tmp_path, workload_id(stack, "agent"))
     stranger = client_context(stack, tmp_path, f"spiffe://{stack.trust_domain}/agent/other")
     run_id = f"wf-metrics-{uuid.uuid4().hex[:6]}"
-    status, _ = await call(
-        broker,
-        orchestrator,
-        "POST",
-        "/v1/workflows",
-        json_body={
-            "id": run_id,
-            "owner": "alice@example.test",
-            "purpose": "metrics test",
-            "ttl_seconds": 600,
-            "participants": [workload_id(stack, "agent")],
-        },
+    await start_run(
+        stack, broker, orchestrator, run_id, owner="alice@example.test", purpose="metrics test"
     )
-    assert status == 201
     _, before = await scrape(broker, anonymous)
 
     # An issuance.

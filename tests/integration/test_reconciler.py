@@ -32,7 +32,7 @@ from broker.core.ports import MintSpec
 from broker.devstack import DevStack
 from broker.reconciler import Reconciler
 from tests.conftest import remember_secret
-from tests.integration.clients import StartBroker, call, client_context, workload_id
+from tests.integration.clients import StartBroker, call, client_context, start_run, workload_id
 
 pytestmark = pytest.mark.stack
 
@@ -194,20 +194,7 @@ async def test_after_the_ledger_is_flushed_the_reconciler_revokes_the_orphans(
     orchestrator = client_context(stack, tmp_path, workload_id(stack, "orchestrator"))
     agent = client_context(stack, tmp_path, workload_id(stack, "agent"))
     run_id = f"wf-flush-{uuid.uuid4().hex[:6]}"
-    status, _ = await call(
-        broker,
-        orchestrator,
-        "POST",
-        "/v1/workflows",
-        json_body={
-            "id": run_id,
-            "owner": "alice",
-            "purpose": "flush test",
-            "ttl_seconds": 600,
-            "participants": [workload_id(stack, "agent")],
-        },
-    )
-    assert status == 201
+    await start_run(stack, broker, orchestrator, run_id, owner="alice", purpose="flush test")
     issued = []
     for task in ("t-1", "t-2"):
         status, body = await call(
