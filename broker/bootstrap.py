@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -79,6 +79,7 @@ from broker.reconciler import Reconciler
 from broker.revocation import RevocationMetrics, RevocationSettings, Revoker
 from broker.service import CredentialBroker, Readiness
 
+_T = TypeVar("_T")
 _log = structlog.get_logger("broker")
 
 
@@ -627,8 +628,28 @@ async def start_broker(settings: Settings) -> RunningBroker:
     # aiohttp exposes the bound port (needed for port 0) only through the site's server.
     sockets = getattr(site._server, "sockets", None) or ()
     port = sockets[0].getsockname()[1] if sockets else settings.server.port
-    _log.info("broker.listening", url=f"https://{settings.server.host}:{port}")
+    _log.info(
+        "broker.listening",
+        url=f"https://{settings.server.host}:{port}",
+        event_loop=running_loop_name(),
+    )
     return RunningBroker(runtime=runtime, runner=runner, port=port)
+
+
+def running_loop_name() -> str:
+    """``uvloop`` or ``asyncio``: the event loop this code runs on."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.split(".")[0] == "uvloop" else "asyncio"
+
+
+def run_on_event_loop(main: Coroutine[Any, Any, _T], event_loop: str) -> _T:
+    """Run ``main`` to completion on the event loop ``server.event_loop`` names."""
+    if event_loop == "uvloop":
+        import uvloop  # noqa: PLC0415 - only the server processes need it
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    return asyncio.run(main)
 
 
 async def serve_until_signalled(

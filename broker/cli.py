@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
@@ -51,13 +50,17 @@ def _fail(exc: TaskleaseError) -> typer.Exit:
 @app.command()
 def serve() -> None:
     """Run the broker (HTTPS with its own X.509-SVID) until SIGINT/SIGTERM."""
-    from broker.bootstrap import configure_logging, serve_until_signalled  # noqa: PLC0415
+    from broker.bootstrap import (  # noqa: PLC0415
+        configure_logging,
+        run_on_event_loop,
+        serve_until_signalled,
+    )
     from broker.config import load_settings  # noqa: PLC0415
 
     try:
         settings = load_settings()
         configure_logging(settings.log_level)
-        asyncio.run(serve_until_signalled(settings))
+        run_on_event_loop(serve_until_signalled(settings), settings.server.event_loop)
     except TaskleaseError as exc:
         raise _fail(exc) from None
 
@@ -70,7 +73,11 @@ def dev(
     ] = False,
 ) -> None:
     """Start the real local stack (OpenBao, SPIRE, Redis, PostgreSQL) and the broker on it."""
-    from broker.bootstrap import configure_logging, serve_until_signalled  # noqa: PLC0415
+    from broker.bootstrap import (  # noqa: PLC0415
+        configure_logging,
+        run_on_event_loop,
+        serve_until_signalled,
+    )
     from broker.config import load_settings  # noqa: PLC0415
     from broker.devstack import DevStack, build_spire  # noqa: PLC0415
 
@@ -123,7 +130,9 @@ def dev(
             _out.print(f"  {'Broker identity':<28} {endpoints.broker_spiffe_id}", highlight=False)
             _out.print(f"\nReady: curl -k {url}/readyz   Stop with Ctrl-C.\n", highlight=False)
 
-        asyncio.run(serve_until_signalled(settings, on_ready=ready))
+        run_on_event_loop(
+            serve_until_signalled(settings, on_ready=ready), settings.server.event_loop
+        )
     except TaskleaseError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:

@@ -686,3 +686,33 @@ def _pg_login(stack: DevStack, secret: dict[str, Any]) -> None:
         password=secret["password"],
         connect_timeout=5,
     ).close()
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_serve_runs_on_the_configured_event_loop(
+    stack: DevStack, env: Env, actors: Actors, event_loop: str
+) -> None:
+    """``server.event_loop``: a ``serve`` process reports the loop it runs on, and on either
+    loop issues over mTLS (keep-alive connections, 16 at a time) and revokes at completion."""
+    broker = await env.fleet.start(
+        f"loop-{event_loop}",
+        extra_env={"TASKLEASE_SERVER__EVENT_LOOP": event_loop},
+        tuning={"sweep_interval_seconds": "0.2"},
+    )
+    listening = [
+        json.loads(line)
+        for line in broker.log_path.read_text().splitlines()
+        if '"broker.listening"' in line
+    ]
+    assert [entry["event_loop"] for entry in listening] == [event_loop]
+    run_id = await start_run(broker, actors)
+    issued = await issue_many(broker, actors, run_id, 40)
+    accessors = [body["token_accessor"] for body in issued]
+    assert len(set(accessors)) == 40
+    assert not any((await gone_from_openbao(stack, accessors)).values())
+    await complete(broker, actors, run_id)
+
+    async def all_gone() -> bool:
+        return all((await gone_from_openbao(stack, accessors)).values())
+
+    await until(all_gone, within=60, what="every task token revoked at completion")

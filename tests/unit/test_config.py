@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
+from broker.bootstrap import run_on_event_loop, running_loop_name
 from broker.config import load_settings
 from broker.errors import ConfigurationError
 
@@ -77,3 +79,24 @@ def test_invalid_toml_is_a_configuration_error(config_file: Path) -> None:
     config_file.write_text("[vault\n")
     with pytest.raises(ConfigurationError, match="cannot read the configuration file"):
         load_settings()
+
+
+def test_the_event_loop_is_uvloop_unless_configured_otherwise(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings().server.event_loop == "uvloop"
+    monkeypatch.setenv("TASKLEASE_SERVER__EVENT_LOOP", "asyncio")
+    assert load_settings().server.event_loop == "asyncio"
+    monkeypatch.setenv("TASKLEASE_SERVER__EVENT_LOOP", "trio")
+    with pytest.raises(ConfigurationError, match=r"server\.event_loop"):
+        load_settings()
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_run_on_event_loop_runs_on_the_named_loop(event_loop: str) -> None:
+    async def main() -> tuple[str, str]:
+        return running_loop_name(), type(asyncio.get_running_loop()).__module__
+
+    name, module = run_on_event_loop(main(), event_loop)
+    assert name == event_loop
+    assert module.split(".")[0] == event_loop
