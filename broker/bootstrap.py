@@ -94,10 +94,35 @@ def log_processors() -> list[structlog.typing.Processor]:
     ]
 
 
+class _JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The standard library's records (APScheduler, aiohttp, …) as the same JSON lines."""
+
+
 def configure_logging(level: str = "info") -> None:
-    """structlog JSON lines on stdout; the standard library's records go the same way."""
+    """structlog JSON lines on stdout; the standard library's records go the same way, one
+    JSON object per line with ``event`` (the message), ``level``, ``logger`` and
+    ``timestamp``, so every line the broker prints parses as JSON."""
     numeric = logging.getLevelName(level.upper())
-    logging.basicConfig(level=numeric, stream=sys.stdout, format="%(message)s")
+    handler = _JsonLinesHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(sort_keys=True),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for previous in [h for h in root.handlers if isinstance(h, _JsonLinesHandler)]:
+        root.removeHandler(previous)
+    root.addHandler(handler)
+    root.setLevel(numeric)
     structlog.configure(
         processors=log_processors(),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -693,7 +693,8 @@ async def test_serve_runs_on_the_configured_event_loop(
     stack: DevStack, env: Env, actors: Actors, event_loop: str
 ) -> None:
     """``server.event_loop``: a ``serve`` process reports the loop it runs on, and on either
-    loop issues over mTLS (keep-alive connections, 16 at a time) and revokes at completion."""
+    loop issues over mTLS (keep-alive connections, 16 at a time) and revokes at completion.
+    Every line it prints is a JSON object (APScheduler's records included)."""
     broker = await env.fleet.start(
         f"loop-{event_loop}",
         extra_env={"TASKLEASE_SERVER__EVENT_LOOP": event_loop},
@@ -716,3 +717,8 @@ async def test_serve_runs_on_the_configured_event_loop(
         return all((await gone_from_openbao(stack, accessors)).values())
 
     await until(all_gone, within=60, what="every task token revoked at completion")
+    broker.process.stop(timeout=20)
+    lines = broker.log_path.read_text().splitlines()
+    assert all(line.startswith("{") and isinstance(json.loads(line), dict) for line in lines)
+    loggers = {json.loads(line).get("logger") for line in lines}
+    assert "apscheduler.scheduler" in loggers, loggers
