@@ -17,12 +17,15 @@ from broker.bootstrap import configure_logging
 def restored_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    config = structlog.get_config()
     try:
         yield
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+        # The test session's own configuration (logs to its broker.jsonl), not the defaults.
         structlog.reset_defaults()
+        structlog.configure(**config)
 
 
 def _lines(text: str) -> list[dict[str, object]]:
