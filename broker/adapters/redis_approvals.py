@@ -32,16 +32,14 @@ ordered logs, that acknowledgement covers the earlier use as well.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from broker.adapters.memory_approvals import check_list_limit, check_successor
+from broker.adapters.redis_common import RedisScript, translated
 from broker.core.approvals import (
     Approval,
     ApprovalStatus,
@@ -59,16 +57,8 @@ _MILLISECOND: Final = timedelta(milliseconds=1)
 MAX_VALIDITY: Final = timedelta(days=7)
 
 
-@dataclass(frozen=True, slots=True)
-class _Script:
-    text: str
-
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.text.encode(), usedforsecurity=False).hexdigest()
-
-
-_CREATE = _Script(
+_CREATE = RedisScript(
+    "create",
     """
 local current = redis.call('GET', KEYS[2]) or ''
 if current ~= ARGV[4] then return 0 end
@@ -81,10 +71,11 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[6])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
 return 1
-"""
+""",
 )
 
-_SAVE = _Script(
+_SAVE = RedisScript(
+    "save",
     """
 if redis.call('HGET', KEYS[1], 'v') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[3], 'doc', ARGV[4])
@@ -100,7 +91,7 @@ elseif pointer == ARGV[1] then
   redis.call('DEL', KEYS[2])
 end
 return 1
-"""
+""",
 )
 
 
@@ -112,23 +103,8 @@ def _millis(moment: datetime) -> int:
     return (moment - _EPOCH) // _MILLISECOND
 
 
-@contextlib.contextmanager
-def _translated(operation: str) -> Iterator[None]:
-    """Redis (and socket) exceptions become :class:`LedgerUnavailableError`, chained; the
-    message names the operation and the error type, never the URL."""
-    try:
-        yield
-    except redis.exceptions.ResponseError as exc:
-        code = str(exc).split(" ", 1)[0]
-        shown = code if code.isalpha() and code.isupper() and len(code) <= 16 else "error"
-        raise LedgerUnavailableError(
-            f"Redis refused the approval store's {operation} ({shown})", reason="ledger.refused"
-        ) from exc
-    except (redis.exceptions.RedisError, OSError) as exc:
-        raise LedgerUnavailableError(
-            f"Redis is unreachable for the approval store's {operation} ({type(exc).__name__})",
-            reason="ledger.unreachable",
-        ) from exc
+def _translated(operation: str) -> contextlib.AbstractContextManager[None]:
+    return translated("the approval store", operation)
 
 
 class RedisApprovalStore:  # satisfies core.ports.ApprovalStore
@@ -160,12 +136,10 @@ class RedisApprovalStore:  # satisfies core.ports.ApprovalStore
     def _gc_at(self, approval: Approval) -> int:
         return _millis(approval.expires_at + self._retention)
 
-    async def _script(self, script: _Script, keys: Sequence[str], args: Sequence[str | int]) -> int:
-        try:
-            reply = await self._redis.evalsha(script.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            reply = await self._redis.eval(script.text, len(keys), *keys, *args)
-        return int(reply)
+    async def _script(
+        self, script: RedisScript, keys: Sequence[str], args: Sequence[str | int]
+    ) -> int:
+        return int(await script.run(self._redis, keys, args))
 
     async def create_approval(self, approval: Approval, *, replaces: str | None) -> bool:
         """Store a new approval and point its digest at it, if the pointer holds ``replaces``."""

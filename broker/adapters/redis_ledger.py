@@ -120,6 +120,7 @@ from broker.adapters.memory_ledger import (
     refused_by_tombstone,
     tombstoned_error,
 )
+from broker.adapters.redis_common import RedisScript, redis_error_code, translated
 from broker.config import RedisSettings
 from broker.core.model import (
     DelegationChain,
@@ -138,6 +139,11 @@ from broker.core.ports import CheckResult, LeaseSelector
 from broker.errors import ConflictError, LedgerUnavailableError, NotFoundError
 
 _log = structlog.get_logger("broker.ledger")
+
+
+def _translated(operation: str) -> contextlib.AbstractContextManager[None]:
+    return translated("the ledger", operation)
+
 
 LAYOUT_VERSION: Final = "1"
 # Every Lease field, and only those, is written by _encode_lease; a contract test compares this
@@ -259,37 +265,6 @@ class RedisDurability:
 
 
 # --------------------------------------------------------------------------- errors
-
-
-def _redis_error_code(exc: redis.exceptions.RedisError) -> str:
-    """The leading error code of a Redis error reply (OOM, READONLY, NOPERM …), else the
-    exception type: enough to act on, and never part of the connection URL."""
-    first = str(exc).split(" ", 1)[0]
-    if isinstance(exc, redis.exceptions.ResponseError) and re.fullmatch(r"[A-Z]{2,16}", first):
-        return first
-    return type(exc).__name__
-
-
-@contextlib.contextmanager
-def _translated(operation: str) -> Iterator[None]:
-    """Turn any Redis (or socket) exception into :class:`LedgerUnavailableError`, chained."""
-    try:
-        yield
-    except redis.exceptions.ResponseError as exc:
-        raise LedgerUnavailableError(
-            f"Redis refused the ledger's {operation} ({_redis_error_code(exc)})",
-            reason="ledger.refused",
-        ) from exc
-    except (redis.exceptions.RedisError, OSError) as exc:
-        code = (
-            _redis_error_code(exc)
-            if isinstance(exc, redis.exceptions.RedisError)
-            else (type(exc).__name__)
-        )
-        raise LedgerUnavailableError(
-            f"Redis is unreachable for the ledger's {operation} ({code})",
-            reason="ledger.unreachable",
-        ) from exc
 
 
 def _raise_first_error(results: Sequence[object]) -> None:
@@ -521,26 +496,13 @@ class _Keys:
         return f"{self.ns}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
-@dataclass(frozen=True, slots=True)
-class _Script:
-    name: str
-    text: str
-
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.text.encode(), usedforsecurity=False).hexdigest()
-
-    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[str | int]) -> None:
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
-
-
 # One write-ahead, atomically and in one command (it was a MULTI of nine). ARGV: credential id,
 # run id, the lease record, its holder, its due time (µs). Everything is written as the MULTI
 # wrote it, the index and due entries also when the id turns out to be taken (harmless: extra
 # index members are filtered on read, and the due time can only move earlier, ZADD LT); then
 # 'ok' when the record is new or exactly this one (a retried call), else 'exists' — after
 # taking back the record just written into this run if the id belongs to another run.
-_WRITE_AHEAD = _Script(
+_WRITE_AHEAD = RedisScript(
     "write_ahead",
     """
 local located = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
@@ -562,7 +524,7 @@ return 'exists'
 """,
 )
 
-_CAS = _Script(
+_CAS = RedisScript(
     "cas",
     """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
@@ -571,7 +533,7 @@ return 1
 """,
 )
 
-_ACTIVATE = _Script(
+_ACTIVATE = RedisScript(
     "activate",
     """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 'stale' end
@@ -585,7 +547,7 @@ return 'ok'
 """,
 )
 
-_TOMBSTONE = _Script(
+_TOMBSTONE = RedisScript(
     "tombstone",
     """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
@@ -596,7 +558,7 @@ return 1
 """,
 )
 
-_PEEK = _Script(
+_PEEK = RedisScript(
     "peek",
     """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
@@ -610,7 +572,7 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMI
 """,
 )
 
-_CLAIM = _Script(
+_CLAIM = RedisScript(
     "claim",
     """
 local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
@@ -624,7 +586,7 @@ return items
 """,
 )
 
-_DISCARD = _Script(
+_DISCARD = RedisScript(
     "discard",
     """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
@@ -634,7 +596,7 @@ return 1
 )
 
 # The binding is [fingerprint, credential id] as JSON; delete it only if it names ARGV[1].
-_FORGET_IDEMPOTENCY = _Script(
+_FORGET_IDEMPOTENCY = RedisScript(
     "forget_idempotency",
     """
 local bound = redis.call('GET', KEYS[1])
@@ -835,7 +797,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
         reply = replies[0] if replies else None
         problem = ""
         if isinstance(reply, redis.exceptions.RedisError):
-            problem = f"the acknowledgement failed ({_redis_error_code(reply)})"
+            problem = f"the acknowledgement failed ({redis_error_code(reply)})"
         elif settings.durability == "replicas":
             if not isinstance(reply, int) or reply < settings.durability_replicas:
                 problem = (
@@ -971,7 +933,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _script(
-        self, operation: str, script: _Script, keys: Sequence[str], args: Sequence[str | int]
+        self, operation: str, script: RedisScript, keys: Sequence[str], args: Sequence[str | int]
     ) -> Any:
         """Run one script as a single command (no pipeline around it) and return its reply;
         an error reply raises :class:`LedgerUnavailableError`. If Redis lost its script
