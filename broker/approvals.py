@@ -39,7 +39,9 @@ without its audit record. Expiry is recorded lazily, by the first operation that
 approval past its time.
 
 Notifications (``ApprovalNotifier``) go out after the audit record, in the background: a new
-approval (``approval.requested``) and each decision or withdrawal (``approval.decided``).
+approval (``approval.requested``) and each decision or withdrawal (``approval.decided``). The
+step waits only for the notification to be queued (the broker's outbox in Redis, a bounded
+wait); a notification that cannot be queued is logged and never fails the step.
 """
 
 from __future__ import annotations
@@ -254,7 +256,7 @@ class Approvals:
                 expires_at=approval.expires_at.isoformat(),
                 policy_ids=list(approval.policy_ids),
             )
-            self._notify(REQUESTED, approval, now, step="request", by=caller.principal_id)
+            await self._notify(REQUESTED, approval, now, step="request", by=caller.principal_id)
             raise self._pending(approval, decision, reused=False, now=now)
         raise ConflictError(
             "the approval for this request kept changing while it was being opened; retry",
@@ -365,7 +367,7 @@ class Approvals:
             approver_count=len(decided.approvers),
             quorum=decided.quorum,
         )
-        self._notify(DECIDED, decided, now, step=verdict.value, by=caller.principal_id)
+        await self._notify(DECIDED, decided, now, step=verdict.value, by=caller.principal_id)
         return decided
 
     async def withdraw(
@@ -393,7 +395,7 @@ class Approvals:
             by=caller.principal_id,
             credential_id=withdrawn.credential_id,
         )
-        self._notify(DECIDED, withdrawn, now, step="withdraw", by=caller.principal_id)
+        await self._notify(DECIDED, withdrawn, now, step="withdraw", by=caller.principal_id)
         if self._on_withdrawn is not None and withdrawn.credential_id:
             try:
                 await self._on_withdrawn(withdrawn)
@@ -548,7 +550,9 @@ class Approvals:
             request_id=request_id or current_request_id(),
         )
 
-    def _notify(self, event: str, approval: Approval, now: datetime, *, step: str, by: str) -> None:
+    async def _notify(
+        self, event: str, approval: Approval, now: datetime, *, step: str, by: str
+    ) -> None:
         if self._notifier is None:
             return
         body: dict[str, Any] = {
@@ -564,7 +568,7 @@ class Approvals:
             },
         }
         try:
-            self._notifier.notify(event, body)
+            await self._notifier.notify(event, body)
         except Exception as exc:  # noqa: BLE001 - a notification never fails the step
             _log.error(
                 "approval.notify_failed", approval_id=approval.id, error_type=type(exc).__name__

@@ -40,6 +40,7 @@ from broker.adapters.metrics_sources import register_metrics_sources
 from broker.adapters.oidc_jwks import OidcJwksSource
 from broker.adapters.redis_approvals import RedisApprovalStore
 from broker.adapters.redis_ledger import RedisLedger, RedisReadiness
+from broker.adapters.redis_webhook_outbox import RedisWebhookOutbox
 from broker.adapters.scheduler import RevocationSweeper
 from broker.adapters.tls import RotatingServerTls, build_server_context
 from broker.adapters.vault import HvacVault, VaultMinter, VaultReadiness
@@ -477,7 +478,20 @@ async def build_runtime(
             retention=timedelta(seconds=settings.approvals.retention_seconds),
         )
         notifier = (
-            WebhookNotifier.from_settings(settings.notifications, now=clock.now)
+            WebhookNotifier.from_settings(
+                settings.notifications,
+                now=clock.now,
+                # Durable: a queued notification outlives this process (at least once); this
+                # process reads as its own consumer (host-pid-random).
+                outbox=RedisWebhookOutbox(
+                    client=ledger.client,
+                    namespace=ledger.namespace,
+                    max_backlog=settings.notifications.queue_size,
+                    visibility=timedelta(seconds=settings.notifications.visibility_seconds),
+                    # A blocking read must end before the client's socket timeout.
+                    block=timedelta(seconds=min(1.0, settings.redis.socket_timeout_seconds / 2)),
+                ),
+            )
             if settings.notifications.webhook_urls
             else None
         )
@@ -559,7 +573,13 @@ async def build_runtime(
         )
         register_metrics_routes(app, metrics, targets=lambda: broker.targets)
         register_metrics_sources(
-            metrics, clock=clock, trust_store=store, vault=vault, sweeper=sweeper, ledger=ledger
+            metrics,
+            clock=clock,
+            trust_store=store,
+            vault=vault,
+            sweeper=sweeper,
+            ledger=ledger,
+            webhooks=(lambda: notifier.stats) if notifier is not None else None,
         )
     except BaseException:
         if http_session is not None:

@@ -298,10 +298,15 @@ class NotificationSettings(_Section):
     max_attempts: int = Field(default=6, ge=1, le=20)
     backoff_base_seconds: float = Field(default=0.5, gt=0, le=60)
     backoff_cap_seconds: float = Field(default=30.0, gt=0, le=3600)
-    # Deliveries waiting; when full, new notifications are dropped (logged, counted) rather
-    # than making a request wait.
+    # Undelivered deliveries kept in the outbox (a Redis stream shared by the replicas, in
+    # flight and waiting for a retry included); when full, new notifications are dropped
+    # (logged, counted) rather than making a request wait.
     queue_size: int = Field(default=1000, ge=1, le=100_000)
     concurrency: int = Field(default=4, ge=1, le=64)
+    # A delivery held by a broker that stopped touching it (crashed, killed, stopped) for this
+    # long is taken over by another broker (or the restarted one). Live brokers touch what
+    # they hold every third of it, so it need not cover timeouts or backoff.
+    visibility_seconds: float = Field(default=60.0, ge=1, le=3600)
 
     @field_validator("webhook_urls")
     @classmethod

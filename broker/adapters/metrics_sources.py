@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from broker.adapters.memory_ledger import DueBacklog
 from broker.adapters.scheduler import RevocationSweeper
 from broker.adapters.vault import HvacVault
+from broker.adapters.webhook_notifier import DeliveryStats
 from broker.core.bundle import TrustStore
 from broker.core.ports import Clock
 from broker.metrics import BrokerMetrics
@@ -124,6 +125,47 @@ class SweeperCollector(Collector):
         yield family
 
 
+class WebhookCollector(Collector):
+    """Approval webhook deliveries handled by this process, by outcome."""
+
+    # DeliveryStats field → outcome label.
+    OUTCOMES = (
+        "queued",
+        "delivered",
+        "failed",
+        "dropped",
+        "retries",
+        "unknown_url",
+        "handed_back",
+        "reclaimed",
+        "lost",
+    )
+
+    def __init__(self, stats: Callable[[], DeliveryStats]) -> None:
+        self._stats = stats
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "tasklease_webhook_deliveries",
+            "Approval webhook deliveries of this process, by outcome (queued, delivered, "
+            "failed: a final refusal or attempts exhausted, dropped: the outbox full or "
+            "unreachable, retries, unknown_url, handed_back, reclaimed, lost)",
+            labels=["outcome"],
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        """The metric name."""
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        """The notifier's own counts."""
+        family = self._family()
+        stats = self._stats()
+        for outcome in self.OUTCOMES:
+            family.add_metric([outcome], getattr(stats, outcome))
+        yield family
+
+
 def watch_revocation_backlog(
     metrics: BrokerMetrics, ledger: DueBacklogSource, clock: Clock
 ) -> None:
@@ -155,9 +197,12 @@ def register_metrics_sources(
     vault: HvacVault,
     sweeper: RevocationSweeper,
     ledger: DueBacklogSource,
+    webhooks: Callable[[], DeliveryStats] | None = None,
 ) -> None:
     """Attach every scrape-time source of a running broker to ``metrics``."""
     metrics.registry.register(TrustBundleCollector(trust_store, now=clock.now))
     metrics.registry.register(VaultSessionCollector(vault))
     metrics.registry.register(SweeperCollector(sweeper))
+    if webhooks is not None:
+        metrics.registry.register(WebhookCollector(webhooks))
     watch_revocation_backlog(metrics, ledger, clock)

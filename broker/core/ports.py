@@ -351,11 +351,12 @@ class ApprovalStore(Protocol):
 class ApprovalNotifier(Protocol):
     """Tells people and bots that an approval was requested or decided (e.g. webhooks).
 
-    ``notify`` must not wait for delivery: it queues and returns at once, so the request path
-    never depends on a chat or ticketing system being up.
+    ``notify`` must not wait for delivery: it queues (durably, where the queue is an outbox
+    in Redis: that is why it is a coroutine) and returns within a short bound, never raising,
+    so the request path never depends on a chat or ticketing system being up.
     """
 
-    def notify(self, event: str, data: Mapping[str, Any]) -> None:
+    async def notify(self, event: str, data: Mapping[str, Any]) -> None:
         """Queue ``event`` (``approval.requested`` | ``approval.decided``) with ``data`` (the
         step, who took it, and the approval's JSON view) for delivery in the background."""
         ...

@@ -124,7 +124,7 @@ DATA = {"step": "request", "by": "spiffe://tasklease.test/agent/demo", "approval
 async def test_a_signed_json_event_is_delivered(receiver: Receiver, running: Start) -> None:
     hook = notifier(receiver.url)
     running(hook)
-    hook.notify("approval.requested", DATA)
+    await hook.notify("approval.requested", DATA)
     await asyncio.wait_for(hook.drain(), 10)
     (got,) = receiver.received
     assert (got["valid"], got["event"], got["content_type"]) == (
@@ -144,7 +144,7 @@ async def test_a_500_is_retried_with_the_same_delivery_id(
     receiver.answers = [500, 502]
     hook = notifier(receiver.url)
     running(hook)
-    hook.notify("approval.decided", DATA)
+    await hook.notify("approval.decided", DATA)
     await asyncio.wait_for(hook.drain(), 10)
     assert len(receiver.received) == 3
     assert all(r["valid"] for r in receiver.received)
@@ -156,7 +156,7 @@ async def test_a_timeout_is_retried(receiver: Receiver, running: Start) -> None:
     receiver.delays = [2.0]
     hook = notifier(receiver.url, timeout=timedelta(milliseconds=300))
     running(hook)
-    hook.notify("approval.decided", DATA)
+    await hook.notify("approval.decided", DATA)
     await asyncio.wait_for(hook.drain(), 10)
     assert len(receiver.received) == 2
     assert (hook.stats.delivered, hook.stats.retries) == (1, 1)
@@ -173,7 +173,7 @@ async def test_giving_up(
     receiver.answers = list(answers)
     hook = notifier(receiver.url, max_attempts=3)
     running(hook)
-    hook.notify("approval.decided", DATA)
+    await hook.notify("approval.decided", DATA)
     await asyncio.wait_for(hook.drain(), 10)
     assert len(receiver.received) == attempts
     assert (hook.stats.delivered, hook.stats.failed) == (0, 1)
@@ -184,7 +184,7 @@ async def test_an_unreachable_receiver_is_retried_then_given_up(
 ) -> None:
     hook = notifier("http://127.0.0.1:9/nothing-listens-here", max_attempts=2)
     running(hook)
-    hook.notify("approval.decided", DATA)
+    await hook.notify("approval.decided", DATA)
     await asyncio.wait_for(hook.drain(), 10)
     assert (hook.stats.failed, hook.stats.retries) == (1, 1)
 
@@ -196,10 +196,10 @@ async def test_notify_never_waits_and_the_queue_is_bounded(
     hook = notifier(receiver.url, queue_size=2, concurrency=1)
     running(hook)
     started = time.monotonic()
-    hook.notify("approval.requested", DATA)
+    await hook.notify("approval.requested", DATA)
     await asyncio.wait_for(receiver.arrived.wait(), 5)  # the worker holds the first one
     for _ in range(3):
-        hook.notify("approval.requested", DATA)
+        await hook.notify("approval.requested", DATA)
     assert time.monotonic() - started < 0.5  # nobody waited for the slow receiver
     assert (hook.stats.queued, hook.stats.dropped) == (3, 1)
     await asyncio.wait_for(hook.drain(), 10)
@@ -213,7 +213,7 @@ async def test_the_secret_and_the_url_path_are_never_logged(
     secret_url = receiver.url + "?token=" + remember_secret("T0k3n-in-a-chat-webhook-url")
     hook = notifier(secret_url)
     running(hook)
-    hook.notify("approval.requested", DATA)
+    await hook.notify("approval.requested", DATA)
     await asyncio.wait_for(hook.drain(), 10)
     assert hook.stats.delivered == 1
     log = (LOG_DIR / "broker.jsonl").read_text()

@@ -108,7 +108,7 @@ class RecordingNotifier:
     def __init__(self) -> None:
         self.sent: list[tuple[str, Mapping[str, Any]]] = []
 
-    def notify(self, event: str, data: Mapping[str, Any]) -> None:
+    async def notify(self, event: str, data: Mapping[str, Any]) -> None:
         self.sent.append((event, data))
 
 

@@ -15,8 +15,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.adapters.memory_ledger import InMemoryLedger
-from broker.adapters.metrics_sources import SweeperCollector, watch_revocation_backlog
+from broker.adapters.metrics_sources import (
+    SweeperCollector,
+    WebhookCollector,
+    watch_revocation_backlog,
+)
 from broker.adapters.scheduler import RevocationSweeper
+from broker.adapters.webhook_notifier import DeliveryStats
 from broker.core.model import (
     Decision,
     DecisionOutcome,
@@ -164,6 +169,29 @@ async def test_the_backlog_gauges_come_from_the_due_index() -> None:
     # c-0 claimed at now-20 s until now-10 s: a dead claimer's; c-1, c-2 due; c-3 later.
     assert backlog == {"due": 2, "claimed": 1, "claim_expired": 1}
     assert sample(metrics, "tasklease_revocation_backlog_oldest_seconds") == 30.0
+
+
+def test_the_webhook_collector_reads_every_delivery_count_at_scrape_time() -> None:
+    metrics = BrokerMetrics()
+    stats = DeliveryStats()
+    metrics.registry.register(WebhookCollector(lambda: stats))
+    stats.queued, stats.delivered, stats.dropped, stats.reclaimed = 5, 3, 1, 2
+    assert {
+        outcome: sample(metrics, "tasklease_webhook_deliveries_total", outcome=outcome)
+        for outcome in WebhookCollector.OUTCOMES
+    } == {
+        "queued": 5,
+        "delivered": 3,
+        "failed": 0,
+        "dropped": 1,
+        "retries": 0,
+        "unknown_url": 0,
+        "handed_back": 0,
+        "reclaimed": 2,
+        "lost": 0,
+    }
+    # Every counter of DeliveryStats is exported, none is missed.
+    assert set(WebhookCollector.OUTCOMES) == set(DeliveryStats.__dataclass_fields__)
 
 
 async def test_the_sweeper_collector_reads_the_sweepers_counts() -> None:
