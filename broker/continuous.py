@@ -15,6 +15,11 @@ or active) as if each were requested again *now*, from what the ledger recorded:
   it (fail closed);
 * the quarantines in force (one that covers the lease is a denial, as at issuance).
 
+Every live lease the change covers is decided, however many there are: the ledger streams them
+(``Ledger.iter_leases``) in batches of ``batch`` (default :data:`REEVALUATION_BATCH`), and each
+batch is decided and its denied leases revoked before the next is read, so memory is bounded by
+a batch (the run cache is per batch too), not by the number of live leases.
+
 A lease is *denied now* when the decision is not an allow, or when it is an allow whose TTL cap
 is shorter than the lease's lifetime (a credential may not outlive what policy allows now).
 Denied leases are revoked through :meth:`broker.revocation.Revoker.revoke_leases` (tasks
@@ -22,16 +27,21 @@ tombstoned, intent recorded, revoked in OpenBao and confirmed; failures retried 
 sweeper) with the revoke reason ``continuous_authorization``. Each one confirmed revoked gets a
 ``credential.revoked`` audit event with ``cause="continuous_authorization"`` and a ``reason``
 naming the trigger and the decision. A lease that cannot be revoked early (SSH) is reported
-still live and ends at its (short) expiry.
+still live and ends at its (short) expiry. The report and the ``continuous.reevaluated`` log
+line count every lease examined, denied, confirmed revoked and still live.
 
-Limit: a request decided under the old set that writes its lease ahead after the re-evaluation
-listed the leases is not re-evaluated; its credential lives at most its TTL under the old set.
+Limits: a request decided under the old set that writes its lease ahead while the re-evaluation
+runs may or may not be read by it, and one written after it is not; such a credential lives at
+most its TTL under the old set. A re-evaluation that fails part-way (the ledger unreachable) has
+revoked the denied leases of the batches before; it logs ``continuous.incomplete`` with an alert
+and raises, and is not retried by itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
@@ -81,6 +91,11 @@ CAUSE: Final = RevokeReason.CONTINUOUS_AUTHORIZATION.value
 # Leases decided again: live ones not already being revoked.
 _REEVALUATED_STATES: Final = frozenset({LeaseState.ISSUING, LeaseState.ACTIVE})
 _REASON_LIMIT = 500
+# Leases read, decided and (the denied ones) revoked at a time.
+REEVALUATION_BATCH: Final = 1000
+# Denied verdicts and still-live results a report keeps as examples (the totals count every
+# one; each denied lease is also logged, and audited once revoked).
+REPORT_SAMPLE: Final = 100
 
 
 class ApprovalStates(Protocol):
@@ -130,28 +145,35 @@ class Verdict:
 
 @dataclass(frozen=True, slots=True)
 class ReevaluationReport:
-    """What one re-evaluation examined, denied, and what the revocation confirmed."""
+    """What one re-evaluation did, over every lease it examined (all the live leases the
+    selector covers, in ``batches``): how many it examined and denied, how many of the denied
+    are confirmed revoked and how many are still live (not revocable early, or left to the
+    sweeper's retries), and the first :data:`REPORT_SAMPLE` denied verdicts and still-live
+    results as examples."""
 
     reason: str
-    verdicts: tuple[Verdict, ...]
-    revocation: RevocationReport
-    # More leases matched than one call addresses: some were not examined.
-    truncated: bool = False
+    examined: int = 0
+    denied: int = 0
+    confirmed_revoked: int = 0
+    still_live: int = 0
+    batches: int = 0
+    denied_sample: tuple[Verdict, ...] = ()
+    still_live_sample: tuple[LeaseResult, ...] = ()
 
-    @property
-    def denied(self) -> tuple[Verdict, ...]:
-        """The leases now denied."""
-        return tuple(v for v in self.verdicts if v.denied)
-
-    @property
-    def revoked(self) -> tuple[str, ...]:
-        """Credential ids confirmed revoked."""
-        return tuple(r.credential_id for r in self.revocation.confirmed_revoked)
-
-    @property
-    def still_live(self) -> tuple[LeaseResult, ...]:
-        """Denied leases not (yet) confirmed revoked, each with why."""
-        return self.revocation.still_live
+    def add(self, verdicts: list[Verdict], revocation: RevocationReport) -> ReevaluationReport:
+        """This report with one more batch: its verdicts and their revocation."""
+        denied = [v for v in verdicts if v.denied]
+        still_live = revocation.still_live
+        return dataclasses.replace(
+            self,
+            examined=self.examined + len(verdicts),
+            denied=self.denied + len(denied),
+            confirmed_revoked=self.confirmed_revoked + len(revocation.confirmed_revoked),
+            still_live=self.still_live + len(still_live),
+            batches=self.batches + 1,
+            denied_sample=(self.denied_sample + tuple(denied))[:REPORT_SAMPLE],
+            still_live_sample=(self.still_live_sample + still_live)[:REPORT_SAMPLE],
+        )
 
 
 class ContinuousMetrics:
@@ -193,7 +215,10 @@ class ContinuousAuthorizer:
         approvals: ApprovalStates | None = None,
         actor: str = "tasklease",
         metrics: ContinuousMetrics | None = None,
+        batch: int = REEVALUATION_BATCH,
     ) -> None:
+        if not 1 <= batch <= MAX_ADDRESSED:  # the ledger's limit per call
+            raise ValueError(f"batch must be between 1 and {MAX_ADDRESSED}, got {batch}")
         self._ledger = ledger
         self._policy = policy
         self._targets = targets
@@ -205,6 +230,7 @@ class ContinuousAuthorizer:
         self._approvals = approvals
         self._actor = actor
         self.metrics = metrics or ContinuousMetrics()
+        self._batch = batch
         self._background: set[asyncio.Task[Any]] = set()
 
     # ---- triggers
@@ -256,29 +282,57 @@ class ContinuousAuthorizer:
     ) -> ReevaluationReport:
         """Decide every live lease ``selector`` matches (only those issued with
         ``approval_id``, when given) again, now; revoke the ones denied. ``reason`` says
-        what changed; it is stamped into each revocation's audit event."""
-        now = self._clock.now()
-        found = await self._ledger.find_leases(
-            LeaseSelector(
-                workflow_id=selector.workflow_id,
-                task_id=selector.task_id,
-                holder=selector.holder,
-                holder_prefix=selector.holder_prefix,
-                owner=selector.owner,
-                target=selector.target,
-                sensitivity=selector.sensitivity,
-                states=_REEVALUATED_STATES,
-                everything=selector.everything,
-            ),
-            limit=MAX_ADDRESSED,
+        what changed; it is stamped into each revocation's audit event. The leases are read,
+        decided and revoked a batch at a time; the report counts all of them."""
+        live = dataclasses.replace(selector, states=_REEVALUATED_STATES)
+        report = ReevaluationReport(reason=reason)
+        try:
+            async with contextlib.aclosing(
+                self._ledger.iter_leases(live, batch=self._batch)
+            ) as batches:
+                async for found in batches:
+                    leases = [
+                        lease
+                        for lease in found
+                        if approval_id is None or lease.approval_id == approval_id
+                    ]
+                    if leases:
+                        report = await self._reevaluate_batch(leases, report)
+        except Exception as exc:
+            # The batches before are decided and revoked; the rest stay live until the next
+            # change covers them, or their TTL.
+            _log.error(
+                "continuous.incomplete",
+                trigger=printable(reason, _REASON_LIMIT),
+                examined=report.examined,
+                denied=report.denied,
+                error=type(exc).__name__,
+                reason=exc.reason if isinstance(exc, TaskleaseError) else "",
+                alert=True,
+            )
+            raise
+        _log.info(
+            "continuous.reevaluated",
+            trigger=printable(reason, _REASON_LIMIT),
+            examined=report.examined,
+            denied=report.denied,
+            confirmed_revoked=report.confirmed_revoked,
+            still_live=report.still_live,
+            batches=report.batches,
         )
-        leases = [
-            lease for lease in found if approval_id is None or lease.approval_id == approval_id
-        ]
+        return report
+
+    async def _reevaluate_batch(
+        self, leases: list[Lease], report: ReevaluationReport
+    ) -> ReevaluationReport:
+        """Decide one batch at the current time and revoke its denied leases; the report
+        with the batch added."""
+        reason = report.reason
+        now = self._clock.now()
         quarantines = (
             await self._quarantines.quarantines(now) if self._quarantines is not None else []
         )
-        runs: dict[str, WorkflowRun | None] = {}
+        runs: dict[str, WorkflowRun | None] = {}  # this batch's runs, read once each
         verdicts = [await self._verdict(lease, now, runs, quarantines) for lease in leases]
         denied = [v for v in verdicts if v.denied]
         self.metrics.reevaluated.inc(len(verdicts))
@@ -303,22 +357,7 @@ class ContinuousAuthorizer:
             else RevocationReport(results=())
         )
         await self._record(denied, revocation, reason, now)
-        report = ReevaluationReport(
-            reason=reason,
-            verdicts=tuple(verdicts),
-            revocation=revocation,
-            truncated=len(found) >= MAX_ADDRESSED,
-        )
-        _log.info(
-            "continuous.reevaluated",
-            trigger=printable(reason, _REASON_LIMIT),
-            examined=len(verdicts),
-            denied=len(denied),
-            confirmed_revoked=len(revocation.confirmed_revoked),
-            still_live=len(revocation.still_live),
-            truncated=report.truncated,
-        )
-        return report
+        return report.add(verdicts, revocation)
 
     async def _verdict(
         self,

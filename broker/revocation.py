@@ -101,9 +101,12 @@ LIVE_STATES: Final = frozenset(
 # A lease rewrite races an activation, a second replica or a stale copy: re-read and re-decide
 # this many times before leaving the lease to the next sweep.
 _UPDATE_ATTEMPTS = 4
-# The most leases one completion, or one forced revocation, addresses (the ledger's find
-# limit). A forced revocation that matched more says so (``truncated``) and is repeated.
+# The most leases one forced revocation addresses (the ledger's find limit), and the most a
+# completion's report lists. A forced revocation that matched more says so (``truncated``) and
+# is repeated; a completion makes every lease of its run due, in batches of _RUN_BATCH, and
+# its report says ``truncated`` when the run has more than it lists.
 MAX_ADDRESSED = 10_000
+_RUN_BATCH = 1000
 # Runs completed by this replica that it keeps re-listing for late mints, and the first
 # re-listing's delay (then doubling).
 _MAX_WATCHED_RUNS = 10_000
@@ -266,7 +269,9 @@ class RevocationReport:
     """What a completion, release or forced revocation confirmed and what is still live."""
 
     results: tuple[LeaseResult, ...]
-    # More leases matched than one call addresses (``MAX_ADDRESSED``): repeat the call.
+    # More leases matched than one report covers (``MAX_ADDRESSED``). A forced revocation
+    # addressed only those: repeat the call. A completion made every lease of the run due (the
+    # sweeper revokes those not listed); repeating it reports the first ones again.
     truncated: bool = False
 
     @property
@@ -543,27 +548,43 @@ class Revoker:
         # Read after the run is saved: a request that saw the run active stamped its lease
         # before this instant, and the tombstone below covers every such lease.
         after = self._clock.now()
-        leases = await self._ledger.find_leases(
-            LeaseSelector(workflow_id=run.id), limit=MAX_ADDRESSED
-        )
-        live = [lease for lease in leases if lease.is_live]
-        # No lease of an ended run may ever activate: tombstone its tasks to the deadline.
-        await self._tombstone(
-            leases, until=max(run.deadline, after) + self._settings.tombstone_margin
-        )
+        until = max(run.deadline, after) + self._settings.tombstone_margin
+        # Every lease of the run is read, a batch at a time (a run may hold more leases than
+        # one call lists): each batch's tasks are tombstoned and its live leases made due now.
+        # A waiting caller's report covers the first MAX_ADDRESSED leases (``truncated`` when
+        # the run has more; those are due now all the same, and the sweeper revokes them).
+        listed: list[Lease] = []
+        settle: list[str] = []
+        due: list[str] = []
+        truncated = False
         # The run is watched for late mints only once its listed leases are marked: a recheck
         # during a long marking took the leases not marked yet for late mints, and marking
         # them again moved them out from under another replica's claim (a second revocation;
         # seen with two broker processes, tests/integration/test_revocation_faults.py).
         try:
-            marked = await self._bounded(live, lambda lease: self._mark(lease, reason, now))
+            async with contextlib.aclosing(
+                self._ledger.iter_leases(LeaseSelector(workflow_id=run.id), batch=_RUN_BATCH)
+            ) as batches:
+                async for leases in batches:
+                    # No lease of an ended run may ever activate: tombstone its tasks.
+                    await self._tombstone(leases, until=until)
+                    marked = await self._bounded(
+                        [lease for lease in leases if lease.is_live],
+                        lambda lease: self._mark(lease, reason, now),
+                    )
+                    due.extend(lease.credential_id for lease in marked if lease.revocable)
+                    room = MAX_ADDRESSED - len(listed)
+                    truncated = truncated or len(leases) > room
+                    shown = {lease.credential_id for lease in leases[:room]}
+                    listed.extend(leases[:room])
+                    settle.extend(x.credential_id for x in marked if x.credential_id in shown)
         finally:
             if len(self._ended) >= _MAX_WATCHED_RUNS:
                 self._ended.pop(next(iter(self._ended)))
             self._ended[run.id] = _EndedRun(
                 reason=reason, ended=after, next_check=after + _FIRST_RECHECK
             )
-        scheduled = tuple(lease.credential_id for lease in marked if lease.revocable)
+        scheduled = tuple(due)
         if ended_now:
             await self._record(
                 _run_event(
@@ -579,19 +600,15 @@ class Revoker:
             return CompletionResult(run=run, scheduled=scheduled)
         initiated = _INITIATED.set((caller.principal_id, ""))
         try:
-            settled = await self._settle_many(
-                [lease.credential_id for lease in marked], now=now, reason=reason
-            )
+            settled = await self._settle_many(settle, now=now, reason=reason)
         finally:
             _INITIATED.reset(initiated)
         done = [
             LeaseResult(lease.credential_id, SettleOutcome.ALREADY_REVOKED, lease)
-            for lease in leases
+            for lease in listed
             if not lease.is_live
         ]
-        report = RevocationReport(
-            results=tuple(done + settled), truncated=len(leases) >= MAX_ADDRESSED
-        )
+        report = RevocationReport(results=tuple(done + settled), truncated=truncated)
         return CompletionResult(run=run, scheduled=scheduled, report=report)
 
     # ---- early release and metadata

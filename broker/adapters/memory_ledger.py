@@ -14,6 +14,7 @@ and nothing is ever evicted.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncGenerator
 from datetime import datetime, timedelta
 
 from broker.core.model import (
@@ -336,6 +337,22 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         check_selector(selector, limit)
         found = [lease for lease in self._leases.values() if selector.matches(lease)]
         return sorted(found, key=lease_order)[:limit]
+
+    async def iter_leases(
+        self, selector: LeaseSelector, *, batch: int
+    ) -> AsyncGenerator[list[Lease]]:
+        """Every matching lease, in batches of at most ``batch``, in write order (order is
+        unspecified by the port). The ids are taken when the iteration starts and each lease
+        is read as it is when its batch is made: a lease written meanwhile does not come, one
+        removed meanwhile does not come, one changed meanwhile comes as it is then (if it
+        still matches)."""
+        check_selector(selector, batch)
+        ids = list(self._leases)
+        for start in range(0, len(ids), batch):
+            chunk = (self._leases.get(cid) for cid in ids[start : start + batch])
+            found = [lease for lease in chunk if lease is not None and selector.matches(lease)]
+            if found:
+                yield found
 
     # ---- idempotency and tombstones
 

@@ -1241,8 +1241,30 @@ class RedisLedger:  # satisfies core.ports.Ledger
                     break
         return sorted(found.values(), key=lease_order)[:limit]
 
+    async def iter_leases(
+        self, selector: LeaseSelector, *, batch: int
+    ) -> AsyncGenerator[list[Lease]]:
+        """Every matching lease, in batches of at most ``batch``, from the same index
+        :meth:`find_leases` reads, in SCAN order (unspecified). Each lease is read when the
+        SCAN batch that names it is, and comes at most once: a lease lives in exactly one
+        member of each index (its run hash, its holder's set, its id's credential hash) and
+        repeats within one key's SCAN are dropped. Memory: one batch, one SCAN batch, and
+        the ids already returned from the one index key being scanned (SCAN may repeat a
+        member while the key is resized)."""
+        check_selector(selector, batch)
+        ready: list[Lease] = []
+        async with contextlib.aclosing(self._candidates(selector)) as candidates:
+            async for leases in candidates:
+                ready.extend(lease for lease in leases if selector.matches(lease))
+                while len(ready) >= batch:
+                    yield ready[:batch]
+                    ready = ready[batch:]
+        if ready:
+            yield ready
+
     async def _candidates(self, selector: LeaseSelector) -> AsyncGenerator[list[Lease]]:
-        """Batches of leases that may match, from the narrowest index the selector names."""
+        """Batches of leases that may match, from the narrowest index the selector names;
+        each lease at most once."""
         keys = self._keys
         indexes: list[tuple[str, str]] = []  # (kind, key)
         if selector.workflow_id is not None:
@@ -1280,46 +1302,61 @@ class RedisLedger:  # satisfies core.ports.Ledger
         if selector.holder_prefix is not None:
             async for holder in self._holders_with_prefix(selector.holder_prefix):
                 async for ids in self._scan_set(keys.holder(holder)):
-                    yield await self._load_leases(ids)
+                    # Only the leases of this holder: a stray member (left by a write-ahead
+                    # whose id was taken) must not bring another holder's lease twice.
+                    leases = await self._load_leases(ids)
+                    yield [lease for lease in leases if lease.holder == holder]
             return
         for bucket in range(keys.due_buckets):
             async for located in self._scan_hash(keys.creds(bucket)):
                 yield await self._load_located(located)
 
+    # SCAN returns every member present for the whole scan, and may return one more than once
+    # (when the key is resized between calls): the members already returned are remembered
+    # for the one key being scanned, and dropped when they come again.
+
     async def _scan_set(self, key: str) -> AsyncIterator[list[str]]:
         cursor = 0
+        seen: set[str] = set()
         while True:
             with _translated("find_leases"):
                 cursor, members = await self._redis.sscan(key, cursor, count=_SCAN_BATCH)
-            if members:
-                yield [str(m) for m in members]
+            new = [str(m) for m in members if str(m) not in seen]
+            if new:
+                seen.update(new)
+                yield new
             if cursor == 0:
                 return
 
     async def _scan_hash(self, key: str) -> AsyncIterator[list[tuple[str, str]]]:
         cursor = 0
+        seen: set[str] = set()
         while True:
             with _translated("find_leases"):
                 cursor, fields = await self._redis.hscan(key, cursor, count=_SCAN_BATCH)
-            if isinstance(fields, dict) and fields:
-                yield [(str(k), str(v)) for k, v in fields.items()]
+            if isinstance(fields, dict):
+                new = [(str(k), str(v)) for k, v in fields.items() if str(k) not in seen]
+                if new:
+                    seen.update(k for k, _ in new)
+                    yield new
             if cursor == 0:
                 return
 
     async def _holders_with_prefix(self, prefix: str) -> AsyncIterator[str]:
-        # Bytewise range [prefix, prefix + 0xff): UTF-8 never contains the byte 0xff.
+        # Bytewise range [prefix, prefix + 0xff): UTF-8 never contains the byte 0xff. Each
+        # page starts just after the last holder returned (not at an offset, which a holder
+        # added meanwhile would shift, returning one holder twice), so each comes once.
         low, high = b"[" + prefix.encode(), b"(" + prefix.encode() + b"\xff"
-        offset = 0
         while True:
             with _translated("find_leases"):
                 holders = await self._redis.zrangebylex(
-                    self._keys.holders, low, high, start=offset, num=_SCAN_BATCH
+                    self._keys.holders, low, high, start=0, num=_SCAN_BATCH
                 )
             for holder in holders:
                 yield str(holder)
             if len(holders) < _SCAN_BATCH:
                 return
-            offset += len(holders)
+            low = b"(" + str(holders[-1]).encode()
 
     async def _load_leases(self, credential_ids: Sequence[str]) -> list[Lease]:
         """Two round trips for any number of leases: their runs, then the records."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -226,6 +226,17 @@ class Ledger(Protocol):
 
     async def find_leases(self, selector: LeaseSelector, *, limit: int = 1000) -> list[Lease]:
         """Leases matching ``selector``, using the narrowest index available."""
+        ...
+
+    def iter_leases(self, selector: LeaseSelector, *, batch: int) -> AsyncGenerator[list[Lease]]:
+        """Every lease matching ``selector``, in batches of at most ``batch`` (1..10 000), read
+        from the narrowest index available; memory stays bounded by a batch, not by how many
+        match. Order is unspecified, within a batch and across batches. Each lease comes at
+        most once per iteration, as it is stored when its batch is read (so ``states`` is
+        checked then). A lease that exists and matches for the whole iteration comes; one
+        written, changed or removed meanwhile may or may not. Raises ``BadRequestError`` (on
+        the first iteration) for a selector that names nothing or a batch out of range. Close
+        it (``contextlib.aclosing``) when stopping early."""
         ...
 
     async def remember_idempotency(

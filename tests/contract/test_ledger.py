@@ -490,6 +490,181 @@ async def test_find_leases_reads_past_one_scan_batch(ledger: Ledger) -> None:
     assert [f"cred_{n:04d}" for n in range(1200)] == [lease.credential_id for lease in found]
 
 
+# --------------------------------------------------------------------------- iter_leases
+
+
+async def _batches(ledger: Ledger, selector: LeaseSelector, batch: int) -> list[list[str]]:
+    return [
+        [lease.credential_id for lease in found]
+        async for found in ledger.iter_leases(selector, batch=batch)
+    ]
+
+
+async def _write_all(ledger: Ledger, leases: list[Lease]) -> None:
+    for start in range(0, len(leases), 200):
+        await asyncio.gather(*(ledger.write_ahead(x) for x in leases[start : start + 200]))
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        (LeaseSelector(workflow_id="wf-2"), ["cred_4", "cred_5", "cred_6"]),
+        (LeaseSelector(workflow_id="wf-1", task_id="task-2"), ["cred_2"]),
+        (LeaseSelector(task_id="task-2"), ["cred_2", "cred_6"]),
+        (LeaseSelector(holder=AGENT), ["cred_1", "cred_4", "cred_6"]),
+        (LeaseSelector(holder_prefix=AGENT), ["cred_1", "cred_2", "cred_4", "cred_5", "cred_6"]),
+        (LeaseSelector(owner="bob@example.com"), ["cred_4", "cred_5"]),
+        (LeaseSelector(target="vault-kv"), ["cred_3", "cred_4"]),
+        (LeaseSelector(sensitivity=Sensitivity.RESTRICTED), ["cred_4", "cred_6"]),
+        (
+            LeaseSelector(owner="bob@example.com", states=frozenset({LeaseState.ACTIVE})),
+            ["cred_5"],
+        ),
+        (LeaseSelector(everything=True), list(POPULATION)),
+        (LeaseSelector(holder="spiffe://tasklease.test/nobody"), []),
+    ],
+)
+async def test_iter_leases_yields_what_find_leases_finds_in_batches(
+    ledger: Ledger, selector: LeaseSelector, expected: list[str]
+) -> None:
+    await _populate(ledger)
+    batches = await _batches(ledger, selector, 2)
+    assert all(1 <= len(found) <= 2 for found in batches)
+    assert sorted(expected) == sorted(cid for found in batches for cid in found)
+
+
+# 1 200 leases over two runs, 600 holders (more than one page of the holder index) and two
+# owners, all for one target: every index holds more than one SCAN batch.
+MANY = 1200
+
+
+def _many() -> list[Lease]:
+    return [
+        make_lease(
+            f"cred_{n:04d}",
+            workflow_id=f"wf-{n % 2 + 1}",
+            holder=f"{AGENT}/w{n % 600:03d}",
+            owner=f"owner-{n % 2}@example.com",
+            issued_at=NOW + timedelta(microseconds=n),
+        )
+        for n in range(MANY)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        (LeaseSelector(everything=True), range(MANY)),
+        (LeaseSelector(sensitivity=Sensitivity.INTERNAL), range(MANY)),
+        (LeaseSelector(workflow_id="wf-1"), range(0, MANY, 2)),
+        (LeaseSelector(target="db-orders"), range(MANY)),
+        (LeaseSelector(owner="owner-1@example.com"), range(1, MANY, 2)),
+        (LeaseSelector(holder_prefix=f"{AGENT}/w"), range(MANY)),
+        (
+            LeaseSelector(holder_prefix=f"{AGENT}/w1"),
+            [n for n in range(MANY) if 100 <= n % 600 < 200],
+        ),
+    ],
+)
+async def test_iter_leases_yields_every_match_once_in_bounded_batches(
+    ledger: Ledger, selector: LeaseSelector, expected: range | list[int]
+) -> None:
+    """More matches than one batch and than one index read: each exactly once."""
+    await _write_all(ledger, _many())
+    batches = await _batches(ledger, selector, 250)
+    ids = [cid for found in batches for cid in found]
+    assert all(1 <= len(found) <= 250 for found in batches)
+    assert len(batches) >= -(-len(expected) // 250)
+    assert len(ids) == len(set(ids))
+    assert sorted(f"cred_{n:04d}" for n in expected) == sorted(ids)
+
+
+async def test_leases_changing_during_an_iteration_come_at_most_once(ledger: Ledger) -> None:
+    """Leases revoked, discarded and written while a run's leases are read: none comes twice,
+    every one that matched throughout comes, each as it matched when read. (Most of the run's
+    leases are discarded mid-iteration, so Redis shrinks the run's hash mid-scan; a scan that
+    does return members again is forced in tests/integration/test_redis_ledger_scan.py.)"""
+    leases = [
+        make_lease(f"cred_{n:04d}", issued_at=NOW + timedelta(microseconds=n)) for n in range(1500)
+    ]
+    await _write_all(ledger, leases)
+    written = [
+        make_lease(f"cred_new_{n:02d}", issued_at=NOW + timedelta(seconds=1, microseconds=n))
+        for n in range(50)
+    ]
+    issuing = LeaseSelector(workflow_id="wf-1", states=frozenset({LeaseState.ISSUING}))
+    seen: list[Lease] = []
+    changed: set[str] = set()
+    async for found in ledger.iter_leases(issuing, batch=100):
+        if not seen:
+            # After the first batch: revoke a few of the others, discard most of the rest
+            # (the first batch stays: a repeat of it would show), write new ones.
+            first = {x.credential_id for x in found}
+            rest = [x for x in leases if x.credential_id not in first]
+            for lease in rest[::50]:
+                revoking = dataclasses.replace(lease, state=LeaseState.REVOKING, revoke_reason="x")
+                await ledger.save_lease(revoking)
+                changed.add(lease.credential_id)
+            for number, lease in enumerate(rest):
+                if number % 20 and lease.credential_id not in changed:
+                    assert await ledger.discard(lease)
+                    changed.add(lease.credential_id)
+            await _write_all(ledger, written)
+        seen.extend(found)
+    ids = [x.credential_id for x in seen]
+    assert len(ids) == len(set(ids))
+    assert all(x.state is LeaseState.ISSUING for x in seen)
+    assert {x.credential_id for x in leases} - changed <= set(ids)
+    assert set(ids) <= {x.credential_id for x in leases + written}
+
+
+async def test_holders_added_during_a_prefix_iteration_bring_no_lease_twice(
+    ledger: Ledger,
+) -> None:
+    """The holder index is read a page at a time; holders that sort first, added between two
+    pages, must not make the next page repeat holders of the first."""
+    leases = _many()
+    await _write_all(ledger, leases)
+    seen: list[str] = []
+    async for found in ledger.iter_leases(LeaseSelector(holder_prefix=f"{AGENT}/w"), batch=50):
+        if not seen:
+            await _write_all(
+                ledger,
+                [
+                    make_lease(f"cred_early_{n:03d}", holder=f"{AGENT}/w-{n:03d}")
+                    for n in range(150)
+                ],
+            )
+        seen.extend(x.credential_id for x in found)
+    assert len(seen) == len(set(seen))
+    assert {x.credential_id for x in leases} <= set(seen)
+
+
+async def test_an_iteration_stopped_early_can_be_closed(ledger: Ledger) -> None:
+    await _populate(ledger)
+    iteration = ledger.iter_leases(LeaseSelector(everything=True), batch=1)
+    first = await anext(iteration)
+    await iteration.aclose()
+    assert len(first) == 1
+
+
+@pytest.mark.parametrize(
+    ("selector", "batch", "reason"),
+    [
+        (LeaseSelector(), 10, "selector.unbounded"),
+        (LeaseSelector(states=frozenset({LeaseState.ACTIVE})), 10, "selector.unbounded"),
+        (LeaseSelector(everything=True), 0, "selector.limit"),
+        (LeaseSelector(everything=True), 10_001, "selector.limit"),
+    ],
+)
+async def test_iter_leases_refuses_an_unbounded_selector_or_batch(
+    ledger: Ledger, selector: LeaseSelector, batch: int, reason: str
+) -> None:
+    with pytest.raises(BadRequestError) as caught:
+        await _batches(ledger, selector, batch)
+    assert caught.value.reason == reason
+
+
 # --------------------------------------------------------------------------- idempotency
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from broker.adapters.config_files import load_target_catalog, read_policy_dir
 from broker.adapters.memory_audit import MemoryAuditTrail
 from broker.adapters.memory_ledger import InMemoryLedger
 from broker.continuous import (
+    REEVALUATION_BATCH,
     ApprovalStoreStates,
     ContinuousAuthorizer,
     ReevaluatingQuarantines,
@@ -116,16 +118,29 @@ def engine_with(extra: str = "") -> CedarPolicyEngine:
 class World:
     """A broker and a continuous authorizer sharing one ledger, policy and catalog."""
 
-    def __init__(self) -> None:
+    def __init__(self, ledger: InMemoryLedger | None = None) -> None:
         self.clock = FrozenClock()
-        self.ledger = InMemoryLedger()
+        self.ledger = ledger if ledger is not None else InMemoryLedger()
         self.minter = FakeMinter()
         self.audit = MemoryAuditTrail()
         self.policy = LivePolicy(engine_with())
         self.targets = LiveTargets(load_target_catalog(Path("config/targets.toml")))
         self.approvals: dict[str, ApprovalState] = {}
         self.revoker = Revoker(ledger=self.ledger, minter=self.minter, clock=self.clock)
-        self.continuous = ContinuousAuthorizer(
+        self.continuous = self.authorizer()
+        self.quarantines = ReevaluatingQuarantines(store=self.ledger, authorizer=self.continuous)
+        self.broker = CredentialBroker(
+            policy=self.policy,
+            minter=self.minter,
+            ledger=self.ledger,
+            targets=self.targets,
+            clock=self.clock,
+            quarantines=self.quarantines,
+        )
+
+    def authorizer(self, *, batch: int = REEVALUATION_BATCH) -> ContinuousAuthorizer:
+        """The continuous authorizer over this world (``batch``: its batch size)."""
+        return ContinuousAuthorizer(
             ledger=self.ledger,
             policy=self.policy,
             targets=self.targets,
@@ -136,15 +151,7 @@ class World:
             quarantines=self.ledger,
             approvals=self,
             actor="spiffe://tasklease.test/broker",
-        )
-        self.quarantines = ReevaluatingQuarantines(store=self.ledger, authorizer=self.continuous)
-        self.broker = CredentialBroker(
-            policy=self.policy,
-            minter=self.minter,
-            ledger=self.ledger,
-            targets=self.targets,
-            clock=self.clock,
-            quarantines=self.quarantines,
+            batch=batch,
         )
 
     async def approval_state(self, approval_id: str, now: datetime) -> ApprovalState | None:
@@ -235,13 +242,19 @@ async def test_the_report_says_what_was_denied_and_confirmed(world: World) -> No
     db = await world.issue("demo-db")
     world.policy.replace(engine_with(DENY_DEMO_DB))
     report = await world.continuous.reevaluate(LeaseSelector(everything=True), "test")
-    (denied,) = report.denied
+    (denied,) = report.denied_sample
     assert (db.credential_id, ("demo-db-closed",)) == (
         denied.lease.credential_id,
         denied.policy_ids,
     )
-    assert (db.credential_id,) == report.revoked
-    assert report.still_live == ()
+    assert (
+        report.examined,
+        report.denied,
+        report.confirmed_revoked,
+        report.still_live,
+        report.batches,
+    ) == (1, 1, 1, 0, 1)
+    assert report.still_live_sample == ()
 
 
 async def test_nothing_changes_when_the_policy_still_allows(world: World) -> None:
@@ -347,13 +360,14 @@ async def test_a_withdrawn_approval_revokes_the_credential_issued_with_it(world:
     kept = await world.continuous.reevaluate(
         LeaseSelector(workflow_id="wf-2"), "approval re-checked", approval_id="apr-1"
     )
-    assert (len(kept.verdicts), kept.denied) == (1, ())
+    assert (kept.examined, kept.denied) == (1, 0)
 
     world.approvals["apr-1"] = dataclasses.replace(granted, approved=False)
     withdrawn = await world.continuous.reevaluate(
         LeaseSelector(workflow_id="wf-2"), "approval apr-1 withdrawn", approval_id="apr-1"
     )
-    assert (db.credential_id,) == withdrawn.revoked
+    assert (withdrawn.denied, withdrawn.confirmed_revoked) == (1, 1)
+    assert await world.state(db.credential_id) == (LeaseState.REVOKED, "continuous_authorization")
     (event,) = world.audit.events
     assert isinstance(event.payload, CredentialRevoked)
     assert "approval apr-1 withdrawn" in event.payload.reason
@@ -365,7 +379,7 @@ async def test_an_approval_id_filter_leaves_other_leases_alone(world: World) -> 
     report = await world.continuous.reevaluate(
         LeaseSelector(workflow_id="wf-1"), "x", approval_id="apr-unrelated"
     )
-    assert report.verdicts == ()
+    assert report.examined == 0
     assert await world.state(db.credential_id) == (LeaseState.ACTIVE, "")
 
 
@@ -416,7 +430,7 @@ async def test_leases_already_being_revoked_are_not_decided_again(world: World) 
     await world.revoker.release(caller(AGENT, Role.AGENT), db.credential_id)
     world.policy.replace(engine_with(DENY_DEMO_DB))
     report = await world.continuous.reevaluate(LeaseSelector(everything=True), "x")
-    assert report.verdicts == ()
+    assert report.examined == 0
     assert world.audit.events == []
 
 
@@ -437,7 +451,8 @@ async def test_a_credential_that_cannot_be_revoked_early_is_reported_still_live(
         )
     )
     report = await world.continuous.reevaluate(LeaseSelector(everything=True), "x")
-    (live,) = report.still_live
+    (live,) = report.still_live_sample
+    assert (report.denied, report.confirmed_revoked, report.still_live) == (1, 0, 1)
     assert (issued.lease.credential_id, "not_revocable") == (live.credential_id, live.outcome.value)
     assert world.audit.events == []
 
@@ -538,7 +553,7 @@ async def test_a_continuous_revocation_the_sweeper_finishes_is_audited_once(worl
     world.policy.replace(engine_with(DENY_DEMO_DB))
 
     report = await world.continuous.reevaluate(LeaseSelector(everything=True), "policy changed")
-    (pending,) = report.still_live
+    (pending,) = report.still_live_sample
     assert pending.outcome.value == "retrying"
     assert [e for e in world.audit.events if e.type is EventType.CREDENTIAL_REVOKED] == []
 
@@ -588,7 +603,7 @@ async def test_a_mint_in_flight_that_is_now_denied_cannot_activate(world: World)
     await world.ledger.write_ahead(in_flight)
     world.policy.replace(engine_with(DENY_DEMO_DB))
     report = await world.continuous.reevaluate(LeaseSelector(everything=True), "policy changed")
-    assert [v.lease.credential_id for v in report.denied] == ["cred_inflight"]
+    assert [v.lease.credential_id for v in report.denied_sample] == ["cred_inflight"]
 
     with pytest.raises(ConflictError) as refused:
         await world.ledger.activate("cred_inflight", token_accessor="acc-x", vault_lease_ids=())
@@ -687,7 +702,7 @@ async def test_a_run_past_its_deadline_is_named_so(world: World) -> None:
     assert stored is not None
     world.clock.current = NOW + timedelta(hours=13)
     report = await world.continuous.reevaluate(LeaseSelector(everything=True), "x")
-    (verdict,) = report.denied
+    (verdict,) = report.denied_sample
     assert "is no longer active (past its deadline)" in verdict.why
 
 
@@ -697,5 +712,113 @@ async def test_a_holder_that_is_not_a_spiffe_id_has_no_roles(world: World) -> No
     assert stored is not None
     world.ledger._leases[db.credential_id] = dataclasses.replace(stored, holder="not-an-id")
     report = await world.continuous.reevaluate(LeaseSelector(everything=True), "x")
-    (verdict,) = report.denied
+    (verdict,) = report.denied_sample
     assert "agent-role-required" in verdict.policy_ids
+
+
+# --- every covered lease is decided, a batch at a time -----------------------------------
+
+
+async def test_every_lease_beyond_the_first_batch_is_decided_and_the_denied_revoked(
+    world: World,
+) -> None:
+    db = [await world.issue("demo-db", task=f"db-{n}") for n in range(11)]
+    kv = [await world.issue("demo-kv", task=f"kv-{n}") for n in range(6)]
+    world.continuous = world.authorizer(batch=4)
+    world.policy.replace(engine_with(DENY_DEMO_DB))
+
+    with capture_logs() as logs:
+        report = await world.continuous.reevaluate(LeaseSelector(everything=True), "x")
+
+    assert (
+        report.examined,
+        report.denied,
+        report.confirmed_revoked,
+        report.still_live,
+        report.batches,
+    ) == (17, 11, 11, 0, 5)
+    for lease in db:
+        assert await world.state(lease.credential_id) == (
+            LeaseState.REVOKED,
+            "continuous_authorization",
+        )
+    for lease in kv:
+        assert await world.state(lease.credential_id) == (LeaseState.ACTIVE, "")
+    assert sorted(x.token_accessor for x in db) == sorted(world.minter.revoked)
+    revoked_events = [e for e in world.audit.events if e.type is EventType.CREDENTIAL_REVOKED]
+    assert sorted(x.credential_id for x in db) == sorted(e.credential_id for e in revoked_events)
+    (summary,) = [e for e in logs if e["event"] == "continuous.reevaluated"]
+    assert (
+        summary["examined"],
+        summary["denied"],
+        summary["confirmed_revoked"],
+        summary["still_live"],
+        summary["batches"],
+    ) == (17, 11, 11, 0, 5)
+    assert "truncated" not in summary
+
+
+async def test_a_batched_selector_reaches_every_lease_it_names(world: World) -> None:
+    """A narrower selector (a quarantine's) goes through the batches the same way."""
+    mine = [await world.issue(task=f"m-{n}") for n in range(7)]
+    theirs = await world.issue(task="other", agent=OTHER_AGENT)
+    world.continuous = world.authorizer(batch=2)
+    await world.ledger.set_quarantine(
+        dataclasses.replace(_quarantine(), kind=QuarantineKind.IDENTITY, value=AGENT)
+    )
+    report = await world.continuous.quarantine_set(
+        dataclasses.replace(_quarantine(), kind=QuarantineKind.IDENTITY, value=AGENT)
+    )
+    assert (report.examined, report.denied, report.confirmed_revoked) == (7, 7, 7)
+    assert {LeaseState.REVOKED} == {(await world.state(x.credential_id))[0] for x in mine}
+    assert (await world.state(theirs.credential_id))[0] == LeaseState.ACTIVE
+
+
+async def test_the_report_keeps_a_bounded_sample_and_counts_every_lease(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("broker.continuous.REPORT_SAMPLE", 3)
+    for n in range(8):
+        await world.issue(task=f"t-{n}")
+    world.continuous = world.authorizer(batch=5)
+    world.policy.replace(engine_with(DENY_DEMO_DB))
+    report = await world.continuous.reevaluate(LeaseSelector(everything=True), "x")
+    assert (report.denied, report.confirmed_revoked, len(report.denied_sample)) == (8, 8, 3)
+
+
+class _FailingAfterOneBatch(InMemoryLedger):
+    """The ledger becomes unreachable after handing out the first batch."""
+
+    async def iter_leases(
+        self, selector: LeaseSelector, *, batch: int
+    ) -> AsyncGenerator[list[Lease]]:
+        async for found in super().iter_leases(selector, batch=batch):
+            yield found
+            raise LedgerUnavailableError("redis down", reason="ledger.unavailable")
+
+
+async def test_a_reevaluation_cut_short_says_so_and_keeps_what_it_revoked() -> None:
+    world = World(_FailingAfterOneBatch())
+    await world.start_run()
+    leases = [await world.issue(task=f"t-{n}") for n in range(4)]
+    world.continuous = world.authorizer(batch=2)
+    world.policy.replace(engine_with(DENY_DEMO_DB))
+
+    with capture_logs() as logs, pytest.raises(LedgerUnavailableError):
+        await world.continuous.policy_changed(trigger="sighup")
+
+    states = [(await world.state(x.credential_id))[0] for x in leases]
+    assert sorted(states) == sorted([LeaseState.REVOKED] * 2 + [LeaseState.ACTIVE] * 2)
+    (incomplete,) = [e for e in logs if e["event"] == "continuous.incomplete"]
+    assert (
+        incomplete["examined"],
+        incomplete["denied"],
+        incomplete["reason"],
+        incomplete["alert"],
+    ) == (2, 2, "ledger.unavailable", True)
+
+
+@pytest.mark.parametrize("batch", [0, 10_001])
+def test_the_batch_size_is_within_what_the_ledger_reads_per_call(world: World, batch: int) -> None:
+    with pytest.raises(ValueError, match="batch"):
+        world.authorizer(batch=batch)
