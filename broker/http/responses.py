@@ -262,7 +262,10 @@ class ReportCounts(TypedDict):
 
 @with_config(_CLOSED)
 class RevocationReport(TypedDict):
-    """What a revocation did: 200 when ``complete``, 207 when anything is still live."""
+    """What a revocation did: 200 when ``complete``, 207 when anything is still live.
+    ``truncated``: more leases matched than one report covers (10 000). A forced revocation
+    addressed only those (repeat the call); a completion made every lease of the run due all
+    the same (the sweeper revokes those not listed)."""
 
     complete: bool
     truncated: bool
