@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,13 @@ import hvac
 import hvac.exceptions
 import psycopg
 
+from broker.adapters.clock import SystemClock
+from broker.adapters.kinds import all_kinds
+from broker.adapters.redis_ledger import RedisLedger
+from broker.adapters.vault import HvacVault, VaultMinter
+from broker.adapters.workload_api import WorkloadApiSource
 from broker.bootstrap import RunningBroker
+from broker.config import RedisSettings, VaultSettings
 from broker.devstack import DevStack
 
 StartBroker = Callable[..., Awaitable[RunningBroker]]
@@ -130,3 +138,36 @@ def lease_alive(stack: DevStack, lease_id: str) -> bool:
         assert "invalid lease" in str(exc)
         return False
     return True
+
+
+@contextlib.asynccontextmanager
+async def broker_minter_and_ledger(
+    stack: DevStack, namespace_prefix: str
+) -> AsyncIterator[tuple[VaultMinter, RedisLedger]]:
+    """The broker's minter logged into OpenBao with its own JWT-SVID, and a Redis ledger in a
+    namespace of its own (``<prefix><random>``); everything closed afterwards."""
+    assert stack.endpoints is not None
+    source = WorkloadApiSource(socket_path=f"unix://{stack.endpoints.spire_agent_socket}")
+    await source.start()
+    vault = HvacVault(
+        settings=VaultSettings(addr=stack.endpoints.openbao_addr),
+        jwt_svid=source.fetch_jwt_svid,
+        now=SystemClock().now,
+    )
+    ledger: RedisLedger | None = None
+    minter: VaultMinter | None = None
+    try:
+        await vault.login()
+        ledger = RedisLedger(
+            settings=RedisSettings(url=stack.endpoints.redis_url),
+            namespace=f"{namespace_prefix}{uuid.uuid4().hex[:10]}",
+        )
+        minter = VaultMinter(vault=vault, kinds=all_kinds(), now=SystemClock().now)
+        yield minter, ledger
+    finally:
+        if minter is not None:
+            await minter.close()
+        if ledger is not None:
+            await ledger.close()
+        vault.close()
+        source.close()

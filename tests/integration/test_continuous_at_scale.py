@@ -19,17 +19,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from broker.adapters.clock import SystemClock
 from broker.adapters.config_files import load_target_catalog, read_policy_dir
-from broker.adapters.kinds import all_kinds
 from broker.adapters.memory_audit import MemoryAuditTrail
 from broker.adapters.redis_ledger import RedisLedger
-from broker.adapters.vault import HvacVault, VaultMinter
-from broker.adapters.workload_api import WorkloadApiSource
-from broker.config import RedisSettings, VaultSettings
+from broker.adapters.vault import VaultMinter
 from broker.continuous import ContinuousAuthorizer
 from broker.core.audit import EventType
 from broker.core.model import DelegationChain, DelegationHop, Lease, LeaseState, WorkflowRun
@@ -40,7 +36,7 @@ from broker.devstack import DevStack
 from broker.policy_reload import LivePolicy
 from broker.revocation import Revoker
 from tests.conftest import remember_secret
-from tests.integration.clients import token_alive
+from tests.integration.clients import broker_minter_and_ledger, token_alive
 
 pytestmark = pytest.mark.stack
 
@@ -80,30 +76,8 @@ def _engine(extra: str = "") -> CedarPolicyEngine:
 @pytest.fixture
 async def parts(stack: DevStack) -> AsyncIterator[tuple[RedisLedger, VaultMinter]]:
     """A Redis ledger in its own namespace, and the broker's minter logged into OpenBao."""
-    assert stack.endpoints is not None
-    source = WorkloadApiSource(socket_path=f"unix://{stack.endpoints.spire_agent_socket}")
-    await source.start()
-    vault = HvacVault(
-        settings=VaultSettings(addr=stack.endpoints.openbao_addr),
-        jwt_svid=source.fetch_jwt_svid,
-        now=SystemClock().now,
-    )
-    await vault.login()
-    namespace = f"ca{uuid.uuid4().hex[:10]}"
-    ledger = RedisLedger(settings=RedisSettings(url=stack.endpoints.redis_url), namespace=namespace)
-    minter = VaultMinter(vault=vault, kinds=all_kinds(), now=SystemClock().now)
-    try:
+    async with broker_minter_and_ledger(stack, "ca") as (minter, ledger):
         yield ledger, minter
-    finally:
-        await minter.close()
-        await ledger.close()
-        vault.close()
-        source.close()
-        admin = aioredis.Redis.from_url(stack.endpoints.redis_url, decode_responses=True)
-        keys = [key async for key in admin.scan_iter(match=f"{namespace}:*", count=1000)]
-        for start in range(0, len(keys), 500):
-            await admin.unlink(*keys[start : start + 500])
-        await admin.aclose()
 
 
 def _run(number: int, now: datetime) -> WorkflowRun:

@@ -15,11 +15,8 @@ import pytest
 import redis
 
 from broker.adapters.clock import SystemClock
-from broker.adapters.kinds import all_kinds
 from broker.adapters.redis_ledger import RedisLedger
-from broker.adapters.vault import HvacVault, VaultMinter
-from broker.adapters.workload_api import WorkloadApiSource
-from broker.config import RedisSettings, VaultSettings
+from broker.adapters.vault import VaultMinter
 from broker.core.model import (
     DelegationChain,
     DelegationHop,
@@ -32,7 +29,14 @@ from broker.core.ports import MintSpec
 from broker.devstack import DevStack
 from broker.reconciler import Reconciler
 from tests.conftest import remember_secret
-from tests.integration.clients import StartBroker, call, client_context, start_run, workload_id
+from tests.integration.clients import (
+    StartBroker,
+    broker_minter_and_ledger,
+    call,
+    client_context,
+    start_run,
+    workload_id,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -52,26 +56,8 @@ CHAIN = DelegationChain((DelegationHop("owner", "alice", verified=False),))
 
 @pytest.fixture
 async def parts(stack: DevStack) -> AsyncIterator[tuple[VaultMinter, RedisLedger]]:
-    assert stack.endpoints is not None
-    source = WorkloadApiSource(socket_path=f"unix://{stack.endpoints.spire_agent_socket}")
-    await source.start()
-    vault = HvacVault(
-        settings=VaultSettings(addr=stack.endpoints.openbao_addr),
-        jwt_svid=source.fetch_jwt_svid,
-        now=SystemClock().now,
-    )
-    await vault.login()
-    ledger = RedisLedger(
-        settings=RedisSettings(url=stack.endpoints.redis_url), namespace=f"r{uuid.uuid4().hex[:10]}"
-    )
-    minter = VaultMinter(vault=vault, kinds=all_kinds(), now=SystemClock().now)
-    try:
-        yield minter, ledger
-    finally:
-        await minter.close()
-        await ledger.close()
-        vault.close()
-        source.close()
+    async with broker_minter_and_ledger(stack, "r") as both:
+        yield both
 
 
 def _spec(credential_id: str) -> MintSpec:
