@@ -26,17 +26,21 @@ Who may do what:
   decides the credential issued under it again.
 
 Single use and a failed mint: the approval is *used* atomically (compare-and-set in the store)
-right before the lease is written ahead, bound to the new credential id. If the mint then
-fails, the approval stays used: one approval authorizes at most one mint attempt, so two
-concurrent retries (or replicas) can never turn one approval into two credentials. The agent
-asks again and a new approval is opened.
+right before the lease is written ahead, bound to the new credential id, so two concurrent
+retries (or replicas) can never turn one approval into two credentials. If that attempt then
+ends with nothing minted — Vault definitely refused the mint, or the idempotency check or the
+write-ahead failed before minting — the broker *releases* it (:meth:`Approvals.release`: used
+→ approved again, a compare-and-set that only succeeds while it is still that very use) and
+the agent's retry with the same approval can succeed. Never released when a credential may
+exist: a mint whose outcome is unknown, or one minted and then revoked (the record or audit
+failed). A release that fails leaves the approval used (logged); the agent asks again.
 
 Audit: every step is an event (``approval.requested``; ``approval.decided`` with the decision
-``approve`` | ``deny`` | ``withdraw`` | ``use`` | ``expire``), recorded right after the step is
-stored. If the audit trail refuses the event, the step is undone (the previous version is
-written back) and the caller gets 503 ``audit_unavailable``: no approval step takes effect
-without its audit record. Expiry is recorded lazily, by the first operation that finds an open
-approval past its time.
+``approve`` | ``deny`` | ``withdraw`` | ``use`` | ``release`` | ``expire``), recorded right
+after the step is stored. If the audit trail refuses the event, the step is undone (the
+previous version is written back) and the caller gets 503 ``audit_unavailable``: no approval
+step takes effect without its audit record. Expiry is recorded lazily, by the first operation
+that finds an open approval past its time.
 
 Notifications (``ApprovalNotifier``) go out after the audit record, in the background: a new
 approval (``approval.requested``) and each decision or withdrawal (``approval.decided``). The
@@ -293,6 +297,30 @@ class Approvals:
         )
         return used
 
+    async def release(self, used: Approval, *, cause: str) -> Approval:
+        """Give back ``used`` (what :meth:`consume` returned) because nothing was minted for its
+        credential: used → approved, atomically and only while it is still exactly that use
+        and unexpired (``core.approvals.Approval.release``). Audited as ``release`` by the
+        broker, with the credential id and ``cause`` (a reason code, never a secret)."""
+        credential_id = used.credential_id
+        now = self._clock.now()
+        released = await self._transition(
+            used.id,
+            now,
+            lambda a: a.release(credential_id=credential_id, version=used.version, now=now),
+            actor=SYSTEM_ACTOR,
+            decision="release",
+            comment=f"nothing was minted for {credential_id} ({cause})",
+            credential_id=credential_id,
+        )
+        _log.info(
+            "approval.released",
+            approval_id=released.id,
+            credential_id=credential_id,
+            cause=cause,
+        )
+        return released
+
     # ------------------------------------------------------------------ API side
 
     async def list_approvals(
@@ -463,8 +491,10 @@ class Approvals:
         decision: str,
         comment: str = "",
         request_id: str = "",
+        credential_id: str | None = None,
     ) -> Approval:
-        """Apply ``change`` with compare-and-set (re-reading on contention), then audit it."""
+        """Apply ``change`` with compare-and-set (re-reading on contention), then audit it
+        (about ``credential_id``, by default the one the changed approval names)."""
         for _ in range(_CAS_ATTEMPTS):
             current = await self._load(approval_id, now)
             updated = change(current)  # raises the typed refusal when the step is not allowed
@@ -480,7 +510,7 @@ class Approvals:
                     approvers=updated.approvers,
                     comment=comment,
                 ),
-                credential_id=updated.credential_id,
+                credential_id=updated.credential_id if credential_id is None else credential_id,
                 request_id=request_id,
             )
             return updated

@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from broker.approvals import Approvals
+from broker.core.approvals import Approval
 from broker.core.audit import (
     AuditEvent,
     AuditTrail,
@@ -497,38 +498,44 @@ class CredentialBroker:
             approval_expires_at=presented.expires_at if presented is not None else None,
         )
         credential_id = f"cred_{secrets.token_hex(12)}"
+        used: Approval | None = None
         if presented is not None and self._approvals is not None:
-            # Single use, atomically; it stays used if the mint below fails (README).
-            await self._approvals.consume(
+            # Single use, atomically; released again only if nothing gets minted (README).
+            used = await self._approvals.consume(
                 caller, request, params, credential_id=credential_id, now=now
             )
-        if request.idempotency_key is not None:
-            existing = await self._ledger.remember_idempotency(
-                f"{caller.principal_id}|{request.idempotency_key}",
-                _fingerprint(caller.principal_id, request, params),
-                credential_id,
-                ttl=self._idempotency_ttl,
+        try:
+            if request.idempotency_key is not None:
+                existing = await self._ledger.remember_idempotency(
+                    f"{caller.principal_id}|{request.idempotency_key}",
+                    _fingerprint(caller.principal_id, request, params),
+                    credential_id,
+                    ttl=self._idempotency_ttl,
+                )
+                if existing is not None:
+                    raise IdempotentReplayError(existing)
+            lease = Lease(
+                credential_id=credential_id,
+                workflow_id=run.id,
+                task_id=request.task_id,
+                target=target.name,
+                kind=target.kind,
+                sensitivity=target.sensitivity,
+                holder=caller.principal_id,
+                owner=run.owner,
+                chain=chain,
+                issued_at=now,
+                expires_at=now + ttl,
+                revocable=target.revocable,
+                approval_id=presented.approval_id if presented is not None else None,
+                tool=request.tool,
+                justification=request.justification,
             )
-            if existing is not None:
-                raise IdempotentReplayError(existing)
-        lease = Lease(
-            credential_id=credential_id,
-            workflow_id=run.id,
-            task_id=request.task_id,
-            target=target.name,
-            kind=target.kind,
-            sensitivity=target.sensitivity,
-            holder=caller.principal_id,
-            owner=run.owner,
-            chain=chain,
-            issued_at=now,
-            expires_at=now + ttl,
-            revocable=target.revocable,
-            approval_id=presented.approval_id if presented is not None else None,
-            tool=request.tool,
-            justification=request.justification,
-        )
-        await self._ledger.write_ahead(lease)
+            await self._ledger.write_ahead(lease)
+        except Exception as exc:
+            # Refused or failed before the mint: nothing exists under the approval.
+            await self._release_unminted(used, exc)
+            raise
         try:
             minted = await self._minter.mint(
                 MintSpec(
@@ -545,11 +552,14 @@ class CredentialBroker:
             )
         except MintOutcomeUnknownError:
             # A task token may exist: the write-ahead record stays (due at its expiry) for the
-            # sweeper, and the reconciler finds the token by its metadata (SECURITY 23).
+            # sweeper, and the reconciler finds the token by its metadata (SECURITY 23). The
+            # approval stays used.
             raise
-        except TaskleaseError:
-            # Definitely refused, nothing left in Vault: no record, and a retry may mint.
+        except TaskleaseError as exc:
+            # Definitely refused, nothing left in Vault: no record, and a retry may mint (with
+            # the same approval, released here).
             await self._forget_refused(lease, caller, request)
+            await self._release_unminted(used, exc)
             raise
         # The durable record and the audit events (decision, issuance) are both conditions for
         # handing out the secret and independent of each other, so they are written at the
@@ -740,6 +750,24 @@ class CredentialBroker:
                 workflow_id=request.workflow_id,
                 task_id=request.task_id,
                 reason=exc.reason,
+            )
+
+    async def _release_unminted(self, used: Approval | None, error: BaseException) -> None:
+        """Release the approval this attempt used, because nothing was minted under it (only
+        called where that is certain). Best effort: a failure leaves it used, is logged, and
+        never changes the error the agent gets."""
+        if used is None or self._approvals is None:
+            return
+        cause = error.reason if isinstance(error, TaskleaseError) else type(error).__name__
+        try:
+            await self._approvals.release(used, cause=cause)
+        except Exception as exc:  # noqa: BLE001 - the attempt's own error stands
+            _log.warning(
+                "approval.release_failed",
+                approval_id=used.id,
+                credential_id=used.credential_id,
+                error_type=type(exc).__name__,
+                reason=exc.reason if isinstance(exc, TaskleaseError) else "",
             )
 
     async def _forget_refused(

@@ -22,18 +22,26 @@ lives here, with time passed in:
 * **Single use.** :meth:`Approval.consume` turns an approved approval into ``used`` and records
   the credential id; stores apply every transition with a compare-and-set on ``version``, so
   of two concurrent uses exactly one wins.
+* **Released when nothing was minted.** :meth:`Approval.release` undoes one use whose credential
+  never came to exist (the mint was definitely refused, or the attempt failed before minting):
+  ``used`` → ``approved`` and unused again, only while it is still used by exactly that
+  credential, unchanged since (same ``version``) and unexpired. Anything else is refused
+  (``approval.not_releasable``); a second release of the same use is refused too (the version
+  moved), so a release is never applied twice.
 
-States: ``pending`` → ``approved`` → ``used``; ``pending`` → ``denied``; ``pending`` |
-``approved`` → ``expired``; ``pending`` | ``approved`` | ``used`` → ``withdrawn``. ``denied``,
-``withdrawn`` and ``expired`` are final; ``used`` only leads to ``withdrawn``. ``expired`` is
+States: ``pending`` → ``approved`` → ``used``; ``used`` → ``approved`` (released);
+``pending`` → ``denied``; ``pending`` | ``approved`` → ``expired``; ``pending`` | ``approved`` |
+``used`` → ``withdrawn``. ``denied``, ``withdrawn`` and ``expired`` are final; ``used`` only
+leads to ``withdrawn`` or, released, back to ``approved``. ``expired`` is
 also *derived*: :meth:`Approval.status_at` reports an open approval past its expiry as expired
 before any store has recorded it.
 
 Errors carry stable reason codes (``broker.errors``): ``approval.not_found``,
 ``approval.not_pending``, ``approval.expired``, ``approval.withdrawn``, ``approval.denied``,
 ``approval.used``, ``approval.digest_mismatch``, ``approval.quorum_not_reached``,
-``approval.sod_violation``, ``approval.not_approver``, ``approval.duplicate_approver`` (and,
-from the use cases, ``approval.insufficient`` and ``approval.contended``).
+``approval.sod_violation``, ``approval.not_approver``, ``approval.duplicate_approver``,
+``approval.not_releasable`` (internal: a release is best effort and never answers a client)
+(and, from the use cases, ``approval.insufficient`` and ``approval.contended``).
 """
 
 from __future__ import annotations
@@ -333,6 +341,37 @@ class Approval:
             credential_id=credential_id,
             closed_at=now,
             closed_by=self.subject.holder,
+        )
+
+    def release(self, *, credential_id: str, version: int, now: datetime) -> Approval:
+        """Undo the use that ``consume`` recorded as ``version`` for ``credential_id``, when
+        that credential was never minted: used → approved and unused (no credential id, not
+        closed). Refused (``approval.not_releasable``) unless the approval is still exactly that
+        use — used, by ``credential_id``, at ``version`` (nothing happened since, not even an
+        earlier release) — and unexpired at ``now``."""
+        if (
+            self.state is not ApprovalStatus.USED
+            or self.credential_id != credential_id
+            or self.version != version
+        ):
+            raise ApprovalStateError(
+                f"approval {self.id} is {self.state.value} (version {self.version}, credential "
+                f"{self.credential_id or 'none'}), not the use of version {version} for "
+                f"{credential_id}; it cannot be released",
+                reason="approval.not_releasable",
+            )
+        if now >= self.expires_at:
+            raise ApprovalStateError(
+                f"approval {self.id} expired at {self.expires_at.isoformat()}; it cannot be "
+                "released",
+                reason="approval.not_releasable",
+            )
+        return self._next(
+            state=ApprovalStatus.APPROVED,
+            credential_id="",
+            closed_at=None,
+            closed_by="",
+            close_comment="",
         )
 
     # ---- helpers

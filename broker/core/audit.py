@@ -116,7 +116,7 @@ class ApprovalRequested(Payload):
 
 @dataclass(frozen=True, slots=True)
 class ApprovalDecided(Payload):
-    """One step of an approval: approve, deny, withdraw, use or expiry."""
+    """One step of an approval: approve, deny, withdraw, use, release or expiry."""
 
     TYPE: ClassVar[EventType] = EventType.APPROVAL_DECIDED
     decision: str

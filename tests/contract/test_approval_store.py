@@ -168,6 +168,38 @@ async def test_an_undone_step_restores_the_pointer(ledgers: Ledgers) -> None:
     assert [a.id for a in await twin.list_approvals(pending_only=True, limit=10)] == [first.id]
 
 
+async def test_a_released_use_is_open_again_and_races_a_withdrawal(ledgers: Ledgers) -> None:
+    """Releasing a use that minted nothing (used → approved) is one more compare-and-set: it
+    restores the digest pointer, and of a release and a concurrent withdrawal one wins."""
+    store, twin = stores(ledgers)
+    first = approval()
+    await store.create_approval(first, replaces=None)
+    ready = approved(first)
+    await store.save_approval(ready, expected_version=first.version)
+    used = ready.consume(digest=ready.digest, credential_id="cred_1", now=NOW)
+    await store.save_approval(used, expected_version=ready.version)
+    assert await twin.open_approval_for(first.digest) is None
+    released = used.release(credential_id="cred_1", version=used.version, now=NOW)
+    assert await store.save_approval(released, expected_version=used.version) is True
+    assert await twin.get_approval(first.id) == released
+    assert await twin.open_approval_for(first.digest) == first.id
+    assert await twin.count_pending() == 0
+    # A stale second release (of the same use) loses the compare-and-set.
+    assert await twin.save_approval(released, expected_version=used.version) is False
+
+    again = released.consume(digest=ready.digest, credential_id="cred_2", now=NOW)
+    await store.save_approval(again, expected_version=released.version)
+    withdrawn = again.withdraw(by=BOB, now=NOW)
+    release = again.release(credential_id="cred_2", version=again.version, now=NOW)
+    wins = await asyncio.gather(
+        store.save_approval(withdrawn, expected_version=again.version),
+        twin.save_approval(release, expected_version=again.version),
+    )
+    assert sorted(wins) == [False, True]
+    final = await store.get_approval(first.id)
+    assert final == (withdrawn if wins[0] else release)
+
+
 async def test_redis_expires_records_after_the_retention(stack: DevStack) -> None:
     """Redis only: the in-memory store reads no clock and keeps everything."""
     assert stack.endpoints is not None

@@ -44,6 +44,21 @@ forbid (principal, action == Action::"request_credential", resource)
 when { resource.name == "prod-db" }
 unless { context.approval.approved && context.approval.approver_count >= 2 };
 """
+# Test-only: a restricted target whose mint OpenBao refuses (the task token's policy does not
+# cover this database role, so reading its credentials is a 403 and the token is revoked).
+REFUSED_TARGET = """
+[[target]]
+name = "prod-db-refused"
+kind = "database"
+description = "restricted target whose credential read OpenBao refuses (test)"
+mount = "database"
+role = "no-such-role"
+policies = ["target-demo-db"]
+system = "demo-postgres"
+environment = "production"
+sensitivity = "restricted"
+max_ttl = "15m"
+"""
 
 
 @dataclass
@@ -193,11 +208,12 @@ class World:
         ttl: int = 120,
         approval_id: str | None = None,
         context: Any = None,
+        target: str = "prod-db",
     ) -> tuple[int, dict[str, Any]]:
         body: dict[str, Any] = {
             "workflow_id": run_id,
             "task_id": task,
-            "target": "prod-db",
+            "target": target,
             "ttl_seconds": ttl,
             "justification": "read the ledger for the quarterly close",
         }
@@ -470,3 +486,47 @@ async def test_expired_and_withdrawn_approvals_are_refused(
     # Asking again opens a fresh approval.
     fresh = await world.opened(broker, run_id, task="expiring")
     assert fresh != expiring
+
+
+async def test_an_approval_used_for_a_mint_openbao_refused_is_released(
+    start: StartBroker, world: World
+) -> None:
+    targets = world.tmp_path / "targets.toml"
+    targets.write_text(Path("config/targets.toml").read_text() + REFUSED_TARGET)
+    broker = await start(**world.env(TASKLEASE_TARGETS_FILE=str(targets)))
+    run_id = await world.start_run(broker)
+    target = "prod-db-refused"
+    approval_id = await world.opened(broker, run_id, target=target)
+    status, _ = await world.decide(broker, approval_id, world.person("bob"))
+    assert status == 200
+
+    # Refused by OpenBao, nothing minted: the approval is approved and unused again, so the
+    # agent's retry with the same approval reaches the mint again (not 409 approval.used).
+    for _ in range(2):
+        status, refused = await world.ask(broker, run_id, target=target, approval_id=approval_id)
+        assert (status, refused["reason"]) == (503, "vault.forbidden"), refused
+        status, polled = await call(broker, world.agent, "GET", f"/v1/approvals/{approval_id}")
+        assert (status, polled["state"], polled["credential_id"]) == (200, "approved", None)
+
+    status, audit = await call(
+        broker, world.admin, "GET", f"/v1/audit?workflow_id={run_id}&type=approval.decided"
+    )
+    assert status == 200, audit
+    steps = [
+        (e["payload"]["decision"], e["actor"], e["credential_id"])
+        for e in audit["events"]
+        if e["approval_id"] == approval_id
+    ]
+    assert [step[:2] for step in steps] == [
+        ("approve", world.principal("bob")),
+        ("use", world.agent_id),
+        ("release", "tasklease"),
+        ("use", world.agent_id),
+        ("release", "tasklease"),
+    ]
+    first, second = steps[1][2], steps[3][2]
+    assert first != second and (steps[2][2], steps[4][2]) == (first, second)
+    # No record of either attempt is left: nothing exists to revoke.
+    for credential_id in (first, second):
+        status, _ = await call(broker, world.agent, "GET", f"/v1/credentials/{credential_id}")
+        assert status == 404

@@ -255,6 +255,63 @@ def test_a_pending_approval_cannot_be_used() -> None:
     assert caught.value.reason == "approval.quorum_not_reached"
 
 
+def test_a_use_that_minted_nothing_is_released_back_to_approved() -> None:
+    approved = approve(opened(), BOB)
+    used = approved.consume(digest=approved.digest, credential_id="cred_1", now=NOW)
+    later = NOW + timedelta(minutes=5)
+    released = used.release(credential_id="cred_1", version=used.version, now=later)
+    assert (released.state, released.credential_id, released.version) == (
+        ApprovalStatus.APPROVED,
+        "",
+        used.version + 1,
+    )
+    assert (released.closed_at, released.closed_by, released.close_comment) == (None, "", "")
+    # Everything else is as approved: the same votes, expiry and binding; usable again.
+    assert dataclasses.replace(released, version=approved.version) == approved
+    released.check_usable(approved.digest, later)
+    again = released.consume(digest=approved.digest, credential_id="cred_2", now=later)
+    assert (again.state, again.credential_id) == (ApprovalStatus.USED, "cred_2")
+
+
+def test_only_the_same_unchanged_unexpired_use_is_released() -> None:
+    approved = approve(opened(validity=timedelta(minutes=10)), BOB)
+    used = approved.consume(digest=approved.digest, credential_id="cred_1", now=NOW)
+    released = used.release(credential_id="cred_1", version=used.version, now=NOW)
+    reused = released.consume(digest=approved.digest, credential_id="cred_2", now=NOW)
+    refusals = {
+        "another credential": lambda: used.release(
+            credential_id="cred_2", version=used.version, now=NOW
+        ),
+        "another version": lambda: used.release(
+            credential_id="cred_1", version=used.version - 1, now=NOW
+        ),
+        # Released once already (not idempotent: the version moved, it is no longer used).
+        "twice": lambda: released.release(credential_id="cred_1", version=used.version, now=NOW),
+        # Used again since, by a second credential: the first use cannot be released.
+        "a second use": lambda: reused.release(
+            credential_id="cred_1", version=used.version, now=NOW
+        ),
+        "a later release of the second use, at the old version": lambda: reused.release(
+            credential_id="cred_2", version=used.version, now=NOW
+        ),
+        "withdrawn": lambda: used.withdraw(by=BOB, now=NOW).release(
+            credential_id="cred_1", version=used.version, now=NOW
+        ),
+        "never used": lambda: approved.release(credential_id="", version=approved.version, now=NOW),
+        "expired": lambda: used.release(
+            credential_id="cred_1", version=used.version, now=NOW + timedelta(minutes=10)
+        ),
+    }
+    for why, step in refusals.items():
+        with pytest.raises(ApprovalStateError) as caught:
+            step()
+        assert caught.value.reason == "approval.not_releasable", why
+    # The second use itself is releasable by its own credential and version.
+    assert reused.release(credential_id="cred_2", version=reused.version, now=NOW).state is (
+        ApprovalStatus.APPROVED
+    )
+
+
 # --------------------------------------------------------------------------- forms
 
 

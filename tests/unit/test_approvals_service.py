@@ -10,17 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from broker.adapters.config_files import load_target_catalog, read_policy_dir
 from broker.adapters.memory_approvals import InMemoryApprovalStore
 from broker.adapters.memory_audit import MemoryAuditTrail
 from broker.adapters.memory_ledger import InMemoryLedger
 from broker.approvals import Approvals
-from broker.core.approvals import Approval, ApprovalStatus, Verdict
+from broker.core.approvals import SYSTEM_ACTOR, Approval, ApprovalStatus, Verdict
 from broker.core.audit import ApprovalDecided, ApprovalRequested, EventType
 from broker.core.authn import Caller
 from broker.core.identity import AuthMethod, HumanIdentity, WorkloadIdentity
-from broker.core.model import CredentialRequest
+from broker.core.model import CredentialRequest, Lease
 from broker.core.policy import CedarPolicyEngine
 from broker.core.ports import MintedCredential, MintSpec, RevokeOutcome
 from broker.core.roles import Role
@@ -30,7 +31,10 @@ from broker.errors import (
     ApprovalRefusedError,
     ApprovalStateError,
     AuditUnavailableError,
+    ConflictError,
     ForbiddenError,
+    LedgerUnavailableError,
+    MintOutcomeUnknownError,
     NotFoundError,
     VaultUnavailableError,
 )
@@ -85,6 +89,7 @@ class FrozenClock:
 class FakeMinter:
     def __init__(self, fail: Exception | None = None) -> None:
         self.minted: list[MintSpec] = []
+        self.revoked: list[str] = []
         self.fail = fail
 
     async def mint(self, spec: MintSpec) -> MintedCredential:
@@ -101,7 +106,39 @@ class FakeMinter:
     async def revoke(
         self, *, token_accessor: str, vault_lease_ids: tuple[str, ...]
     ) -> RevokeOutcome:
+        self.revoked.append(token_accessor)
         return RevokeOutcome(confirmed=True)
+
+
+class FlakyLedger(InMemoryLedger):
+    """The in-memory ledger, with a write-ahead or an activation that can be made to fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_write_ahead = False
+        self.fail_activate = False
+
+    async def write_ahead(self, lease: Lease) -> None:
+        if self.fail_write_ahead:
+            raise LedgerUnavailableError("redis is down (test)", reason="ledger.unreachable")
+        await super().write_ahead(lease)
+
+    async def activate(
+        self,
+        credential_id: str,
+        *,
+        token_accessor: str,
+        vault_lease_ids: tuple[str, ...],
+        written: Lease | None = None,
+    ) -> Lease:
+        if self.fail_activate:
+            raise LedgerUnavailableError("redis is down (test)", reason="ledger.unreachable")
+        return await super().activate(
+            credential_id,
+            token_accessor=token_accessor,
+            vault_lease_ids=vault_lease_ids,
+            written=written,
+        )
 
 
 class RecordingNotifier:
@@ -135,7 +172,7 @@ ADMIN = workload("spiffe://tasklease.test/admin/demo", Role.ADMIN)
 class World:
     def __init__(self, *, policy: CedarPolicyEngine | None = None, validity: int = 600) -> None:
         self.clock = FrozenClock()
-        self.ledger = InMemoryLedger()
+        self.ledger = FlakyLedger()
         self.store = InMemoryApprovalStore()
         self.audit = MemoryAuditTrail()
         self.notifier = RecordingNotifier()
@@ -175,16 +212,19 @@ class World:
         ttl: int = 300,
         caller: Caller = AGENT_CALLER,
         run_id: str = "wf-1",
+        target: str = "prod-db",
+        idempotency_key: str | None = None,
     ) -> Any:
         return await self.broker.request_credential(
             caller,
             CredentialRequest(
                 workflow_id=run_id,
                 task_id=task,
-                target="prod-db",
+                target=target,
                 ttl=timedelta(seconds=ttl),
                 justification="read the orders table",
                 approval_id=approval_id,
+                idempotency_key=idempotency_key,
             ),
             params={},
         )
@@ -471,13 +511,140 @@ async def test_without_approvals_needs_approval_stays_a_403() -> None:
     assert caught.value.reason == "policy.needs_approval"
 
 
-async def test_a_failed_mint_leaves_the_approval_used() -> None:
+# --------------------------------------------------------------------------- a failed mint
+
+
+async def stored(world: World, approval_id: str) -> Approval:
+    found = await world.store.get_approval(approval_id)
+    assert found is not None
+    return found
+
+
+def used_for(world: World) -> str:
+    """The credential id the last ``use`` step of the trail names."""
+    uses = [
+        e
+        for e in world.audit.events
+        if isinstance(e.payload, ApprovalDecided) and e.payload.decision == "use"
+    ]
+    return uses[-1].credential_id
+
+
+async def test_a_mint_vault_refused_releases_the_approval_and_the_retry_succeeds() -> None:
     world, approval_id = await approved_world()
-    world.minter.fail = VaultUnavailableError("sealed", reason="vault.sealed")
-    with pytest.raises(VaultUnavailableError):
+    world.minter.fail = VaultUnavailableError("permission denied", reason="vault.forbidden")
+    with pytest.raises(VaultUnavailableError) as caught:
         await world.ask(approval_id)
-    stored = await world.store.get_approval(approval_id)
-    assert stored is not None and stored.state is ApprovalStatus.USED
+    assert caught.value.reason == "vault.forbidden"  # the agent's error is unchanged
+    failed = used_for(world)
+    released = await stored(world, approval_id)
+    assert (released.state, released.credential_id) == (ApprovalStatus.APPROVED, "")
+    assert world.decided() == ["approve", "use", "release"]
+    release = world.audit.events[-1]
+    assert isinstance(release.payload, ApprovalDecided)
+    assert (release.actor, release.credential_id, release.approval_id) == (
+        SYSTEM_ACTOR,
+        failed,
+        approval_id,
+    )
+    assert (release.payload.state, release.payload.comment) == (
+        "approved",
+        f"nothing was minted for {failed} (vault.forbidden)",
+    )
+    # Released, it is the open approval of its request again.
+    assert await world.store.open_approval_for(released.digest) == approval_id
+
+    world.minter.fail = None
+    issued = await world.ask(approval_id)
+    assert issued.lease.approval_id == approval_id
+    assert issued.lease.credential_id != failed
+    again = await stored(world, approval_id)
+    assert (again.state, again.credential_id) == (ApprovalStatus.USED, issued.lease.credential_id)
+    assert world.decided() == ["approve", "use", "release", "use"]
+    assert len(world.minter.minted) == 1
+
+
+async def test_a_mint_of_unknown_outcome_leaves_the_approval_used() -> None:
+    world, approval_id = await approved_world()
+    world.minter.fail = MintOutcomeUnknownError("timed out", reason="vault.timeout")
+    with pytest.raises(MintOutcomeUnknownError):
+        await world.ask(approval_id)
+    spent = await stored(world, approval_id)
+    assert (spent.state, spent.credential_id) == (ApprovalStatus.USED, used_for(world))
+    assert world.decided() == ["approve", "use"]
+    world.minter.fail = None
+    with pytest.raises(ApprovalStateError) as caught:
+        await world.ask(approval_id)
+    assert caught.value.reason == "approval.used"
+    assert world.minter.minted == []
+
+
+@pytest.mark.parametrize("how", ["ledger_down", "task_tombstoned"])
+async def test_a_credential_minted_then_revoked_leaves_the_approval_used(how: str) -> None:
+    world, approval_id = await approved_world()
+    if how == "ledger_down":
+        world.ledger.fail_activate = True
+    else:
+        # The task was revoked meanwhile: the activation of its lease is refused.
+        await world.ledger.tombstone_task("wf-1", "t-1", until=NOW + timedelta(hours=1))
+    with pytest.raises((LedgerUnavailableError, ConflictError)):
+        await world.ask(approval_id)
+    assert len(world.minter.minted) == 1 and world.minter.revoked == ["acc-1"]
+    spent = await stored(world, approval_id)
+    assert (spent.state, spent.credential_id) == (ApprovalStatus.USED, used_for(world))
+    assert world.decided() == ["approve", "use"]
+
+
+async def test_a_failed_write_ahead_releases_the_approval() -> None:
+    world, approval_id = await approved_world()
+    world.ledger.fail_write_ahead = True
+    with pytest.raises(LedgerUnavailableError):
+        await world.ask(approval_id)
+    assert world.minter.minted == []
+    assert (await stored(world, approval_id)).state is ApprovalStatus.APPROVED
+    assert world.decided() == ["approve", "use", "release"]
+    world.ledger.fail_write_ahead = False
+    issued = await world.ask(approval_id)
+    assert issued.lease.approval_id == approval_id
+
+
+async def test_an_idempotency_refusal_after_the_use_releases_the_approval() -> None:
+    world, approval_id = await approved_world()
+    # The agent used its key for another request (demo-db needs no approval) before.
+    await world.ask(target="demo-db", idempotency_key="key-1")
+    with pytest.raises(ConflictError) as caught:
+        await world.ask(approval_id, idempotency_key="key-1")
+    assert caught.value.reason == "idempotency.key_reused"
+    assert (await stored(world, approval_id)).state is ApprovalStatus.APPROVED
+    assert world.decided() == ["approve", "use", "release"]
+    issued = await world.ask(approval_id, idempotency_key="key-2")
+    assert issued.lease.approval_id == approval_id
+
+
+async def test_a_release_that_fails_leaves_the_approval_used_and_the_error_unchanged() -> None:
+    world, approval_id = await approved_world()
+    audit = world.audit
+
+    class RefusedThenTrailDown(FakeMinter):
+        async def mint(self, spec: MintSpec) -> Any:
+            audit.fail = True  # the trail goes down: the release cannot be audited
+            raise VaultUnavailableError("permission denied", reason="vault.forbidden")
+
+    world.broker = CredentialBroker(
+        policy=engine(),
+        minter=RefusedThenTrailDown(),
+        ledger=world.ledger,
+        targets=TARGETS,
+        clock=world.clock,
+        approvals=world.approvals,
+    )
+    with capture_logs() as logs, pytest.raises(VaultUnavailableError) as caught:
+        await world.ask(approval_id)
+    assert caught.value.reason == "vault.forbidden"
+    spent = await stored(world, approval_id)
+    assert (spent.state, spent.credential_id) == (ApprovalStatus.USED, used_for(world))
+    (failed,) = [line for line in logs if line["event"] == "approval.release_failed"]
+    assert (failed["approval_id"], failed["reason"]) == (approval_id, "audit.sink_failed")
 
 
 # --------------------------------------------------------------------------- audit fails closed
