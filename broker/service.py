@@ -531,7 +531,13 @@ class CredentialBroker:
                 tool=request.tool,
                 justification=request.justification,
             )
-            await self._ledger.write_ahead(lease)
+            try:
+                await self._ledger.write_ahead(lease)
+            except Exception:
+                # Nothing was minted: the key must not stay bound to a credential that will
+                # never exist (a retry with it would get a replay of nothing).
+                await self._forget_binding(caller, request, credential_id)
+                raise
         except Exception as exc:
             # Refused or failed before the mint: nothing exists under the approval.
             await self._release_unminted(used, exc)
@@ -777,14 +783,30 @@ class CredentialBroker:
         refused (SECURITY 24). Best effort: a record left behind is revoked by the sweeper."""
         try:
             await self._ledger.discard(lease)
-            if request.idempotency_key is not None:
-                await self._ledger.forget_idempotency(
-                    f"{caller.principal_id}|{request.idempotency_key}", lease.credential_id
-                )
         except TaskleaseError as exc:
             _log.warning(
                 "ledger.discard_failed",
                 credential_id=lease.credential_id,
+                reason=exc.reason,
+            )
+        await self._forget_binding(caller, request, lease.credential_id)
+
+    async def _forget_binding(
+        self, caller: Caller, request: CredentialRequest, credential_id: str
+    ) -> None:
+        """Free the request's Idempotency-Key if it is still bound to ``credential_id`` (which
+        was never minted), so that a retry with it may mint. Best effort: a binding left
+        behind expires with the idempotency TTL."""
+        if request.idempotency_key is None:
+            return
+        try:
+            await self._ledger.forget_idempotency(
+                f"{caller.principal_id}|{request.idempotency_key}", credential_id
+            )
+        except TaskleaseError as exc:
+            _log.warning(
+                "ledger.forget_idempotency_failed",
+                credential_id=credential_id,
                 reason=exc.reason,
             )
 

@@ -272,6 +272,37 @@ async def test_a_refused_mint_leaves_no_record_and_frees_the_idempotency_key() -
     assert issued.lease.state is LeaseState.ACTIVE
 
 
+class WriteAheadFailsOnce(InMemoryLedger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def write_ahead(self, lease: Lease) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise LedgerUnavailableError("redis is down (test)", reason="ledger.unreachable")
+        await super().write_ahead(lease)
+
+
+async def test_a_failed_write_ahead_frees_the_idempotency_key() -> None:
+    """Nothing was minted, so the key is not left bound to a credential that never existed:
+    the retry with the same key mints (not a replay of nothing), exactly once."""
+    ledger = WriteAheadFailsOnce()
+    minter = FakeMinter()
+    service = broker(minter=minter, ledger=ledger)
+    await start_run(service)
+    keyed = request(idempotency_key="retry-wa")
+    with pytest.raises(LedgerUnavailableError):
+        await service.request_credential(AGENT_CALLER, keyed, params=PARAMS)
+    assert minter.minted == []
+    issued = await service.request_credential(AGENT_CALLER, keyed, params=PARAMS)
+    assert issued.lease.state is LeaseState.ACTIVE
+    with pytest.raises(IdempotentReplayError) as replay:
+        await service.request_credential(AGENT_CALLER, keyed, params=PARAMS)
+    assert replay.value.credential_id == issued.lease.credential_id
+    assert len(minter.minted) == 1
+
+
 async def test_the_minters_last_step_runs_before_the_secret_is_returned() -> None:
     minter = FakeMinter()
     service = broker(minter=minter)
