@@ -668,11 +668,14 @@ class CredentialBroker:
             credential_id=lease.credential_id,
             approval_id=lease.approval_id or "",
         )
+        # The decision names the credential it allowed: a credential's story
+        # (``GET /v1/audit?credential_id=``) starts with why it was issued.
         decided = attempt.decision_event(
             lease.holder,
             workflow_id=lease.workflow_id,
             task_id=lease.task_id,
             approval_id=lease.approval_id or "",
+            credential_id=lease.credential_id,
         )
         await self._audit.record_all((decided, issued))
 
@@ -833,10 +836,17 @@ class _Attempt:
         self.decision, self.target, self.chain, self.now = decision, target, chain, now
 
     def decision_event(
-        self, actor: str, *, workflow_id: str, task_id: str, approval_id: str
+        self,
+        actor: str,
+        *,
+        workflow_id: str,
+        task_id: str,
+        approval_id: str,
+        credential_id: str = "",
     ) -> AuditEvent:
         """The ``policy.decision`` event of this attempt, with the full evaluated context
-        (principal, action, resource and context as the policy engine saw them)."""
+        (principal, action, resource and context as the policy engine saw them), naming the
+        credential it allowed when one was issued."""
         decision, target = self.decision, self.target
         if decision is None or target is None or self.now is None:
             raise ValueError("no decision was made")
@@ -857,6 +867,7 @@ class _Attempt:
             chain=self.chain,
             workflow_id=workflow_id,
             task_id=task_id,
+            credential_id=credential_id,
             approval_id=approval_id,
         )
 

@@ -163,17 +163,22 @@ def _story_line(record: Mapping[str, Any]) -> str | None:
 
 def _credentials(records: Sequence[Mapping[str, Any]]) -> dict[str, _Credential]:
     found: dict[str, _Credential] = {}
+    # A decision names the credential it allowed; records written before it did are matched
+    # by holder and task (the latest decision of that task).
+    decision_by_credential: dict[str, str] = {}
     decision_by_task: dict[tuple[str, str], str] = {}
     for record in records:
         kind = record.get("type")
         payload = _payload(record)
         task = str(record.get("task_id") or "")
-        if kind == EventType.POLICY_DECISION:
-            decision_by_task[(str(record.get("actor")), task)] = (
-                f"{_text(payload.get('outcome'), 20).upper()} {_ids(payload.get('policy_ids'))}"
-            )
-            continue
         cred_id = record.get("credential_id")
+        if kind == EventType.POLICY_DECISION:
+            said = f"{_text(payload.get('outcome'), 20).upper()} {_ids(payload.get('policy_ids'))}"
+            if isinstance(cred_id, str) and cred_id:
+                decision_by_credential[cred_id] = said
+            else:
+                decision_by_task[(str(record.get("actor")), task)] = said
+            continue
         if not isinstance(cred_id, str) or not cred_id:
             continue
         cred = found.setdefault(cred_id, _Credential(cred_id))
@@ -185,7 +190,9 @@ def _credentials(records: Sequence[Mapping[str, Any]]) -> dict[str, _Credential]
             cred.issued_at = _when(record.get("time"))
             cred.expires_at = _when(payload.get("expires_at"))
             cred.approval_id = _text(record.get("approval_id"), 80)
-            cred.decision = decision_by_task.get((str(record.get("actor")), task), "")
+            cred.decision = decision_by_credential.get(cred_id) or decision_by_task.get(
+                (str(record.get("actor")), task), ""
+            )
         elif kind == EventType.CREDENTIAL_REVOKED:
             cred.ended.append(
                 f"revoked {_when(record.get('time'))} ({_text(payload.get('cause'), 40)})"

@@ -187,6 +187,7 @@ async def test_a_whole_run_is_told_by_ordered_correlated_events(
     # Correlation: a credential's events, and the same story as OCSF.
     by_credential = (await actors.audit(broker, f"credential_id={credential_id}"))["events"]
     assert [e["type"] for e in by_credential] == [
+        "policy.decision",
         "credential.issued",
         "agent.tool_call",
         "agent.side_effect",

@@ -171,7 +171,8 @@ async def test_issuance_records_the_decision_and_the_credential_with_correlated_
             "req-42",
         )
         assert [h.principal for h in event.chain.hops] == ["alice@example.test", ORCH, AGENT]  # type: ignore[union-attr]
-    assert issued.credential_id == credential_id
+    # The decision names the credential it allowed: a credential's query starts with it.
+    assert issued.credential_id == decided.credential_id == credential_id
     payload = issued.as_dict()["payload"]
     assert (payload["target"], payload["kind"], payload["token_accessor"]) == (
         "demo-db",

@@ -258,6 +258,56 @@ def test_the_trace_does_not_depend_on_the_stored_order() -> None:
     assert render_trace(list(reversed(records)), "wf-42") == EXPECTED_TRACE
 
 
+def test_each_credential_shows_the_decision_that_allowed_it() -> None:
+    """Two credentials for one task of one agent, each allowed by its own decision: a
+    decision names its credential, so each credential line shows its own (not the task's
+    latest decision, which is all records without the link can say)."""
+
+    def decided(second: int, target: str, policy: str, credential_id: str) -> AuditEvent:
+        return event(
+            second,
+            AGENT,
+            PolicyDecision(
+                action="request_credential", target=target, outcome="allow", policy_ids=(policy,)
+            ),
+            chain=AGENT_CHAIN,
+            credential_id=credential_id,
+            **TASK,
+        )
+
+    def issued(second: int, target: str, policy: str, credential_id: str) -> AuditEvent:
+        return event(
+            second,
+            AGENT,
+            CredentialIssued(
+                target=target,
+                kind="vault-token",
+                expires_at=T0 + timedelta(minutes=5),
+                ttl_seconds=300,
+                token_accessor=f"acc-{credential_id}",
+                vault_lease_count=0,
+                policy_ids=(policy,),
+            ),
+            chain=AGENT_CHAIN,
+            credential_id=credential_id,
+            **TASK,
+        )
+
+    story = [
+        STORY[0],
+        decided(1, "kv-a", "policy-a", "cred_a"),
+        decided(2, "kv-b", "policy-b", "cred_b"),
+        issued(3, "kv-a", "policy-a", "cred_a"),
+        issued(4, "kv-b", "policy-b", "cred_b"),
+    ]
+    credentials = render_trace(sealed(story), "wf-42").split("Credentials\n")[1]
+    lines = credentials.splitlines()
+    assert lines[0].startswith("  cred_a  kv-a (vault-token)")
+    assert lines[1].startswith("      decision ALLOW [policy-a];")
+    assert lines[2].startswith("  cred_b  kv-b (vault-token)")
+    assert lines[3].startswith("      decision ALLOW [policy-b];")
+
+
 def test_a_trace_without_the_start_or_without_events_says_so() -> None:
     assert render_trace([], "wf-x") == "Run wf-x\n  no audit events for this run\n"
     without_start = render_trace(sealed(STORY[1:3]), "wf-42")
