@@ -227,5 +227,8 @@ class AuditService:
             # whole stream (bounded scan).
             lease = await self._ledger.get_lease(check_id(query.credential_id, "credential id"))
             if lease is not None:
-                query = dataclasses.replace(query, workflow_id=lease.workflow_id)
+                # The approval it was issued with is part of its story.
+                query = dataclasses.replace(
+                    query, workflow_id=lease.workflow_id, approval_id=lease.approval_id or None
+                )
         return await self._reader.query(query)

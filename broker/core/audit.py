@@ -201,8 +201,13 @@ class RevocationForced(Payload):
     TYPE: ClassVar[EventType] = EventType.REVOCATION_FORCED
     selector: Mapping[str, Any]
     reason: str
+    # Of the leases it revoked inline (the first 10 000 it matched).
     confirmed: int = 0
     still_live: int = 0
+    # Every live lease it matched, and how many of them it made due now (those not revoked
+    # inline are revoked by the sweeper).
+    matched: int = 0
+    scheduled: int = 0
     # The credentials and runs it addressed (bounded), so each run's story shows it.
     credential_ids: tuple[str, ...] = ()
     workflow_ids: tuple[str, ...] = ()
@@ -300,6 +305,7 @@ def record_runs(record: Mapping[str, Any]) -> list[str]:
 
 
 MAX_PAGE: Final = 500
+_APPROVAL_STEPS: Final = frozenset({"approval.requested", "approval.decided"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +315,11 @@ class AuditQuery:
 
     workflow_id: str | None = None
     credential_id: str | None = None
+    # With ``credential_id``: the approval the credential was issued with, whose own steps
+    # (``approval.requested``, ``approval.decided``) belong to the credential's story too,
+    # except those naming another credential (a use released after a failed mint). Set by
+    # the use case from the ledger, not by callers.
+    approval_id: str | None = None
     actor: str | None = None
     types: frozenset[EventType] = frozenset()
     since: datetime | None = None
@@ -327,11 +338,8 @@ class AuditQuery:
         """True when the chained ``record`` passes every filter."""
         if self.workflow_id is not None and self.workflow_id not in record_runs(record):
             return False
-        if self.credential_id is not None and record.get("credential_id") != self.credential_id:
-            payload = record.get("payload")
-            ids = payload.get("credential_ids") if isinstance(payload, Mapping) else None
-            if not isinstance(ids, list) or self.credential_id not in ids:
-                return False
+        if self.credential_id is not None and not self._about_credential(record):
+            return False
         if self.actor is not None and record.get("actor") != self.actor:
             return False
         if self.types and record.get("type") not in {t.value for t in self.types}:
@@ -346,6 +354,21 @@ class AuditQuery:
             if self.until is not None and moment >= self.until:
                 return False
         return True
+
+    def _about_credential(self, record: Mapping[str, Any]) -> bool:
+        named = record.get("credential_id")
+        if named == self.credential_id:
+            return True
+        if (
+            self.approval_id
+            and record.get("approval_id") == self.approval_id
+            and not named
+            and record.get("type") in _APPROVAL_STEPS
+        ):
+            return True
+        payload = record.get("payload")
+        ids = payload.get("credential_ids") if isinstance(payload, Mapping) else None
+        return isinstance(ids, list) and self.credential_id in ids
 
 
 @dataclass(frozen=True, slots=True)

@@ -381,7 +381,11 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         {200: _REPORT, 207: _REPORT_PARTIAL},
         errors=(*_WITH_BODY, 503),
         body=ForceRevocationBody,
-        description="Every given selector field must match; at least one, or ``everything: true``.",
+        description="Every given selector field must match; at least one, or ``everything: true``. "
+        "Every matching live lease's task is tombstoned and the lease made due now "
+        "(``scheduled`` counts them; an SSH certificate ends at its expiry instead); the "
+        "first 10 000 are revoked inline and reported, and when more matched (``truncated``) "
+        "the sweeper revokes the rest: one call reaches them all.",
     ),
     Operation(
         "post",
@@ -486,7 +490,13 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         errors=(400, 503),
         parameters=(
             _query("workflow_id", _text(128), "Events of this run."),
-            _query("credential_id", _text(128), "Events of this credential."),
+            _query(
+                "credential_id",
+                _text(128),
+                "Events of this credential: the steps of the approval it was issued with, the "
+                "decision that allowed it, its issuance, reported tool calls and side effects, "
+                "its revocation.",
+            ),
             _query("actor", _text(2048), "Events by this principal."),
             {
                 "name": "type",

@@ -339,6 +339,18 @@ async def test_a_restricted_request_waits_for_a_person_then_the_credential_works
         ("approval.decided", "approve", world.principal("bob"), ""),
         ("approval.decided", "use", world.agent_id, issued["credential_id"]),
     ]
+    # The credential's own story includes who approved it and why it was allowed.
+    status, story = await call(
+        broker, world.admin, "GET", f"/v1/audit?credential_id={issued['credential_id']}"
+    )
+    assert status == 200, story
+    assert [(e["type"], e["payload"].get("decision")) for e in story["events"]] == [
+        ("approval.requested", None),
+        ("approval.decided", "approve"),
+        ("approval.decided", "use"),
+        ("policy.decision", None),
+        ("credential.issued", None),
+    ]
 
 
 async def test_separation_of_duties_roles_and_a_final_denial(

@@ -335,6 +335,9 @@ def test_a_forced_revocation_belongs_to_every_run_it_addressed() -> None:
         (AuditQuery(), 13),
         (AuditQuery(workflow_id="wf-42"), 12),
         (AuditQuery(credential_id="cred_1"), 4),
+        # ... and the steps of the approval it was issued with (not the decisions).
+        (AuditQuery(credential_id="cred_1", approval_id="apr_1"), 6),
+        (AuditQuery(credential_id="cred_2", approval_id="apr_1"), 3),
         (AuditQuery(actor=ORCH), 2),
         (AuditQuery(types=frozenset({EventType.POLICY_DECISION})), 2),
         (AuditQuery(since=T0 + timedelta(seconds=5), until=T0 + timedelta(seconds=8)), 3),
