@@ -35,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
+import secrets
 import ssl
 import tempfile
 import time
@@ -389,14 +391,48 @@ class _SpiffeIdConnector(aiohttp.TCPConnector):
         return protocol
 
 
-class TaskleaseClient:
-    """HTTPS to the broker with one connection pool; problem+json errors become ApiError."""
+# Answers worth asking again: the broker could not be reached or answered that a dependency is
+# unavailable (nothing was minted, or what was minted is revoked; see request_credential).
+_TRANSIENT_STATUS: frozenset[int] = frozenset({0, 429, 502, 503, 504})
+_MAX_RETRY_AFTER = 30.0
 
-    def __init__(self, base_url: str, auth: Auth, *, timeout: float = 30.0) -> None:
+
+def _transient(error: ApiError) -> bool:
+    return error.status in _TRANSIENT_STATUS and error.reason not in _NOT_TRANSIENT
+
+
+# Status 0 without a connection problem: the broker's identity or TLS is wrong; asking again
+# cannot help.
+_NOT_TRANSIENT: frozenset[str] = frozenset({"client.wrong_broker", "client.tls"})
+
+
+class TaskleaseClient:
+    """HTTPS to the broker with one connection pool; problem+json errors become ApiError.
+
+    ``retries`` is how many times a call that is safe to repeat is asked again after a
+    transient failure (the broker unreachable, a timeout, 429, 502, 503, 504), waiting
+    ``backoff`` seconds doubled each time with jitter, or what ``Retry-After`` says (at most
+    30 s). Safe to repeat: reads, releases, and credential requests (each carries an
+    ``Idempotency-Key``, so a retry never mints a second credential).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        auth: Auth,
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ) -> None:
+        if retries < 0 or backoff < 0:
+            raise ValueError("retries and backoff must not be negative")
         self._base = base_url.rstrip("/")
         self._auth = auth
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        self._retries = retries
+        self._backoff = backoff
 
     async def __aenter__(self) -> Self:
         return self
@@ -446,24 +482,55 @@ class TaskleaseClient:
                     await response.json(content_type=None) if response.content_length != 0 else {}
                 )
                 status = response.status
+                retry_after = response.headers.get("Retry-After", "")
+        except aiohttp.ClientSSLError as exc:
+            raise ApiError(0, "tls", "client.tls", f"{type(exc).__name__}: {exc}", {}) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ApiError(
                 0, "unreachable", "client.unreachable", f"{type(exc).__name__}: {exc}", {}
             ) from exc
         body = body if isinstance(body, dict) else {"value": body}
         if status not in ok:
+            problem = dict(body)
+            if retry_after:
+                problem.setdefault("retry_after", retry_after)
             raise ApiError(
                 status,
                 str(body.get("code", "error")),
                 str(body.get("reason", body.get("code", "error"))),
                 str(body.get("detail", "")),
-                body,
+                problem,
             )
         return status, body
 
+    async def call_again(
+        self,
+        method: str,
+        path: str,
+        **kwargs: Any,
+    ) -> tuple[int, dict[str, Any]]:
+        """:meth:`call`, asked again after a transient failure (up to ``retries`` times): for
+        requests that are safe to repeat."""
+        for attempt in range(self._retries + 1):
+            try:
+                return await self.call(method, path, **kwargs)
+            except ApiError as error:
+                if attempt == self._retries or not _transient(error):
+                    raise
+                await asyncio.sleep(self._delay(attempt, error))
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _delay(self, attempt: int, error: ApiError) -> float:
+        """Seconds before attempt ``attempt + 1``: Retry-After when the broker said, else
+        jittered exponential backoff."""
+        said = str(error.problem.get("retry_after", ""))
+        if said.isdigit():
+            return min(float(said), _MAX_RETRY_AFTER)
+        return float(self._backoff * (2**attempt) * (0.5 + random.random()))  # noqa: S311
+
     async def whoami(self) -> dict[str, Any]:
         """How the broker sees this caller: principal, method, roles."""
-        return (await self.call("GET", "/v1/whoami"))[1]
+        return (await self.call_again("GET", "/v1/whoami"))[1]
 
 
 class AgentClient(TaskleaseClient):
@@ -482,7 +549,16 @@ class AgentClient(TaskleaseClient):
         approval_id: str | None = None,
         idempotency_key: str | None = None,
     ) -> Credential | PendingApproval:
-        """One request: the credential (201) or the approval it waits for (202)."""
+        """One request: the credential (201) or the approval it waits for (202).
+
+        Every request carries an ``Idempotency-Key`` (``idempotency_key``, or a fresh random
+        one), and a transient failure is asked again with the same key, so a retry never
+        mints a second credential. When a retry finds that an earlier attempt did mint one
+        whose answer was lost (``409 idempotency_replayed``: the secret is never sent twice),
+        that credential is released at once (nobody holds its secret) and the request is
+        asked again under a new key; with an ``approval_id`` it cannot be (the approval was
+        spent on the lost credential) and :class:`ApiError` ``client.answer_lost`` says so.
+        """
         body: dict[str, Any] = {
             "workflow_id": workflow,
             "task_id": task,
@@ -494,23 +570,93 @@ class AgentClient(TaskleaseClient):
         }
         if approval_id is not None:
             body["approval_id"] = approval_id
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        status, answer = await self.call(
-            "POST", "/v1/credentials", json_body=body, headers=headers, ok=(201, 202)
-        )
-        if status == 202:
-            return PendingApproval(
-                approval_id=str(answer["approval_id"]),
-                poll_url=str(answer.get("poll_url", f"/v1/approvals/{answer['approval_id']}")),
-                expires_at=str(answer.get("expires_at", "")),
-                quorum=int(answer.get("quorum", 1)),
-                detail=str(answer.get("detail", "")),
+        key = idempotency_key or _new_key()
+        sent = False  # this key went out before without an answer
+        retried = 0
+        while True:
+            try:
+                status, answer = await self.call(
+                    "POST",
+                    "/v1/credentials",
+                    json_body=body,
+                    headers={"Idempotency-Key": key},
+                    ok=(201, 202),
+                )
+            except ApiError as error:
+                lost = sent and error.reason == "idempotency.replayed"
+                if lost:
+                    # Raises when asking again cannot help (approval spent, not released).
+                    await self._release_lost(error, approval_id)
+                if retried >= self._retries or not (lost or _transient(error)):
+                    if lost:
+                        raise ApiError(
+                            error.status,
+                            "answer_lost",
+                            "client.answer_lost",
+                            f"credential {error.problem.get('credential_id', '')} was minted "
+                            "but its answer was lost; it was released, and no retry is left: "
+                            "ask again",
+                            dict(error.problem),
+                        ) from error
+                    raise
+                if not lost:
+                    await asyncio.sleep(self._delay(retried, error))
+                retried += 1
+                key, sent = (_new_key(), False) if lost else (key, True)
+                continue
+            if status == 202:
+                return PendingApproval(
+                    approval_id=str(answer["approval_id"]),
+                    poll_url=str(answer.get("poll_url", f"/v1/approvals/{answer['approval_id']}")),
+                    expires_at=str(answer.get("expires_at", "")),
+                    quorum=int(answer.get("quorum", 1)),
+                    detail=str(answer.get("detail", "")),
+                )
+            return Credential.from_json(answer)
+
+    async def _release_lost(self, replay: ApiError, approval_id: str | None) -> None:
+        """An earlier attempt minted a credential whose answer never arrived: release it
+        (retrying while its mint is still in flight), then say whether asking again helps."""
+        credential_id = str(replay.problem.get("credential_id", ""))
+        released = False
+        for attempt in range(self._retries + 2):
+            try:
+                report = await self.release(credential_id)
+            except ApiError as error:
+                raise ApiError(
+                    error.status,
+                    "answer_lost",
+                    "client.answer_lost",
+                    f"credential {credential_id} was minted but its answer was lost, and "
+                    f"releasing it failed ({error.reason}); it ends at its TTL",
+                    {"credential_id": credential_id},
+                ) from error
+            in_flight = [
+                item
+                for item in report.get("still_live", [])
+                if item.get("reason") == "mint_in_flight"
+            ]
+            if not in_flight:
+                released = True
+                break
+            await asyncio.sleep(self._backoff * (2**attempt))
+        if not released or approval_id is not None:
+            raise ApiError(
+                replay.status,
+                "answer_lost",
+                "client.answer_lost",
+                f"credential {credential_id} was minted but its answer was lost; "
+                + (
+                    "it was released, and the approval was spent on it: ask for a new approval"
+                    if released
+                    else "it is still being minted and could not be released; it ends at its TTL"
+                ),
+                {"credential_id": credential_id},
             )
-        return Credential.from_json(answer)
 
     async def approval(self, approval_id: str) -> dict[str, Any]:
         """The approval's current state (its requester may read it)."""
-        return (await self.call("GET", f"/v1/approvals/{approval_id}"))[1]
+        return (await self.call_again("GET", f"/v1/approvals/{approval_id}"))[1]
 
     async def wait_for_approval(
         self,
@@ -542,7 +688,7 @@ class AgentClient(TaskleaseClient):
 
     async def release(self, credential_id: str) -> dict[str, Any]:
         """Give a credential back early; the report says whether revocation is confirmed."""
-        return (await self.call("DELETE", f"/v1/credentials/{credential_id}"))[1]
+        return (await self.call_again("DELETE", f"/v1/credentials/{credential_id}"))[1]
 
     async def report_event(self, event: Mapping[str, Any]) -> dict[str, Any]:
         """Record a tool call or side effect (``POST /v1/events``) in the audit trail."""
@@ -579,14 +725,14 @@ class OrchestratorClient(TaskleaseClient):
 
     async def run(self, run_id: str) -> dict[str, Any]:
         """The run and its credentials' metadata."""
-        return (await self.call("GET", f"/v1/workflows/{run_id}"))[1]
+        return (await self.call_again("GET", f"/v1/workflows/{run_id}"))[1]
 
     async def complete_run(
         self, run_id: str, *, outcome: str = "completed", wait: bool = True
     ) -> dict[str, Any]:
         """End the run; with ``wait`` the report of what was confirmed revoked."""
         return (
-            await self.call(
+            await self.call_again(
                 "POST",
                 f"/v1/workflows/{run_id}/complete",
                 json_body={"outcome": outcome},
@@ -601,14 +747,14 @@ class AdminClient(TaskleaseClient):
     async def revoke(self, selector: Mapping[str, Any], *, reason: str) -> dict[str, Any]:
         """``POST /v1/revocations``: the report (``complete`` false lists what is still live)."""
         return (
-            await self.call(
+            await self.call_again(
                 "POST", "/v1/revocations", json_body={"selector": dict(selector), "reason": reason}
             )
         )[1]
 
     async def credential(self, credential_id: str) -> dict[str, Any]:
         """One credential's metadata and revocation progress."""
-        return (await self.call("GET", f"/v1/credentials/{credential_id}"))[1]
+        return (await self.call_again("GET", f"/v1/credentials/{credential_id}"))[1]
 
     async def quarantine(
         self, kind: str, value: str, *, reason: str, ttl_seconds: int = 3600
@@ -620,15 +766,15 @@ class AdminClient(TaskleaseClient):
     async def lift_quarantine(self, kind: str, value: str) -> dict[str, Any]:
         """Lift a quarantine before it expires."""
         body = {"kind": kind, "value": value}
-        return (await self.call("DELETE", "/v1/quarantines", json_body=body))[1]
+        return (await self.call_again("DELETE", "/v1/quarantines", json_body=body))[1]
 
     async def quarantines(self) -> list[dict[str, Any]]:
         """The active quarantines."""
-        return list((await self.call("GET", "/v1/quarantines"))[1]["quarantines"])
+        return list((await self.call_again("GET", "/v1/quarantines"))[1]["quarantines"])
 
     async def approvals(self, state: str = "pending") -> list[dict[str, Any]]:
         """Approvals in ``state`` (approver or admin role)."""
-        body = (await self.call("GET", "/v1/approvals", params={"state": state}))[1]
+        body = (await self.call_again("GET", "/v1/approvals", params={"state": state}))[1]
         return list(body.get("approvals", []))
 
     async def decide(self, approval_id: str, *, approve: bool, comment: str = "") -> dict[str, Any]:
@@ -638,7 +784,11 @@ class AdminClient(TaskleaseClient):
 
     async def audit(self, **filters: str) -> dict[str, Any]:
         """``GET /v1/audit`` with filters (run, credential, actor, type, since, until, cursor)."""
-        return (await self.call("GET", "/v1/audit", params=filters))[1]
+        return (await self.call_again("GET", "/v1/audit", params=filters))[1]
+
+
+def _new_key() -> str:
+    return f"tlk-{secrets.token_hex(16)}"
 
 
 # --------------------------------------------------------------------------- the context manager

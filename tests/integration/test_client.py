@@ -19,6 +19,7 @@ from broker.client import (
     ApiError,
     ApprovalRefusedError,
     ApprovalTimeoutError,
+    Credential,
     OrchestratorClient,
     PemAuth,
     TaskCredential,
@@ -107,6 +108,46 @@ async def test_the_credential_is_released_when_the_block_raises(
             raise RuntimeError("the tool failed")
     assert task.credential is not None
     assert await _state(stack, broker, task.credential.credential_id) == "revoked"
+
+
+class _LosesTheFirstAnswer(AgentClient):
+    """The broker mints and answers, but the first credential answer never reaches the
+    agent (a connection cut after the request was processed)."""
+
+    lost: dict[str, Any] | None = None
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+        status, body = await super().call(method, path, **kwargs)
+        if (method, path, self.lost) == ("POST", "/v1/credentials", None):
+            remember_secret(body["secret"]["password"])
+            self.lost = body
+            raise ApiError(0, "unreachable", "client.unreachable", "the answer was lost", {})
+        return status, body
+
+
+async def test_a_credential_whose_answer_was_lost_is_revoked_and_another_issued(
+    stack: DevStack, running_broker: RunningBroker
+) -> None:
+    """The SDK asks again with the same Idempotency-Key, learns that a credential was minted
+    (409 replayed, no secret), releases it, and asks under a new key: the agent ends up with
+    one working credential, and the one whose secret nobody received no longer logs in."""
+    broker = running_broker
+    run_id = await _start_run(stack, broker)
+    auth = _auth(stack, workload_id(stack, "agent"), broker_id=_broker_id(stack))
+    async with _LosesTheFirstAnswer(broker.url, auth, backoff=0.0) as agent:
+        cred = await agent.request_credential(
+            workflow=run_id, task="lossy", target="demo-db", ttl_seconds=120
+        )
+        assert isinstance(cred, Credential)
+        remember_secret(cred.secret["password"])
+        lost = agent.lost
+        assert lost is not None
+        assert cred.credential_id != lost["credential_id"]
+        assert await _state(stack, broker, lost["credential_id"]) == "revoked"
+        with pytest.raises(psycopg.OperationalError):
+            _pg_login(stack, lost["secret"])
+        assert _pg_login(stack, cred.secret) > 0
+        await agent.release(cred.credential_id)
 
 
 async def test_a_restricted_target_waits_for_an_approval_then_issues(
