@@ -382,11 +382,13 @@ def _report_table(report: dict[str, Any]) -> Table:
         for r in report["still_live"]
     ]
     counts = report["counts"]
-    return _table(
-        f"{counts['confirmed_revoked']} confirmed revoked, {counts['still_live']} still live",
-        ["credential", "target", "holder", "result", "reason"],
-        rows,
-    )
+    title = f"{counts['confirmed_revoked']} confirmed revoked, {counts['still_live']} still live"
+    if report.get("truncated"):
+        title += (
+            f"; {report.get('scheduled', 'more')} made due in all: the ones not listed are "
+            "revoked by the sweeper"
+        )
+    return _table(title, ["credential", "target", "holder", "result", "reason"], rows)
 
 
 # --------------------------------------------------------------------------- quarantine

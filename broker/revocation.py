@@ -101,12 +101,14 @@ LIVE_STATES: Final = frozenset(
 # A lease rewrite races an activation, a second replica or a stale copy: re-read and re-decide
 # this many times before leaving the lease to the next sweep.
 _UPDATE_ATTEMPTS = 4
-# The most leases one forced revocation addresses (the ledger's find limit), and the most a
-# completion's report lists. A forced revocation that matched more says so (``truncated``) and
-# is repeated; a completion makes every lease of its run due, in batches of _RUN_BATCH, and
-# its report says ``truncated`` when the run has more than it lists.
+# The most leases a completion's or a forced revocation's report lists (settled inline). Both
+# make every lease they match due now, reading them in batches of _RUN_BATCH, and their report
+# says ``truncated`` when they matched more than it lists (the sweeper revokes the rest).
 MAX_ADDRESSED = 10_000
 _RUN_BATCH = 1000
+# What a revocation.forced audit event lists (its counts cover every lease it matched).
+_AUDITED_CREDENTIALS = 200
+_AUDITED_RUNS = 50
 # Runs completed by this replica that it keeps re-listing for late mints, and the first
 # re-listing's delay (then doubling).
 _MAX_WATCHED_RUNS = 10_000
@@ -269,10 +271,13 @@ class RevocationReport:
     """What a completion, release or forced revocation confirmed and what is still live."""
 
     results: tuple[LeaseResult, ...]
-    # More leases matched than one report covers (``MAX_ADDRESSED``). A forced revocation
-    # addressed only those: repeat the call. A completion made every lease of the run due (the
-    # sweeper revokes those not listed); repeating it reports the first ones again.
+    # More leases matched than one report covers (``MAX_ADDRESSED``). A completion or a forced
+    # revocation made every one of them due now all the same: the sweeper revokes those not
+    # listed. Repeating a completion reports the run's first leases again; repeating a forced
+    # revocation addresses what is still live.
     truncated: bool = False
+    # A forced revocation: how many leases it made due now, listed or not (None elsewhere).
+    scheduled: int | None = None
 
     @property
     def confirmed_revoked(self) -> tuple[LeaseResult, ...]:
@@ -665,50 +670,77 @@ class Revoker:
     # ---- forced revocation
 
     async def force(self, caller: Caller, selector: LeaseSelector, reason: str) -> RevocationReport:
-        """An admin revokes every live lease ``selector`` matches, tombstoning their tasks;
-        the report says exactly what is confirmed revoked and what is still live, and why."""
+        """An admin revokes every live lease ``selector`` matches, tombstoning their tasks.
+
+        Every matching live lease is read, a batch at a time (a selector may match millions):
+        each batch's tasks are tombstoned and its leases marked (the intent recorded, due now).
+        The first ``MAX_ADDRESSED`` are then revoked inline, and the report says exactly which
+        of those are confirmed revoked and which are still live, and why; the others are due
+        now and the sweeper revokes them (``truncated``; ``scheduled`` counts every lease made
+        due). Memory holds the listed ids and counts, never every match."""
         if not _is_admin(caller):
             raise ForbiddenError(
                 f"{printable(caller.principal_id)} needs the admin role to force revocation",
                 reason="auth.role_required",
             )
         check_text(reason, "reason")
+        why = printable(reason, 500)
         now = self._clock.now()
-        # The ledger refuses a selector that names nothing (``selector.unbounded``).
-        found = await self._ledger.find_leases(
-            dataclasses.replace(selector, states=LIVE_STATES), limit=MAX_ADDRESSED
-        )
-        # Past every found lease's issued_at even if another replica's clock runs ahead: a
-        # tombstone that failed to cover a lease marked below would let its activation fail
-        # without recording the token.
-        until = (
-            max([self._clock.now(), *(lease.issued_at for lease in found)])
-            + self._settings.tombstone_margin
-        )
-        await self._tombstone(found, until=until)
+        margin = self._settings.tombstone_margin
+        matched = scheduled = 0
+        settle: list[str] = []  # the first MAX_ADDRESSED matched: revoked inline, reported
+        credential_ids: list[str] = []  # the audit event's first _AUDITED_CREDENTIALS
+        workflow_ids: list[str] = []  # the audit event's smallest _AUDITED_RUNS, sorted
+        latest = now + margin
+        # The ledger refuses a selector that names nothing (``selector.unbounded``) on the
+        # first iteration, before anything is tombstoned or marked.
+        async with contextlib.aclosing(
+            self._ledger.iter_leases(
+                dataclasses.replace(selector, states=LIVE_STATES), batch=_RUN_BATCH
+            )
+        ) as batches:
+            async for leases in batches:
+                # Past every lease's issued_at even if another replica's clock runs ahead: a
+                # tombstone that failed to cover a lease marked below would let its
+                # activation fail without recording the token.
+                until = max([self._clock.now(), *(lease.issued_at for lease in leases)]) + margin
+                latest = max(latest, until)
+                await self._tombstone(leases, until=until)
+                marked = await self._bounded(
+                    leases, lambda lease: self._mark(lease, RevokeReason.FORCED, now)
+                )
+                scheduled += sum(1 for lease in marked if lease.revocable)
+                settle.extend(x.credential_id for x in marked[: MAX_ADDRESSED - len(settle)])
+                credential_ids.extend(
+                    x.credential_id for x in leases[: _AUDITED_CREDENTIALS - len(credential_ids)]
+                )
+                workflow_ids = sorted({*workflow_ids, *(x.workflow_id for x in leases)})[
+                    :_AUDITED_RUNS
+                ]
+                matched += len(leases)
         if selector.workflow_id is not None and selector.task_id is not None:
             # A mint of this task may have been written ahead after the search: block it too.
+            until = max(latest, self._clock.now() + margin)
             await self._ledger.tombstone_task(selector.workflow_id, selector.task_id, until=until)
-        marked = await self._bounded(
-            found, lambda lease: self._mark(lease, RevokeReason.FORCED, now)
-        )
-        initiated = _INITIATED.set((caller.principal_id, printable(reason, 500)))
+        initiated = _INITIATED.set((caller.principal_id, why))
         try:
-            results = await self._settle_many(
-                [lease.credential_id for lease in marked], now=now, reason=RevokeReason.FORCED
-            )
+            results = await self._settle_many(settle, now=now, reason=RevokeReason.FORCED)
         finally:
             _INITIATED.reset(initiated)
-        report = RevocationReport(results=tuple(results), truncated=len(found) >= MAX_ADDRESSED)
+        report = RevocationReport(
+            results=tuple(results), truncated=matched > len(settle), scheduled=scheduled
+        )
         _log.warning(
             "revocation.forced",
             actor=caller.principal_id,
             selector=_selector_fields(selector),
-            reason=printable(reason, 500),
+            reason=why,
+            matched=matched,
+            scheduled=scheduled,
             confirmed_revoked=len(report.confirmed_revoked),
             still_live=len(report.still_live),
             truncated=report.truncated,
-            credential_ids=[r.credential_id for r in report.results[:200]],
+            credential_ids=[r.credential_id for r in report.results[:_AUDITED_CREDENTIALS]],
         )
         await self._record(
             AuditEvent(
@@ -717,11 +749,13 @@ class Revoker:
                 actor=caller.principal_id,
                 payload=RevocationForced(
                     selector=_selector_fields(selector),
-                    reason=printable(reason, 500),
+                    reason=why,
                     confirmed=len(report.confirmed_revoked),
                     still_live=len(report.still_live),
-                    credential_ids=tuple(lease.credential_id for lease in found[:200]),
-                    workflow_ids=tuple(sorted({lease.workflow_id for lease in found}))[:50],
+                    matched=matched,
+                    scheduled=scheduled,
+                    credential_ids=tuple(credential_ids),
+                    workflow_ids=tuple(workflow_ids),
                 ),
                 workflow_id=selector.workflow_id or "",
                 task_id=selector.task_id or "",

@@ -263,12 +263,14 @@ class ReportCounts(TypedDict):
 @with_config(_CLOSED)
 class RevocationReport(TypedDict):
     """What a revocation did: 200 when ``complete``, 207 when anything is still live.
-    ``truncated``: more leases matched than one report covers (10 000). A forced revocation
-    addressed only those (repeat the call); a completion made every lease of the run due all
-    the same (the sweeper revokes those not listed)."""
+    ``truncated``: more leases matched than one report covers (10 000). A forced revocation or
+    a completion made every one of them due now all the same: the rest are due now and the
+    sweeper revokes them (no need to repeat the call). ``scheduled`` (forced revocation only):
+    how many leases the call made due now, listed or not."""
 
     complete: bool
     truncated: bool
+    scheduled: NotRequired[int]
     counts: ReportCounts
     confirmed_revoked: list[RevokedEntry]
     still_live: list[LiveEntry]

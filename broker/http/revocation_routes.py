@@ -8,9 +8,13 @@ revocable before its expiry, mint in flight, retrying with backoff, revoke_faile
 broker keeps retrying it. A 207 is never a success: clients that only look at "2xx" must look
 at ``complete``. Completion without ``wait`` answers **202** with what it made due.
 
+A report lists at most 10 000 leases. A completion or a forced revocation that matched more
+made every one of them due now all the same: ``truncated`` says the others are not listed and
+the sweeper revokes them; a forced revocation's ``scheduled`` counts every lease it made due.
+
 Report body::
 
-    {"complete": bool, "truncated": bool,
+    {"complete": bool, "truncated": bool, "scheduled": k (forced revocation only),
      "counts": {"confirmed_revoked": n, "still_live": m},
      "confirmed_revoked": [{credential_id, workflow_id, task_id, target, kind, holder,
                             state: "revoked", reason, revoked_at}],
@@ -117,13 +121,16 @@ def report_json(report: RevocationReport) -> dict[str, Any]:
     """A revocation report as the API shows it (never a secret)."""
     confirmed = [_result_json(r) for r in report.confirmed_revoked]
     live = [_result_json(r) for r in report.still_live]
-    return {
+    body: dict[str, Any] = {
         "complete": report.complete,
         "truncated": report.truncated,
         "counts": {"confirmed_revoked": len(confirmed), "still_live": len(live)},
         "confirmed_revoked": confirmed,
         "still_live": live,
     }
+    if report.scheduled is not None:
+        body["scheduled"] = report.scheduled
+    return body
 
 
 def _report_status(report: RevocationReport) -> int:
