@@ -649,7 +649,9 @@ class AgentClient(TaskleaseClient):
                 + (
                     "it was released, and the approval was spent on it: ask for a new approval"
                     if released
-                    else "it is still being minted and could not be released; it ends at its TTL"
+                    else "its mint is still in flight or its outcome unknown, so it could not "
+                    "be released; it ends at its TTL (the broker's reconciler revokes a task "
+                    "token it never recorded)"
                 ),
                 {"credential_id": credential_id},
             )

@@ -131,7 +131,8 @@ _PROBLEMS: Final[Mapping[int, tuple[str, str]]] = {
     503: (
         "Unavailable",
         "A dependency is unavailable (``ledger_unavailable``, ``vault_unavailable``, "
-        "``audit_unavailable``, ``bundle_unavailable``); nothing was issued.",
+        "``audit_unavailable``, ``bundle_unavailable``); nothing was issued. ``Retry-After`` "
+        "says how many seconds to wait before asking again.",
     ),
 }
 _WITH_BODY = (400, 413)

@@ -54,6 +54,10 @@ def problem_response(
     return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM_JSON)
 
 
+# Seconds a 503 answer asks a client to wait before trying again.
+RETRY_AFTER_UNAVAILABLE = "1"
+
+
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give every request an id and turn every error into problem+json."""
@@ -83,6 +87,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             request_id=request_id,
             extra=exc.extra(),
         )
+        if exc.status == 503:
+            # A dependency is unavailable and nothing was handed out: worth asking again
+            # (clients back off from here; the SDK honours it).
+            response.headers["Retry-After"] = RETRY_AFTER_UNAVAILABLE
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

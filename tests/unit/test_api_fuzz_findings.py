@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import MultiDict
 from pydantic import ValidationError
@@ -24,8 +25,9 @@ from broker.core.ports import MintedCredential, MintSpec, RevokeOutcome
 from broker.core.roles import Role, RoleMap
 from broker.core.spiffe_id import SpiffeId
 from broker.core.x509svid import TrustStoreX509Authenticator
-from broker.errors import BadRequestError
+from broker.errors import BadRequestError, VaultUnavailableError
 from broker.http.app import create_app
+from broker.http.problems import problem_middleware
 from broker.http.query_routes import _selector
 from broker.http.wire import StartWorkflowBody
 from broker.service import CredentialBroker, Readiness
@@ -92,6 +94,28 @@ async def test_a_405_problem_lists_the_allowed_methods() -> None:
         assert response.status == 405
         assert response.content_type == "application/problem+json"
         assert "GET" in response.headers["Allow"].split(",")
+
+
+async def test_a_503_problem_says_when_to_ask_again_and_a_refusal_does_not() -> None:
+    """An unavailable dependency (nothing handed out) is worth a retry: Retry-After says when;
+    a refusal is final and says nothing of the kind."""
+
+    async def unavailable(_: web.Request) -> web.Response:
+        raise VaultUnavailableError("OpenBao is sealed", reason="vault.sealed")
+
+    async def refused(_: web.Request) -> web.Response:
+        raise BadRequestError("no", reason="request.invalid")
+
+    app = web.Application(middlewares=[problem_middleware])
+    app.router.add_get("/down", unavailable)
+    app.router.add_get("/no", refused)
+    async with TestClient(TestServer(app)) as client:
+        down = await client.get("/down")
+        assert (down.status, down.headers["Retry-After"]) == (503, "1")
+        assert (await down.json())["reason"] == "vault.sealed"
+        no = await client.get("/no")
+        assert no.status == 400
+        assert "Retry-After" not in no.headers
 
 
 @pytest.mark.parametrize(
