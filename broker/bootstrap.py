@@ -40,6 +40,7 @@ from broker.adapters.metrics_sources import register_metrics_sources
 from broker.adapters.oidc_jwks import OidcJwksSource
 from broker.adapters.redis_approvals import RedisApprovalStore
 from broker.adapters.redis_ledger import RedisLedger, RedisReadiness
+from broker.adapters.redis_reevaluation import RedisReevaluationMarkers
 from broker.adapters.redis_webhook_outbox import RedisWebhookOutbox
 from broker.adapters.scheduler import RevocationSweeper
 from broker.adapters.tls import RotatingServerTls, build_server_context
@@ -53,6 +54,8 @@ from broker.continuous import (
     ApprovalStoreStates,
     ContinuousAuthorizer,
     ContinuousMetrics,
+    ContinuousReadiness,
+    DecisionInputs,
     ReevaluatingQuarantines,
 )
 from broker.core.approvals import Approval
@@ -61,7 +64,6 @@ from broker.core.bundle import TrustStore
 from broker.core.jwtsvid import JwtSvidVerifier
 from broker.core.oidc import OidcIssuerConfig, OidcVerifier, parse_oidc_issuers
 from broker.core.policy import WorkingHours
-from broker.core.ports import LeaseSelector
 from broker.core.roles import RoleMap, parse_role_map
 from broker.core.spiffe_id import TrustDomain
 from broker.core.x509svid import TrustStoreX509Authenticator
@@ -249,12 +251,8 @@ def _reevaluate_withdrawn(continuous: ContinuousAuthorizer) -> WithdrawalHook:
     """A used approval was withdrawn: decide the credential issued under it again."""
 
     async def hook(approval: Approval) -> None:
-        subject = approval.subject
-        await continuous.reevaluate(
-            LeaseSelector(workflow_id=subject.workflow_id, task_id=subject.task_id),
-            f"approval {approval.id} was withdrawn by {approval.closed_by}",
-            approval_id=approval.id,
-        )
+        # Waits for the first attempt; a failed one is retried in the background.
+        await continuous.approval_withdrawn(approval)
 
     return hook
 
@@ -454,6 +452,7 @@ async def build_runtime(
                 "tasklease-broker.hcl)",
             )
         audit_trail, audit_reader = await _audit_trail(settings.audit, ledger)
+        continuous_readiness = ContinuousReadiness()  # attached once the authorizer exists
         readiness = Readiness(
             checks=[
                 RedisReadiness(ledger),
@@ -463,6 +462,7 @@ async def build_runtime(
                 ),
                 PolicyReadiness(reloader),
                 AuditReadiness(audit_trail),
+                continuous_readiness,
             ],
             clock=clock,
             timeout_seconds=settings.server.readiness_timeout_seconds,
@@ -561,7 +561,15 @@ async def build_runtime(
             approvals=ApprovalStoreStates(approval_store),
             actor=workload.own_svid().spiffe_id,
             metrics=ContinuousMetrics(metrics.registry),
+            # The digest of the decision inputs last applied to every live lease, next to
+            # the ledger (a change made while no broker ran is applied at start-up).
+            markers=RedisReevaluationMarkers(client=ledger.client, namespace=ledger.namespace),
+            inputs=DecisionInputs(reloader, roles),
+            writer=audit_trail.writer,
+            retry_base=timedelta(seconds=settings.policy.reevaluation_retry_base_seconds),
+            retry_cap=timedelta(seconds=settings.policy.reevaluation_retry_cap_seconds),
         )
+        continuous_readiness.attach(continuous)
         reloader.listen(continuous)
         approvals.set_withdrawal_hook(_reevaluate_withdrawn(continuous))
         metrics.watch_pending_approvals(approvals.pending_count)
@@ -609,6 +617,9 @@ async def build_runtime(
     runtime.start_background(
         reloader.run(interval=timedelta(seconds=settings.policy.reload_interval_seconds))
     )
+    # Policies or targets edited while no broker ran: decide every live lease again (in the
+    # background, retried) unless the stored digest says the inputs in force were applied.
+    continuous.reevaluate_if_inputs_changed()
     runtime.start_background(vault.keep_session())
     runtime.start_background(sweeper.run())
     if notifier is not None:

@@ -184,6 +184,18 @@ class PolicySettings(_Section):
     working_hours_start_utc: int = Field(default=6, ge=0, le=23)
     working_hours_end_utc: int = Field(default=20, ge=1, le=24)
     working_days: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7)
+    # Continuous authorization: a re-evaluation of live leases that failed (e.g. Redis
+    # unreachable) is retried after base · 2^(n-1) seconds, capped, jittered to [d/2, d].
+    reevaluation_retry_base_seconds: float = Field(default=1.0, gt=0, le=3600)
+    reevaluation_retry_cap_seconds: float = Field(default=60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _a_sane_retry(self) -> PolicySettings:
+        if self.reevaluation_retry_base_seconds > self.reevaluation_retry_cap_seconds:
+            raise ValueError(
+                "reevaluation_retry_base_seconds must not exceed reevaluation_retry_cap_seconds"
+            )
+        return self
 
     @model_validator(mode="after")
     def _a_real_window(self) -> PolicySettings:

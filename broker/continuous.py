@@ -30,11 +30,38 @@ naming the trigger and the decision. A lease that cannot be revoked early (SSH) 
 still live and ends at its (short) expiry. The report and the ``continuous.reevaluated`` log
 line count every lease examined, denied, confirmed revoked and still live.
 
+**Retried until done.** Each change is a *scope* (every live lease for a new policy set; one
+target's, one quarantine's, one withdrawn approval's leases) re-evaluated by a background
+worker of that scope. An attempt that fails part-way (the ledger unreachable) has revoked the
+denied leases of the batches before; it logs ``continuous.incomplete`` (alert) and
+``continuous.retry_scheduled``, and the scope is re-evaluated again, from the start under the
+newest state, after a jittered exponential backoff (``retry_base`` doubling up to
+``retry_cap``, each delay drawn from [delay/2, delay]) until an attempt completes
+(``continuous.recovered``) or the broker stops. Coalescing: one scope never has two attempts at
+once; a newer change of a scope replaces its waiting one (it decides the same leases under the
+newer state); an attempt on every live lease takes over every narrower change waiting at the
+moment it starts, and a narrower attempt that fails while such a full attempt runs or waits is
+left to it. Narrower attempts do run alongside a full one (a quarantine does not wait behind a
+long re-evaluation: revoking twice is harmless). While any scope has failed and not yet
+completed, ``tasklease_continuous_pending`` counts it and the ``continuous`` readiness check
+shows an alarm (the broker stays ready: issuance already decides under the new state).
+
+**Changes made while no broker ran.** A digest of the decision inputs (policy set and schema,
+targets catalog, workload role rules, working hours: :func:`decision_inputs_digest`) is stored
+(``core.ports.ReevaluationMarkers``) each time a re-evaluation of every live lease *completes*
+under inputs that did not change meanwhile. At start-up
+(:meth:`ContinuousAuthorizer.reevaluate_if_inputs_changed`) a broker compares it with the inputs
+in force; absent or different, it re-evaluates every live lease in the background (retried as
+above) and stores the digest only once that completed. Replicas starting together may each do
+it (re-evaluation is idempotent); none stores a digest for a re-evaluation it did not complete.
+
 Limits: a request decided under the old set that writes its lease ahead while the re-evaluation
 runs may or may not be read by it, and one written after it is not; such a credential lives at
-most its TTL under the old set. A re-evaluation that fails part-way (the ledger unreachable) has
-revoked the denied leases of the batches before; it logs ``continuous.incomplete`` with an alert
-and raises, and is not retried by itself.
+most its TTL under the old set. During a rolling change, a replica still running the old inputs
+keeps issuing under them after another replica stored the new digest; those credentials are not
+decided again at later starts (SIGHUP the replicas, or they end at their TTL). A retry still
+pending when the broker stops is dropped: a policy or catalog change is picked up again at the
+next start (the digest differs), a quarantine's or a withdrawn approval's is not.
 """
 
 from __future__ import annotations
@@ -42,16 +69,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import json
+import random
 import secrets
-from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from broker.core.approvals import ApprovalStatus
+from broker.core.approvals import Approval, ApprovalStatus
 from broker.core.audit import AuditEvent, AuditTrail, CredentialRevoked
 from broker.core.model import (
     ActionName,
@@ -62,15 +92,19 @@ from broker.core.model import (
     Target,
     WorkflowRun,
 )
+from broker.core.policy import WorkingHours
 from broker.core.ports import (
     ApprovalState,
     ApprovalStore,
+    CheckResult,
     Clock,
     LeaseSelector,
     Ledger,
     PolicyEngine,
     PolicyRequest,
     QuarantineStore,
+    ReevaluationMarker,
+    ReevaluationMarkers,
 )
 from broker.core.roles import Role, RoleMap
 from broker.core.spiffe_id import SpiffeId
@@ -190,15 +224,201 @@ class ContinuousMetrics:
             "Live leases denied when decided again (and revoked)",
             registry=registry,
         )
+        self.pending = Gauge(
+            "tasklease_continuous_pending",
+            "Re-evaluations that failed and are not yet completed by a retry (credentials "
+            "the change denies may still be live)",
+            registry=registry,
+        )
+        self.failures = Counter(
+            "tasklease_continuous_failures",
+            "Re-evaluation attempts that failed (each is retried), by scope",
+            ["scope"],
+            registry=registry,
+        )
+
+
+# --------------------------------------------------------------------------- decision inputs
+
+
+class DecisionSources(Protocol):
+    """What the policy reloader knows about the sets in force."""
+
+    @property
+    def policy_digest(self) -> str:
+        """SHA-256 of the policy files and schema in force."""
+        ...
+
+    @property
+    def targets_digest(self) -> str:
+        """SHA-256 of the targets file in force."""
+        ...
+
+    @property
+    def hours(self) -> WorkingHours:
+        """The working window decisions see."""
+        ...
+
+
+def decision_inputs_digest(
+    *, policy_digest: str, targets_digest: str, roles: RoleMap, hours: WorkingHours
+) -> str:
+    """SHA-256 over everything a re-evaluation decides with besides the lease itself and the
+    live state (runs, quarantines, approvals): the policy set and schema and the targets
+    catalog (their file digests, as the reloader computes them), the workload role rules
+    (holders are workloads; people's rules decide nothing here) and the working hours."""
+    rules = sorted(
+        [str(rule.pattern), sorted(role.value for role in rule.roles)]
+        for rule in roles.workload_rules
+    )
+    document = {
+        "v": 1,
+        "policy": policy_digest,
+        "targets": targets_digest,
+        "workload_roles": rules,
+        "working_hours": [hours.start_hour_utc, hours.end_hour_utc, sorted(hours.days)],
+    }
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class DecisionInputs:
+    """Callable: the digest of the decision inputs in force now (they follow hot reloads)."""
+
+    def __init__(self, sources: DecisionSources, roles: RoleMap) -> None:
+        self._sources = sources
+        self._roles = roles
+
+    def __call__(self) -> str:
+        return decision_inputs_digest(
+            policy_digest=self._sources.policy_digest,
+            targets_digest=self._sources.targets_digest,
+            roles=self._roles,
+            hours=self._sources.hours,
+        )
+
+
+# --------------------------------------------------------------------------- scopes and retries
+
+# Scope kinds (also the ``scope`` label of tasklease_continuous_failures_total: a closed set).
+EVERYTHING: Final = "everything"
+TARGET: Final = "target"
+QUARANTINE: Final = "quarantine"
+APPROVAL: Final = "approval"
+_SCOPE_LABEL: Final = {
+    EVERYTHING: "every live lease",
+    TARGET: "a target's leases",
+    QUARANTINE: "a quarantine's leases",
+    APPROVAL: "a withdrawn approval's credential",
+}
+# The backoff between attempts of one scope (the defaults of policy.reevaluation_retry_*).
+RETRY_BASE: Final = timedelta(seconds=1)
+RETRY_CAP: Final = timedelta(seconds=60)
+_STARTUP_REASON: Final = (
+    "start-up: the policy set, targets catalog, roles or working hours in force differ from "
+    "those every live lease was last decided under"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReevaluationScope:
+    """Which live leases one change covers: ``kind`` (:data:`EVERYTHING`, :data:`TARGET`,
+    :data:`QUARANTINE` or :data:`APPROVAL`), ``key`` (which one of that kind), the selector,
+    and for a withdrawn approval its id (only the leases issued with it)."""
+
+    kind: str
+    key: str
+    selector: LeaseSelector
+    approval_id: str | None = None
+
+    @property
+    def slot(self) -> tuple[str, str]:
+        """What identifies the scope: changes with the same slot coalesce."""
+        return (self.kind, self.key)
+
+
+EVERY_LIVE_LEASE: Final = ReevaluationScope(EVERYTHING, "", LeaseSelector(everything=True))
+
+
+@dataclass(frozen=True, slots=True)
+class PendingReevaluation:
+    """A scope whose re-evaluation failed and has not completed since: how often it failed,
+    since when, the last error's reason code, and the seconds until its next attempt (0 when
+    one is running or about to)."""
+
+    scope: ReevaluationScope
+    reason: str
+    failures: int
+    since: datetime
+    error: str
+    retry_in: float
+
+
+@dataclass(eq=False)
+class _Job:
+    """One change to re-evaluate, waiting or running; carried over when coalesced."""
+
+    scope: ReevaluationScope
+    reason: str
+    seq: int
+    marks: bool = False  # store the decision-inputs marker once it completes
+    check_marker: bool = False  # start-up: compare the stored marker first
+    failures: int = 0
+    since: datetime | None = None
+    error: str = ""
+    retry_at: float | None = None  # loop time of the next attempt; None: at once
+    covers: int = 0  # a full attempt: the last change submitted when it started deciding
+    waiters: list[asyncio.Future[ReevaluationReport | None]] = field(default_factory=list)
+
+    def take_failures(self, other: _Job) -> None:
+        """Carry ``other``'s failures (it is coalesced into this job): the alarm stays until
+        this job completes."""
+        if other.failures:
+            self.failures = max(self.failures, other.failures)
+            self.since = min(s for s in (self.since, other.since) if s is not None)
+            self.error = self.error or other.error
+
+    def take_over(self, other: _Job) -> None:
+        """Stand in for ``other``, coalesced into this job before its attempt: its waiters
+        get this job's outcome."""
+        self.waiters.extend(other.waiters)
+        other.waiters = []
+        self.take_failures(other)
+
+    def settle(self, outcome: ReevaluationReport | BaseException | None) -> None:
+        """Tell the waiters of this attempt how it ended."""
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if isinstance(outcome, asyncio.CancelledError):
+                waiter.cancel()
+            elif isinstance(outcome, BaseException):
+                waiter.set_exception(outcome)
+            else:
+                waiter.set_result(outcome)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A scope's worker: at most one attempt running and one job waiting."""
+
+    key: tuple[str, str]
+    running: _Job | None = None
+    queued: _Job | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
 
 
 class ContinuousAuthorizer:
     """Re-evaluates live leases against current policy and revokes the ones now denied.
 
-    Call :meth:`reevaluate` with a selector of the leases a change affects; the approvals
-    code calls it with the run and task of a withdrawn approval and ``approval_id``. The
-    policy reloader calls :meth:`policy_changed` and :meth:`targets_changed`;
-    :class:`ReevaluatingQuarantines` calls :meth:`quarantine_set` (in the background).
+    Triggers (each queues its scope; see the module docstring for retries and coalescing):
+    the policy reloader calls :meth:`policy_changed` and :meth:`targets_changed` (they return
+    at once); :class:`ReevaluatingQuarantines` calls :meth:`quarantine_set` and the approvals
+    code :meth:`approval_withdrawn` (they wait for the first attempt); bootstrap calls
+    :meth:`reevaluate_if_inputs_changed` at start-up. :meth:`reevaluate` is one attempt,
+    without retry.
     """
 
     def __init__(
@@ -216,9 +436,17 @@ class ContinuousAuthorizer:
         actor: str = "tasklease",
         metrics: ContinuousMetrics | None = None,
         batch: int = REEVALUATION_BATCH,
+        markers: ReevaluationMarkers | None = None,
+        inputs: Callable[[], str] | None = None,
+        writer: str = "tasklease",
+        retry_base: timedelta = RETRY_BASE,
+        retry_cap: timedelta = RETRY_CAP,
+        rng: random.Random | None = None,
     ) -> None:
         if not 1 <= batch <= MAX_ADDRESSED:  # the ledger's limit per call
             raise ValueError(f"batch must be between 1 and {MAX_ADDRESSED}, got {batch}")
+        if not timedelta(0) < retry_base <= retry_cap:
+            raise ValueError("retry_base must be positive and at most retry_cap")
         self._ledger = ledger
         self._policy = policy
         self._targets = targets
@@ -231,29 +459,73 @@ class ContinuousAuthorizer:
         self._actor = actor
         self.metrics = metrics or ContinuousMetrics()
         self._batch = batch
+        self._markers = markers
+        self._inputs = inputs
+        self._writer = writer
+        self._retry_base = retry_base.total_seconds()
+        self._retry_cap = retry_cap.total_seconds()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._background: set[asyncio.Task[Any]] = set()
+        self._slots: dict[tuple[str, str], _Slot] = {}
+        self._seq = 0  # changes submitted so far
+        self._closed = False
 
     # ---- triggers
 
     async def policy_changed(self, *, trigger: str) -> None:
-        """A new policy set is in force: every live lease is decided again."""
-        await self.reevaluate(LeaseSelector(everything=True), f"the policy set changed ({trigger})")
+        """A new policy set is in force: every live lease is decided again, in the background
+        (retried until done); returns at once, so the reloader never waits for it."""
+        self._submit(EVERY_LIVE_LEASE, f"the policy set changed ({trigger})", marks=True)
 
     async def targets_changed(self, names: frozenset[str], *, trigger: str) -> None:
-        """Targets changed in the catalog: their live leases are decided again."""
+        """Targets changed in the catalog: their live leases are decided again, in the
+        background (retried until done); returns at once."""
         for name in sorted(names):
-            await self.reevaluate(
-                LeaseSelector(target=name), f"target {name!r} changed in the catalog ({trigger})"
+            self._submit(
+                ReevaluationScope(TARGET, name, LeaseSelector(target=name)),
+                f"target {name!r} changed in the catalog ({trigger})",
             )
 
     async def quarantine_set(self, quarantine: Quarantine) -> ReevaluationReport:
-        """A quarantine was set: the live leases it covers are decided again (and denied)."""
-        selector = _QUARANTINE_SELECTOR[quarantine.kind](quarantine.value)
-        return await self.reevaluate(
-            selector,
+        """A quarantine was set: the live leases it covers are decided again (and denied).
+        Waits for the first attempt and returns its report, or raises its error (the scope
+        is then retried in the background)."""
+        reason = (
             f"quarantine set: {quarantine.kind.value} {printable(quarantine.value, 200)} "
-            f"({printable(quarantine.reason, 200)})",
+            f"({printable(quarantine.reason, 200)})"
         )
+        scope = ReevaluationScope(
+            QUARANTINE,
+            f"{quarantine.kind.value}|{quarantine.value}",
+            _QUARANTINE_SELECTOR[quarantine.kind](quarantine.value),
+        )
+        report = await self._first_attempt(self._submit(scope, reason))
+        return report if report is not None else ReevaluationReport(reason=reason)
+
+    async def approval_withdrawn(self, approval: Approval) -> ReevaluationReport | None:
+        """A used approval was withdrawn: the credential issued under it is decided again
+        without it. Waits for the first attempt; None when it failed (logged, and retried in
+        the background)."""
+        subject = approval.subject
+        scope = ReevaluationScope(
+            APPROVAL,
+            approval.id,
+            LeaseSelector(workflow_id=subject.workflow_id, task_id=subject.task_id),
+            approval_id=approval.id,
+        )
+        reason = f"approval {approval.id} was withdrawn by {approval.closed_by}"
+        try:
+            return await self._first_attempt(self._submit(scope, reason))
+        except Exception:  # noqa: BLE001 - logged by the attempt; the retry is scheduled
+            return None
+
+    def reevaluate_if_inputs_changed(self) -> None:
+        """At start-up: in the background, compare the stored marker with the decision
+        inputs in force; when it is absent or differs, decide every live lease again
+        (retried until done) and then store the digest. Needs ``markers`` and ``inputs``."""
+        if self._markers is None or self._inputs is None:
+            return
+        self._submit(EVERY_LIVE_LEASE, _STARTUP_REASON, marks=True, check_marker=True)
 
     def in_background(self, work: Coroutine[Any, Any, Any], name: str) -> None:
         """Run ``work`` without making the caller wait (an admin's quarantine request);
@@ -263,17 +535,310 @@ class ContinuousAuthorizer:
         task.add_done_callback(self._background.discard)
 
     async def drain(self) -> None:
-        """Wait for the background re-evaluations started so far."""
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        """Wait until nothing is running or waiting: background work and every scope's
+        re-evaluation, retries included (tests)."""
+        while self._background or self._slots:
+            tasks: list[asyncio.Task[Any]] = [*self._background]
+            tasks += [slot.task for slot in self._slots.values() if slot.task is not None]
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        """Cancel background re-evaluations (the broker stops)."""
-        for task in list(self._background):
+        """Cancel background work and pending retries (the broker stops)."""
+        self._closed = True
+        abandoned = self.pending()
+        tasks: list[asyncio.Task[Any]] = [*self._background]
+        tasks += [slot.task for slot in self._slots.values() if slot.task is not None]
+        for task in tasks:
             task.cancel()
-        for task in list(self._background):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._slots.clear()
+        self._publish()
+        if abandoned:
+            _log.error(
+                "continuous.retries_abandoned",
+                scopes=[f"{p.scope.kind}:{printable(p.scope.key, 200)}" for p in abandoned],
+                alert=True,
+            )
+
+    # ---- what is pending
+
+    def inputs_digest(self) -> str | None:
+        """The digest of the decision inputs in force (None without ``inputs``)."""
+        return self._inputs() if self._inputs is not None else None
+
+    def pending(self) -> list[PendingReevaluation]:
+        """The scopes whose re-evaluation failed and has not completed since."""
+        now = asyncio.get_running_loop().time() if self._slots else 0.0
+        found: list[PendingReevaluation] = []
+        for slot in self._slots.values():
+            job = slot.running if slot.running is not None and slot.running.failures else None
+            if job is None and slot.queued is not None and slot.queued.failures:
+                job = slot.queued
+            if job is None or job.since is None:
+                continue
+            retry_in = 0.0
+            if job is slot.queued and job.retry_at is not None:
+                retry_in = max(0.0, job.retry_at - now)
+            found.append(
+                PendingReevaluation(
+                    job.scope, job.reason, job.failures, job.since, job.error, retry_in
+                )
+            )
+        return sorted(found, key=lambda p: (p.since, p.scope.slot))
+
+    def check_result(self) -> CheckResult:
+        """The ``continuous`` readiness check: always ready (issuance decides under the state
+        in force), with an alarm while a re-evaluation is pending a retry."""
+        pending = self.pending()
+        running = sum(1 for slot in self._slots.values() if slot.running is not None)
+        if not pending:
+            detail = "no re-evaluation waiting for a retry"
+            if running:
+                detail += f"; {running} running"
+            return CheckResult("continuous", ok=True, detail=detail)
+        items = "; ".join(
+            f"{_SCOPE_LABEL.get(p.scope.kind, p.scope.kind)}: {p.failures} failed attempt(s) "
+            f"since {p.since.isoformat()}, last {p.error}, "
+            + (f"next in {p.retry_in:.0f} s" if p.retry_in > 0 else "retrying now")
+            for p in pending
+        )
+        return CheckResult(
+            "continuous",
+            ok=True,
+            alarm=True,
+            detail=f"{len(pending)} re-evaluation(s) of live credentials incomplete, retrying "
+            f"({items}); credentials these changes deny may still be live",
+        )
+
+    # ---- scheduling
+
+    def _submit(
+        self,
+        scope: ReevaluationScope,
+        reason: str,
+        *,
+        marks: bool = False,
+        check_marker: bool = False,
+    ) -> _Job | None:
+        """Queue a change of ``scope``; its worker runs it as soon as the scope's running
+        attempt (if any) ends. A job already waiting in the scope is replaced by this one."""
+        if self._closed:
+            _log.warning("continuous.closed", scope=scope.kind, trigger=_trigger(reason))
+            return None
+        self._seq += 1
+        job = _Job(scope, reason, self._seq, marks=marks, check_marker=check_marker)
+        slot = self._slots.get(scope.slot)
+        if slot is None:
+            slot = _Slot(scope.slot)
+            self._slots[scope.slot] = slot
+            slot.task = asyncio.get_running_loop().create_task(
+                self._work(slot), name=f"continuous:{scope.kind}"
+            )
+        replaced = slot.queued
+        if replaced is not None:
+            job.take_over(replaced)
+            job.marks = job.marks or replaced.marks
+            job.check_marker = job.check_marker and replaced.check_marker
+            _log.info(
+                "continuous.coalesced",
+                scope=scope.kind,
+                key=printable(scope.key, 200),
+                trigger=_trigger(reason),
+                replaced=_trigger(replaced.reason),
+                into="the newer change of the same scope",
+            )
+        slot.queued = job
+        slot.wake.set()
+        self._publish()
+        return job
+
+    async def _first_attempt(self, job: _Job | None) -> ReevaluationReport | None:
+        """Wait for the attempt that covers ``job`` (its own, or the one it was coalesced
+        into); its report, or its error raised."""
+        if job is None:
+            return None
+        waiter: asyncio.Future[ReevaluationReport | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        job.waiters.append(waiter)
+        return await waiter
+
+    async def _work(self, slot: _Slot) -> None:
+        """A scope's worker: run what is queued, waiting out a retry's backoff (woken early
+        when a newer change replaces it or a full attempt takes it over)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while (job := slot.queued) is not None:
+                if job.retry_at is not None and (delay := job.retry_at - loop.time()) > 0:
+                    slot.wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await slot.wake.wait()
+                    continue
+                slot.queued, slot.running = None, job
+                try:
+                    await self._attempt(slot, job)
+                finally:
+                    slot.running = None
+                    self._publish()
+        finally:
+            if slot.queued is not None:
+                slot.queued.settle(asyncio.CancelledError())
+            if self._slots.get(slot.key) is slot:
+                del self._slots[slot.key]
+            self._publish()
+
+    async def _attempt(self, slot: _Slot, job: _Job) -> None:
+        inputs = self._inputs() if job.marks and self._inputs is not None else None
+        report: ReevaluationReport | None = None
+        try:
+            if not job.check_marker or await self._inputs_changed(inputs):
+                if job.scope.kind == EVERYTHING:
+                    self._take_over_narrower(job)
+                job.covers = self._seq
+                report = await self.reevaluate(
+                    job.scope.selector, job.reason, approval_id=job.scope.approval_id
+                )
+        except asyncio.CancelledError as exc:
+            job.settle(exc)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure is retried, never dropped
+            self._failed(slot, job, exc)
+            return
+        if job.failures:
+            _log.warning(
+                "continuous.recovered",
+                scope=job.scope.kind,
+                key=printable(job.scope.key, 200),
+                trigger=_trigger(job.reason),
+                failed_attempts=job.failures,
+                since=job.since.isoformat() if job.since else "",
+            )
+        if report is not None and inputs is not None:
+            await self._store_marker(inputs)
+        job.settle(report)
+
+    def _failed(self, slot: _Slot, job: _Job, exc: Exception) -> None:
+        job.failures += 1
+        job.since = job.since or self._clock.now()
+        job.error = exc.reason if isinstance(exc, TaskleaseError) else type(exc).__name__
+        job.covers = 0
+        self.metrics.failures.labels(scope=job.scope.kind).inc()
+        job.settle(exc)
+        taker = slot.queued or self._full_attempt_covering(job)
+        if taker is not None:
+            # A newer change of this scope, or a full attempt that started after this change
+            # (or will start): it decides these leases under the newest state.
+            taker.take_failures(job)
+            _log.info(
+                "continuous.coalesced",
+                scope=job.scope.kind,
+                key=printable(job.scope.key, 200),
+                trigger=_trigger(job.reason),
+                into=(
+                    "the newer change of the same scope"
+                    if taker is slot.queued
+                    else "the re-evaluation of every live lease"
+                ),
+            )
+            self._publish()
+            return
+        ceiling = min(self._retry_cap, self._retry_base * 2 ** min(job.failures - 1, 32))
+        delay = self._rng.uniform(ceiling / 2, ceiling)
+        job.retry_at = asyncio.get_running_loop().time() + delay
+        slot.queued = job
+        self._publish()
+        _log.warning(
+            "continuous.retry_scheduled",
+            scope=job.scope.kind,
+            key=printable(job.scope.key, 200),
+            trigger=_trigger(job.reason),
+            failed_attempts=job.failures,
+            error=job.error,
+            retry_in_seconds=round(delay, 3),
+        )
+
+    def _full_attempt_covering(self, job: _Job) -> _Job | None:
+        """The re-evaluation of every live lease that covers ``job``'s change: one deciding
+        that started after it was submitted, or one waiting to start (that will decide)."""
+        if job.scope.kind == EVERYTHING:
+            return None
+        full = self._slots.get(EVERY_LIVE_LEASE.slot)
+        if full is None:
+            return None
+        if full.queued is not None and not full.queued.check_marker:
+            return full.queued
+        if full.running is not None and full.running.covers >= job.seq:
+            return full.running
+        return None
+
+    def _take_over_narrower(self, full: _Job) -> None:
+        """A full attempt starts deciding: every narrower change waiting now (new, or for a
+        retry) is decided by it, under the newest state; their waiters get its report."""
+        for slot in self._slots.values():
+            waiting = slot.queued
+            if slot.key == EVERY_LIVE_LEASE.slot or waiting is None:
+                continue
+            slot.queued = None
+            full.take_over(waiting)
+            slot.wake.set()
+            _log.info(
+                "continuous.coalesced",
+                scope=waiting.scope.kind,
+                key=printable(waiting.scope.key, 200),
+                trigger=_trigger(waiting.reason),
+                into="the re-evaluation of every live lease",
+            )
+
+    def _publish(self) -> None:
+        self.metrics.pending.set(len(self.pending()) if self._slots else 0)
+
+    # ---- the decision-inputs marker
+
+    async def _inputs_changed(self, inputs: str | None) -> bool:
+        """Start-up: whether the stored marker differs from the inputs in force."""
+        if self._markers is None or inputs is None:
+            return True
+        stored = await self._markers.last_reevaluated()
+        if stored is not None and stored.digest == inputs:
+            _log.info(
+                "continuous.inputs_unchanged",
+                digest=inputs[:12],
+                reevaluated_at=stored.at.isoformat(),
+                by=stored.writer,
+            )
+            return False
+        _log.warning(
+            "continuous.inputs_changed",
+            digest=inputs[:12],
+            stored=stored.digest[:12] if stored is not None else "",
+            stored_at=stored.at.isoformat() if stored is not None else "",
+            stored_by=stored.writer if stored is not None else "",
+        )
+        return True
+
+    async def _store_marker(self, inputs: str) -> None:
+        """Note that every live lease was decided under ``inputs`` (when they are still the
+        inputs in force: a change meanwhile has its own re-evaluation, which notes it)."""
+        if self._markers is None or self._inputs is None:
+            return
+        if self._inputs() != inputs:
+            _log.info("continuous.marker_skipped", digest=inputs[:12])
+            return
+        marker = ReevaluationMarker(digest=inputs, at=self._clock.now(), writer=self._writer)
+        try:
+            await self._markers.mark_reevaluated(marker)
+        except Exception as exc:  # noqa: BLE001 - only costs one more re-evaluation at a start
+            _log.warning(
+                "continuous.marker_failed",
+                digest=inputs[:12],
+                error=type(exc).__name__,
+                reason=exc.reason if isinstance(exc, TaskleaseError) else "",
+            )
+            return
+        _log.info("continuous.marker_stored", digest=inputs[:12], by=self._writer)
 
     # ---- the re-evaluation
 
@@ -496,6 +1061,26 @@ class ContinuousAuthorizer:
             _log.error("continuous.crashed", work=name, error=type(exc).__name__)
 
 
+class ContinuousReadiness:
+    """/readyz check ``continuous`` (satisfies ``core.ports.ReadinessCheck``): always ready,
+    with an alarm while a re-evaluation of live credentials is pending a retry."""
+
+    name = "continuous"
+
+    def __init__(self, authorizer: ContinuousAuthorizer | None = None) -> None:
+        self._authorizer = authorizer
+
+    def attach(self, authorizer: ContinuousAuthorizer) -> None:
+        """Report on ``authorizer`` (the composition root builds it after the checks)."""
+        self._authorizer = authorizer
+
+    async def check(self, now: datetime) -> CheckResult:
+        """The authorizer's own check."""
+        if self._authorizer is None:
+            return CheckResult(self.name, ok=True, detail="not started")
+        return self._authorizer.check_result()
+
+
 class ReevaluatingQuarantines:
     """A :class:`~broker.core.ports.QuarantineStore` that, after setting a quarantine,
     re-evaluates the live leases it covers (in the background: the admin's request does not
@@ -549,3 +1134,7 @@ def _trust_domain(holder: str) -> str:
 
 def _seconds(duration: timedelta) -> int:
     return int(duration.total_seconds())
+
+
+def _trigger(reason: str) -> str:
+    return printable(reason, _REASON_LIMIT)

@@ -20,7 +20,9 @@ check, which stays ready: the broker still decides with a valid set. The alarm c
 valid set is loaded (or the files return to the set in force).
 
 After a set really changed, the listeners (continuous authorization) are told, so live
-credentials are decided again under the new set.
+credentials are decided again under the new set. Listeners only queue that work (it runs in
+the background, retried until done), so a long re-evaluation never keeps the reloader from
+noticing the next change.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ class LiveTargets(Mapping[str, Target]):
 
 
 class ChangeListener(Protocol):
-    """Told after a reload changed what is in force (continuous authorization)."""
+    """Told after a reload changed what is in force (continuous authorization). The reloader
+    awaits each call: a listener queues its work and returns promptly."""
 
     async def policy_changed(self, *, trigger: str) -> None:
         """A new policy set is in force."""
@@ -228,6 +231,11 @@ class PolicyReloader:
     def targets_digest(self) -> str:
         """SHA-256 of the targets file in force."""
         return self._targets_digest
+
+    @property
+    def hours(self) -> WorkingHours:
+        """The working window every decision sees (a setting, not reloaded)."""
+        return self._hours
 
     # ---- reloading
 

@@ -315,6 +315,47 @@ class Locks(Protocol):
         ...
 
 
+# --------------------------------------------------------------------------- continuous authz
+
+_MARKER_WRITER_LIMIT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ReevaluationMarker:
+    """The decision inputs under which every live lease was last decided again, completely.
+
+    ``digest`` is a SHA-256 (64 lowercase hex digits) of what decisions depend on besides the
+    lease (policy set and schema, targets catalog, workload role rules, working hours); ``at``
+    when that re-evaluation completed; ``writer`` the broker process that completed it. No
+    secret: nothing here is more than the broker's own configuration fingerprint.
+    """
+
+    digest: str
+    at: datetime
+    writer: str
+
+    def __post_init__(self) -> None:
+        if len(self.digest) != 64 or any(c not in "0123456789abcdef" for c in self.digest):
+            raise ValueError("digest must be 64 lowercase hex digits (a SHA-256)")
+        if self.at.tzinfo is None:
+            raise ValueError("at must be timezone-aware")
+        if not 1 <= len(self.writer) <= _MARKER_WRITER_LIMIT or not self.writer.isprintable():
+            raise ValueError(f"writer must be 1..{_MARKER_WRITER_LIMIT} printable characters")
+
+
+class ReevaluationMarkers(Protocol):
+    """Where the last complete re-evaluation of every live lease is noted, shared by every
+    replica (one small key on the ledger's Redis; a dictionary in unit tests)."""
+
+    async def last_reevaluated(self) -> ReevaluationMarker | None:
+        """The marker stored last, or None when there is none (or it cannot be read as one)."""
+        ...
+
+    async def mark_reevaluated(self, marker: ReevaluationMarker) -> None:
+        """Store ``marker`` in place of the one before (the last writer wins)."""
+        ...
+
+
 # --------------------------------------------------------------------------- approvals
 
 

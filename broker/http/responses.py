@@ -48,7 +48,8 @@ class ReadinessCheckView(TypedDict):
 
 @with_config(_CLOSED)
 class Readiness(TypedDict):
-    """``GET /readyz``: each check by name (redis, vault, workload_api, policy, audit)."""
+    """``GET /readyz``: each check by name (redis, vault, workload_api, policy, audit,
+    continuous)."""
 
     status: Literal["ready", "not_ready"]
     checks: dict[str, ReadinessCheckView]

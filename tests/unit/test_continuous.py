@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -138,8 +139,11 @@ class World:
             quarantines=self.quarantines,
         )
 
-    def authorizer(self, *, batch: int = REEVALUATION_BATCH) -> ContinuousAuthorizer:
-        """The continuous authorizer over this world (``batch``: its batch size)."""
+    def authorizer(
+        self, *, batch: int = REEVALUATION_BATCH, **options: Any
+    ) -> ContinuousAuthorizer:
+        """The continuous authorizer over this world (``batch``: its batch size; ``options``:
+        more keyword arguments, e.g. retry timings and the marker store)."""
         return ContinuousAuthorizer(
             ledger=self.ledger,
             policy=self.policy,
@@ -152,6 +156,7 @@ class World:
             approvals=self,
             actor="spiffe://tasklease.test/broker",
             batch=batch,
+            **options,
         )
 
     async def approval_state(self, approval_id: str, now: datetime) -> ApprovalState | None:
@@ -219,6 +224,7 @@ async def test_a_policy_change_revokes_the_leases_it_now_denies_and_keeps_the_ot
     world.policy.replace(engine_with(DENY_DEMO_DB))
 
     await world.continuous.policy_changed(trigger="file_change")
+    await world.continuous.drain()
 
     assert await world.state(db.credential_id) == (LeaseState.REVOKED, "continuous_authorization")
     assert await world.state(kv.credential_id) == (LeaseState.ACTIVE, "")
@@ -260,6 +266,7 @@ async def test_the_report_says_what_was_denied_and_confirmed(world: World) -> No
 async def test_nothing_changes_when_the_policy_still_allows(world: World) -> None:
     db = await world.issue()
     await world.continuous.policy_changed(trigger="sighup")
+    await world.continuous.drain()
     assert await world.state(db.credential_id) == (LeaseState.ACTIVE, "")
     assert world.minter.revoked == []
     assert world.audit.events == []
@@ -278,6 +285,7 @@ async def test_a_target_that_became_confidential_is_revoked_outside_working_hour
     world.targets.replace(catalog)
 
     await world.continuous.targets_changed(frozenset({"demo-db"}), trigger="file_change")
+    await world.continuous.drain()
 
     assert await world.state(db.credential_id) == (LeaseState.REVOKED, "continuous_authorization")
     (event,) = world.audit.events
@@ -293,6 +301,7 @@ async def test_a_target_that_became_restricted_is_revoked_without_an_approval(
     catalog["demo-db"] = dataclasses.replace(catalog["demo-db"], sensitivity=Sensitivity.RESTRICTED)
     world.targets.replace(catalog)
     await world.continuous.targets_changed(frozenset({"demo-db"}), trigger="sighup")
+    await world.continuous.drain()
     assert await world.state(db.credential_id) == (LeaseState.REVOKED, "continuous_authorization")
     (event,) = world.audit.events
     assert isinstance(event.payload, CredentialRevoked)
@@ -303,6 +312,7 @@ async def test_a_target_removed_from_the_catalog_is_revoked(world: World) -> Non
     db = await world.issue()
     world.targets.replace({k: v for k, v in world.targets.items() if k != "demo-db"})
     await world.continuous.targets_changed(frozenset({"demo-db"}), trigger="sighup")
+    await world.continuous.drain()
     assert await world.state(db.credential_id) == (LeaseState.REVOKED, "continuous_authorization")
 
 
@@ -393,6 +403,7 @@ async def test_a_tighter_ttl_cap_revokes_longer_lived_credentials(world: World) 
     )
     world.policy.replace(engine_with(cap))
     await world.continuous.policy_changed(trigger="sighup")
+    await world.continuous.drain()
     assert await world.state(long_lived.credential_id) == (
         LeaseState.REVOKED,
         "continuous_authorization",
@@ -415,6 +426,7 @@ async def test_a_holder_that_lost_its_agent_role_is_revoked(world: World) -> Non
         audit=world.audit,
     )
     await world.continuous.policy_changed(trigger="sighup")
+    await world.continuous.drain()
     assert (await world.state(db.credential_id))[0] == LeaseState.REVOKED
 
 
@@ -422,6 +434,7 @@ async def test_a_lease_whose_run_is_gone_is_revoked(world: World) -> None:
     db = await world.issue()
     world.ledger._runs.clear()  # Redis data loss of the run record
     await world.continuous.policy_changed(trigger="sighup")
+    await world.continuous.drain()
     assert (await world.state(db.credential_id))[0] == LeaseState.REVOKED
 
 
@@ -462,6 +475,7 @@ async def test_revocation_does_not_wait_for_a_failing_audit_sink(world: World) -
     world.audit.fail = True
     world.policy.replace(engine_with(DENY_DEMO_DB))
     await world.continuous.policy_changed(trigger="sighup")
+    await world.continuous.drain()
     assert (await world.state(db.credential_id))[0] == LeaseState.REVOKED
 
 
@@ -581,6 +595,7 @@ async def test_a_continuous_revocation_confirmed_inline_is_audited_once(world: W
     await world.issue()
     world.policy.replace(engine_with(DENY_DEMO_DB))
     await world.continuous.policy_changed(trigger="sighup")
+    await world.continuous.drain()
     (event,) = [e for e in world.audit.events if e.type is EventType.CREDENTIAL_REVOKED]
     assert isinstance(event.payload, CredentialRevoked)
     assert "demo-db-closed" in event.payload.reason
@@ -618,6 +633,7 @@ async def test_a_task_whose_credential_was_revoked_can_ask_again_at_once(world: 
     first = await world.issue(target="demo-db", task="t-1")
     world.policy.replace(engine_with(DENY_DEMO_DB))
     await world.continuous.policy_changed(trigger="sighup")
+    await world.continuous.drain()
     assert (await world.state(first.credential_id))[0] == LeaseState.REVOKED
     world.policy.replace(engine_with())  # the change is rolled back
     world.clock.current = NOW + timedelta(milliseconds=5)
@@ -692,6 +708,7 @@ async def test_without_an_audit_trail_the_revocation_still_happens(world: World)
     )
     world.policy.replace(engine_with(DENY_DEMO_DB))
     await world.continuous.policy_changed(trigger="sighup")
+    await world.continuous.drain()
     assert (await world.state(db.credential_id))[0] == LeaseState.REVOKED
     assert world.audit.events == []
 
@@ -805,7 +822,7 @@ async def test_a_reevaluation_cut_short_says_so_and_keeps_what_it_revoked() -> N
     world.policy.replace(engine_with(DENY_DEMO_DB))
 
     with capture_logs() as logs, pytest.raises(LedgerUnavailableError):
-        await world.continuous.policy_changed(trigger="sighup")
+        await world.continuous.reevaluate(LeaseSelector(everything=True), "one attempt")
 
     states = [(await world.state(x.credential_id))[0] for x in leases]
     assert sorted(states) == sorted([LeaseState.REVOKED] * 2 + [LeaseState.ACTIVE] * 2)
