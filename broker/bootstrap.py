@@ -620,6 +620,8 @@ async def build_runtime(
     # Policies or targets edited while no broker ran: decide every live lease again (in the
     # background, retried) unless the stored digest says the inputs in force were applied.
     continuous.reevaluate_if_inputs_changed()
+    # A quarantine's re-evaluation cut short by a stop still revokes what it covers.
+    continuous.reapply_quarantines()
     runtime.start_background(vault.keep_session())
     runtime.start_background(sweeper.run())
     if notifier is not None:

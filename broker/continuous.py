@@ -61,7 +61,8 @@ most its TTL under the old set. During a rolling change, a replica still running
 keeps issuing under them after another replica stored the new digest; those credentials are not
 decided again at later starts (SIGHUP the replicas, or they end at their TTL). A retry still
 pending when the broker stops is dropped: a policy or catalog change is picked up again at the
-next start (the digest differs), a quarantine's or a withdrawn approval's is not.
+next start (the digest differs), and every quarantine in force is applied again at each start
+(:meth:`ContinuousAuthorizer.reapply_quarantines`); a withdrawn approval's is not.
 """
 
 from __future__ import annotations
@@ -490,17 +491,42 @@ class ContinuousAuthorizer:
         """A quarantine was set: the live leases it covers are decided again (and denied).
         Waits for the first attempt and returns its report, or raises its error (the scope
         is then retried in the background)."""
-        reason = (
-            f"quarantine set: {quarantine.kind.value} {printable(quarantine.value, 200)} "
-            f"({printable(quarantine.reason, 200)})"
-        )
-        scope = ReevaluationScope(
-            QUARANTINE,
-            f"{quarantine.kind.value}|{quarantine.value}",
-            _QUARANTINE_SELECTOR[quarantine.kind](quarantine.value),
-        )
-        report = await self._first_attempt(self._submit(scope, reason))
+        reason = f"quarantine set: {_quarantine_text(quarantine)}"
+        report = await self._first_attempt(self._submit(_quarantine_scope(quarantine), reason))
         return report if report is not None else ReevaluationReport(reason=reason)
+
+    def reapply_quarantines(self) -> None:
+        """At start-up, in the background: the live leases every quarantine in force covers
+        are decided again (retried as any scope), so a quarantine whose re-evaluation a stop
+        cut short, or whose retry was pending, still revokes what it covers. Cheap when
+        nothing is left: the leases it revoked are no longer live."""
+        if self._quarantines is not None:
+            self.in_background(self._reapply_quarantines(), "continuous:quarantines")
+
+    async def _reapply_quarantines(self) -> None:
+        assert self._quarantines is not None  # noqa: S101 - checked by the caller
+        failures = 0
+        while not self._closed:
+            try:
+                quarantines = await self._quarantines.quarantines(self._clock.now())
+            except Exception as exc:  # noqa: BLE001 - read again after a backoff
+                failures += 1
+                delay = min(self._retry_cap, self._retry_base * 2 ** min(failures - 1, 32))
+                _log.warning(
+                    "continuous.quarantines_unreadable",
+                    error=type(exc).__name__,
+                    reason=exc.reason if isinstance(exc, TaskleaseError) else "",
+                    retry_in_seconds=delay,
+                )
+                await asyncio.sleep(self._rng.uniform(delay / 2, delay))
+                continue
+            for quarantine in quarantines:
+                self._submit(
+                    _quarantine_scope(quarantine),
+                    f"start-up: quarantine in force: {_quarantine_text(quarantine)}",
+                )
+            _log.info("continuous.quarantines_reapplied", quarantines=len(quarantines))
+            return
 
     async def approval_withdrawn(self, approval: Approval) -> ReevaluationReport | None:
         """A used approval was withdrawn: the credential issued under it is decided again
@@ -1138,3 +1164,18 @@ def _seconds(duration: timedelta) -> int:
 
 def _trigger(reason: str) -> str:
     return printable(reason, _REASON_LIMIT)
+
+
+def _quarantine_scope(quarantine: Quarantine) -> ReevaluationScope:
+    return ReevaluationScope(
+        QUARANTINE,
+        f"{quarantine.kind.value}|{quarantine.value}",
+        _QUARANTINE_SELECTOR[quarantine.kind](quarantine.value),
+    )
+
+
+def _quarantine_text(quarantine: Quarantine) -> str:
+    return (
+        f"{quarantine.kind.value} {printable(quarantine.value, 200)} "
+        f"({printable(quarantine.reason, 200)})"
+    )

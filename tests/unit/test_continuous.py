@@ -152,7 +152,7 @@ class World:
             revoker=self.revoker,
             clock=self.clock,
             audit=self.audit,
-            quarantines=self.ledger,
+            quarantines=options.pop("quarantines", self.ledger),
             approvals=self,
             actor="spiffe://tasklease.test/broker",
             batch=batch,
@@ -839,3 +839,45 @@ async def test_a_reevaluation_cut_short_says_so_and_keeps_what_it_revoked() -> N
 def test_the_batch_size_is_within_what_the_ledger_reads_per_call(world: World, batch: int) -> None:
     with pytest.raises(ValueError, match="batch"):
         world.authorizer(batch=batch)
+
+
+class _QuarantinesOnceUnreadable:
+    """The ledger's quarantines, unreadable on the first read (Redis not up yet at start)."""
+
+    def __init__(self, ledger: InMemoryLedger) -> None:
+        self._ledger = ledger
+        self.reads = 0
+
+    async def quarantines(self, now: datetime) -> list[Quarantine]:
+        self.reads += 1
+        if self.reads == 1:
+            raise LedgerUnavailableError("Redis is down", reason="ledger.unavailable")
+        return await self._ledger.quarantines(now)
+
+
+async def test_at_start_up_every_quarantine_in_force_revokes_what_it_still_covers(
+    world: World,
+) -> None:
+    """A quarantine stored but never (or not completely) re-evaluated — the broker stopped
+    before its re-evaluation ran — revokes what it covers once a broker starts; the read of
+    the quarantines is retried; other leases stay."""
+    mine = await world.issue(task="a")
+    theirs = await world.issue(task="b", agent=OTHER_AGENT)
+    await world.ledger.set_quarantine(  # stored only: nothing re-evaluated yet
+        dataclasses.replace(_quarantine(), kind=QuarantineKind.IDENTITY, value=AGENT)
+    )
+    unreadable = _QuarantinesOnceUnreadable(world.ledger)
+    started = world.authorizer(retry_base=timedelta(milliseconds=1), quarantines=unreadable)
+    started.reapply_quarantines()
+    await started.drain()
+    assert unreadable.reads >= 2
+    assert await world.state(mine.credential_id) == (LeaseState.REVOKED, "continuous_authorization")
+    assert await world.state(theirs.credential_id) == (LeaseState.ACTIVE, "")
+    (event,) = world.audit.events
+    assert isinstance(event.payload, CredentialRevoked)
+    assert "start-up: quarantine in force: identity" in event.payload.reason
+    # Nothing left to do at the next start.
+    again = world.authorizer()
+    again.reapply_quarantines()
+    await again.drain()
+    assert len(world.audit.events) == 1
