@@ -6,6 +6,7 @@ import contextlib
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,17 @@ import hvac.exceptions
 import psycopg
 
 from broker.adapters.clock import SystemClock
+from broker.adapters.config_files import load_target_catalog
 from broker.adapters.kinds import all_kinds
 from broker.adapters.redis_ledger import RedisLedger
 from broker.adapters.vault import HvacVault, VaultMinter
 from broker.adapters.workload_api import WorkloadApiSource
 from broker.bootstrap import RunningBroker
 from broker.config import RedisSettings, VaultSettings
+from broker.core.model import DelegationChain, DelegationHop, Lease
+from broker.core.ports import MintSpec
 from broker.devstack import DevStack
+from tests.conftest import remember_secret
 
 StartBroker = Callable[..., Awaitable[RunningBroker]]
 
@@ -171,3 +176,69 @@ async def broker_minter_and_ledger(
             await ledger.close()
         vault.close()
         source.close()
+
+
+DEMO_KV = load_target_catalog(Path("config/targets.toml"))["demo-kv"]
+DEMO_ORCHESTRATOR = "spiffe://tasklease.test/orchestrator/demo"
+
+
+def demo_kv_lease(
+    credential_id: str,
+    *,
+    workflow_id: str,
+    task_id: str,
+    holder: str,
+    now: datetime,
+    justification: str = "read the demo settings",
+) -> Lease:
+    """A five-minute ``demo-kv`` lease of ``holder`` (owner alice, the demo orchestrator),
+    as the broker would write it ahead."""
+    return Lease(
+        credential_id=credential_id,
+        workflow_id=workflow_id,
+        task_id=task_id,
+        target=DEMO_KV.name,
+        kind=DEMO_KV.kind,
+        sensitivity=DEMO_KV.sensitivity,
+        holder=holder,
+        owner="alice@example.test",
+        chain=DelegationChain(
+            (
+                DelegationHop("owner", "alice@example.test", verified=False),
+                DelegationHop("orchestrator", DEMO_ORCHESTRATOR, verified=True),
+                DelegationHop("agent", holder, verified=True),
+            )
+        ),
+        issued_at=now,
+        expires_at=now + timedelta(minutes=5),
+        tool="vault",
+        justification=justification,
+    )
+
+
+async def mint_task_token(minter: VaultMinter, lease: Lease) -> str:
+    """A real OpenBao task token for ``lease`` (a demo-kv lease; not recorded): its accessor."""
+    minted = await minter.mint(
+        MintSpec(
+            credential_id=lease.credential_id,
+            workflow_id=lease.workflow_id,
+            task_id=lease.task_id,
+            holder=lease.holder,
+            owner=lease.owner,
+            chain=lease.chain,
+            target=DEMO_KV,
+            ttl=lease.expires_at - lease.issued_at,
+        )
+    )
+    remember_secret(str(minted.secret["token"]))
+    return minted.token_accessor
+
+
+async def issue_recorded(
+    ledger: RedisLedger, minter: VaultMinter, lease: Lease, *, real: bool = True
+) -> Lease:
+    """``lease`` written ahead, minted (a real task token; with ``real=False`` an accessor
+    OpenBao never issued) and activated, as the broker issues it: the active lease."""
+    await ledger.write_ahead(lease)
+    accessor = await mint_task_token(minter, lease) if real else f"never-issued-{uuid.uuid4().hex}"
+    return await ledger.activate(lease.credential_id, token_accessor=accessor, vault_lease_ids=())

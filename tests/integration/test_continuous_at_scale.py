@@ -13,7 +13,6 @@ without minting 2 500 tokens.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -28,15 +27,19 @@ from broker.adapters.redis_ledger import RedisLedger
 from broker.adapters.vault import VaultMinter
 from broker.continuous import ContinuousAuthorizer
 from broker.core.audit import EventType
-from broker.core.model import DelegationChain, DelegationHop, Lease, LeaseState, WorkflowRun
+from broker.core.model import Lease, LeaseState, WorkflowRun
 from broker.core.policy import CedarPolicyEngine, WorkingHours
-from broker.core.ports import LeaseSelector, MintSpec
+from broker.core.ports import LeaseSelector
 from broker.core.roles import parse_role_map
 from broker.devstack import DevStack
 from broker.policy_reload import LivePolicy
 from broker.revocation import Revoker
-from tests.conftest import remember_secret
-from tests.integration.clients import broker_minter_and_ledger, token_alive
+from tests.integration.clients import (
+    broker_minter_and_ledger,
+    demo_kv_lease,
+    issue_recorded,
+    token_alive,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -92,52 +95,13 @@ def _run(number: int, now: datetime) -> WorkflowRun:
 
 
 def _lease(number: int, now: datetime) -> Lease:
-    return Lease(
-        credential_id=f"cred_scale_{number:05d}",
+    return demo_kv_lease(
+        f"cred_scale_{number:05d}",
         workflow_id=f"wf-scale-{number % RUNS}",
         task_id=f"t-{number}",
-        target="demo-kv",
-        kind=TARGETS["demo-kv"].kind,
-        sensitivity=TARGETS["demo-kv"].sensitivity,
         holder=AGENT,
-        owner="alice@example.test",
-        chain=DelegationChain(
-            (
-                DelegationHop("owner", "alice@example.test", verified=False),
-                DelegationHop("orchestrator", ORCHESTRATOR, verified=True),
-                DelegationHop("agent", AGENT, verified=True),
-            )
-        ),
-        issued_at=now,
-        expires_at=now + timedelta(minutes=5),
-        tool="vault",
-        justification="read the demo settings",
+        now=now,
     )
-
-
-async def _issue(ledger: RedisLedger, minter: VaultMinter, lease: Lease, *, real: bool) -> str:
-    """Write ``lease`` ahead and activate it: with a token minted in OpenBao when ``real``,
-    else with an accessor OpenBao never issued. Returns the accessor."""
-    await ledger.write_ahead(lease)
-    if real:
-        minted = await minter.mint(
-            MintSpec(
-                credential_id=lease.credential_id,
-                workflow_id=lease.workflow_id,
-                task_id=lease.task_id,
-                holder=lease.holder,
-                owner=lease.owner,
-                chain=lease.chain,
-                target=TARGETS["demo-kv"],
-                ttl=lease.expires_at - lease.issued_at,
-            )
-        )
-        remember_secret(str(minted.secret["token"]))
-        accessor = minted.token_accessor
-    else:
-        accessor = f"never-issued-{uuid.uuid4().hex}"
-    await ledger.activate(lease.credential_id, token_accessor=accessor, vault_lease_ids=())
-    return accessor
 
 
 async def test_a_policy_change_revokes_every_live_lease_beyond_the_first_batch(
@@ -154,9 +118,9 @@ async def test_a_policy_change_revokes_every_live_lease_beyond_the_first_batch(
     for start in range(0, LEASES, 250):
         chunk = list(range(start, min(start + 250, LEASES)))
         issued = await asyncio.gather(
-            *(_issue(ledger, minter, leases[n], real=n in real) for n in chunk)
+            *(issue_recorded(ledger, minter, leases[n], real=n in real) for n in chunk)
         )
-        accessors.update((leases[n].credential_id, a) for n, a in zip(chunk, issued, strict=True))
+        accessors.update((x.credential_id, x.token_accessor) for x in issued)
     real_accessors = [accessors[leases[n].credential_id] for n in sorted(real)]
     assert await asyncio.to_thread(token_alive, stack, real_accessors[-1])
 

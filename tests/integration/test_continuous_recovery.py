@@ -32,9 +32,9 @@ from broker.adapters.redis_reevaluation import RedisReevaluationMarkers, marker_
 from broker.adapters.vault import VaultMinter
 from broker.continuous import EVERYTHING, ContinuousAuthorizer
 from broker.core.audit import AuditEvent, CredentialRevoked, EventType
-from broker.core.model import DelegationChain, DelegationHop, Lease, LeaseState, WorkflowRun
+from broker.core.model import Lease, LeaseState, WorkflowRun
 from broker.core.policy import CedarPolicyEngine, WorkingHours
-from broker.core.ports import LeaseSelector, MintSpec
+from broker.core.ports import LeaseSelector
 from broker.core.roles import parse_role_map
 from broker.devstack import DevStack
 from broker.policy_reload import LivePolicy
@@ -45,6 +45,8 @@ from tests.integration.clients import (
     broker_minter_and_ledger,
     call,
     client_context,
+    demo_kv_lease,
+    issue_recorded,
     start_run,
     token_alive,
     workload_id,
@@ -256,48 +258,6 @@ class RedisStoppingAudit(MemoryAuditTrail):
         await asyncio.to_thread(self._stack.restart_redis)
 
 
-async def _issue(ledger: RedisLedger, minter: VaultMinter, number: int) -> Lease:
-    now = SystemClock().now()
-    lease = Lease(
-        credential_id=f"cred_recovery_{number:03d}",
-        workflow_id="wf-recovery",
-        task_id=f"t-{number}",
-        target="demo-kv",
-        kind=TARGETS["demo-kv"].kind,
-        sensitivity=TARGETS["demo-kv"].sensitivity,
-        holder=AGENT,
-        owner="alice@example.test",
-        chain=DelegationChain(
-            (
-                DelegationHop("owner", "alice@example.test", verified=False),
-                DelegationHop("orchestrator", ORCHESTRATOR, verified=True),
-                DelegationHop("agent", AGENT, verified=True),
-            )
-        ),
-        issued_at=now,
-        expires_at=now + timedelta(minutes=5),
-        tool="vault",
-        justification="read the demo settings",
-    )
-    await ledger.write_ahead(lease)
-    minted = await minter.mint(
-        MintSpec(
-            credential_id=lease.credential_id,
-            workflow_id=lease.workflow_id,
-            task_id=lease.task_id,
-            holder=lease.holder,
-            owner=lease.owner,
-            chain=lease.chain,
-            target=TARGETS["demo-kv"],
-            ttl=lease.expires_at - lease.issued_at,
-        )
-    )
-    remember_secret(str(minted.secret["token"]))
-    return await ledger.activate(
-        lease.credential_id, token_accessor=minted.token_accessor, vault_lease_ids=()
-    )
-
-
 async def _states(ledger: RedisLedger, leases: list[Lease]) -> set[LeaseState]:
     found: set[LeaseState] = set()
     for lease in leases:
@@ -323,7 +283,21 @@ async def test_redis_lost_mid_reevaluation_is_retried_until_every_denied_lease_i
             deadline=now + timedelta(hours=1),
         )
     )
-    leases = [await _issue(ledger, minter, n) for n in range(LEASES)]
+    now = SystemClock().now()
+    leases = [
+        await issue_recorded(
+            ledger,
+            minter,
+            demo_kv_lease(
+                f"cred_recovery_{n:03d}",
+                workflow_id="wf-recovery",
+                task_id=f"t-{n}",
+                holder=AGENT,
+                now=now,
+            ),
+        )
+        for n in range(LEASES)
+    ]
     accessors = [lease.token_accessor for lease in leases]
     assert all([await asyncio.to_thread(token_alive, stack, a) for a in accessors])
 

@@ -12,27 +12,31 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from broker.adapters.clock import SystemClock
-from broker.adapters.config_files import load_target_catalog
 from broker.adapters.memory_audit import MemoryAuditTrail
 from broker.adapters.redis_ledger import RedisLedger
 from broker.adapters.vault import VaultMinter
 from broker.core.audit import EventType
 from broker.core.authn import Caller
 from broker.core.identity import AuthMethod, WorkloadIdentity
-from broker.core.model import DelegationChain, DelegationHop, Lease, LeaseState, WorkflowRun
-from broker.core.ports import LeaseSelector, MintSpec
+from broker.core.model import Lease, LeaseState, WorkflowRun
+from broker.core.ports import LeaseSelector
 from broker.core.roles import Role
 from broker.core.spiffe_id import SpiffeId
 from broker.devstack import DevStack
 from broker.errors import ConflictError
 from broker.revocation import Revoker, RevokeReason, SettleOutcome
-from tests.conftest import remember_secret
-from tests.integration.clients import broker_minter_and_ledger, token_alive
+from tests.integration.clients import (
+    DEMO_ORCHESTRATOR,
+    broker_minter_and_ledger,
+    demo_kv_lease,
+    issue_recorded,
+    mint_task_token,
+    token_alive,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -42,9 +46,7 @@ BATCH = 4
 RUNS = ("wf-force-1", "wf-force-2")
 AGENT = "spiffe://tasklease.test/agent/force-scale"
 OTHER = "spiffe://tasklease.test/agent/force-scale-other"
-ORCHESTRATOR = "spiffe://tasklease.test/orchestrator/demo"
 ADMIN = "spiffe://tasklease.test/admin/demo"
-TARGETS = load_target_catalog(Path("config/targets.toml"))
 
 
 @pytest.fixture(autouse=True)
@@ -60,60 +62,22 @@ async def parts(stack: DevStack) -> AsyncIterator[tuple[RedisLedger, VaultMinter
         yield ledger, minter
 
 
+def _lease(credential_id: str, run: str, task: str, holder: str, now: datetime) -> Lease:
+    return demo_kv_lease(
+        credential_id,
+        workflow_id=run,
+        task_id=task,
+        holder=holder,
+        now=now,
+        justification="forced revocation at scale (test)",
+    )
+
+
 def _admin() -> Caller:
     identity = WorkloadIdentity(
         SpiffeId.parse(ADMIN), SystemClock().now() + timedelta(hours=1), AuthMethod.X509_SVID
     )
     return Caller(identity, frozenset({Role.ADMIN}))
-
-
-def _lease(credential_id: str, run: str, task: str, holder: str, now: datetime) -> Lease:
-    return Lease(
-        credential_id=credential_id,
-        workflow_id=run,
-        task_id=task,
-        target="demo-kv",
-        kind=TARGETS["demo-kv"].kind,
-        sensitivity=TARGETS["demo-kv"].sensitivity,
-        holder=holder,
-        owner="alice@example.test",
-        chain=DelegationChain(
-            (
-                DelegationHop("owner", "alice@example.test", verified=False),
-                DelegationHop("orchestrator", ORCHESTRATOR, verified=True),
-                DelegationHop("agent", holder, verified=True),
-            )
-        ),
-        issued_at=now,
-        expires_at=now + timedelta(minutes=5),
-        tool="vault",
-        justification="forced revocation at scale (test)",
-    )
-
-
-async def _mint(minter: VaultMinter, lease: Lease) -> str:
-    """A real task token for ``lease`` (not recorded yet); its accessor."""
-    minted = await minter.mint(
-        MintSpec(
-            credential_id=lease.credential_id,
-            workflow_id=lease.workflow_id,
-            task_id=lease.task_id,
-            holder=lease.holder,
-            owner=lease.owner,
-            chain=lease.chain,
-            target=TARGETS["demo-kv"],
-            ttl=lease.expires_at - lease.issued_at,
-        )
-    )
-    remember_secret(str(minted.secret["token"]))
-    return minted.token_accessor
-
-
-async def _issue(ledger: RedisLedger, minter: VaultMinter, lease: Lease) -> str:
-    await ledger.write_ahead(lease)
-    accessor = await _mint(minter, lease)
-    await ledger.activate(lease.credential_id, token_accessor=accessor, vault_lease_ids=())
-    return accessor
 
 
 async def _alive(stack: DevStack, accessors: list[str]) -> list[bool]:
@@ -134,7 +98,7 @@ async def test_a_force_by_holder_revokes_every_lease_with_one_call_and_one_sweep
                 id=run,
                 owner="alice@example.test",
                 purpose="forced revocation at scale",
-                started_by=ORCHESTRATOR,
+                started_by=DEMO_ORCHESTRATOR,
                 created_at=now,
                 deadline=now + timedelta(hours=1),
             )
@@ -142,19 +106,14 @@ async def test_a_force_by_holder_revokes_every_lease_with_one_call_and_one_sweep
     leases = [
         _lease(f"cred_force_{n:03d}", RUNS[n % 2], f"t-{n}", AGENT, now) for n in range(LEASES)
     ]
-    accessors = dict(
-        zip(
-            (x.credential_id for x in leases),
-            await asyncio.gather(*(_issue(ledger, minter, x) for x in leases)),
-            strict=True,
-        )
-    )
+    issued = await asyncio.gather(*(issue_recorded(ledger, minter, x) for x in leases))
+    accessors = {x.credential_id: x.token_accessor for x in issued}
     other = _lease("cred_force_other", RUNS[0], "t-other", OTHER, now)
-    other_accessor = await _issue(ledger, minter, other)
+    other_accessor = (await issue_recorded(ledger, minter, other)).token_accessor
     # A mint in flight for one more task of the holder: written ahead, minted, not recorded.
     in_flight = _lease("cred_force_in_flight", RUNS[1], "t-in-flight", AGENT, now)
     await ledger.write_ahead(in_flight)
-    in_flight_accessor = await _mint(minter, in_flight)
+    in_flight_accessor = await mint_task_token(minter, in_flight)
     assert all(await _alive(stack, [*accessors.values(), other_accessor, in_flight_accessor]))
 
     audit = MemoryAuditTrail()
