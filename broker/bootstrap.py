@@ -258,7 +258,7 @@ def _reevaluate_withdrawn(continuous: ContinuousAuthorizer) -> WithdrawalHook:
 
 
 async def _audit_trail(
-    config: AuditSettings, ledger: RedisLedger
+    config: AuditSettings, ledger: RedisLedger, clock: SystemClock
 ) -> tuple[ChainingAuditTrail, RedisAuditReader | None]:
     """The audit trail with the configured sinks (each probed: a durable sink that cannot take
     records stops start-up), and the reader of its Redis stream (None without one)."""
@@ -273,16 +273,25 @@ async def _audit_trail(
         )
     reader = None
     if config.redis.enabled:
-        sinks.append(
-            RedisStreamAuditSink(
-                client=ledger.client,
-                stream=config.redis.stream,
-                durable=config.redis.durable,
-                maxlen=config.redis.maxlen,
-                index_ttl=timedelta(days=config.redis.index_ttl_days),
-            )
+        stream_sink = RedisStreamAuditSink(
+            client=ledger.client,
+            stream=config.redis.stream,
+            durable=config.redis.durable,
+            maxlen=config.redis.maxlen,
+            retention=timedelta(days=config.redis.retention_days),  # 0: kept forever
+            index_ttl=timedelta(days=config.redis.index_ttl_days),
+            now=clock.now,
         )
+        sinks.append(stream_sink)
         reader = RedisAuditReader(client=ledger.client, stream=config.redis.stream)
+        _log.info(
+            "audit.redis.configured",
+            stream=config.redis.stream,
+            keeps=stream_sink.bounds,
+            retention_days=config.redis.retention_days,
+            maxlen=config.redis.maxlen,
+            run_ttl_days=stream_sink.run_ttl.days,
+        )
     for sink in sinks:
         if sink.durable:
             await sink.probe()
@@ -451,7 +460,7 @@ async def build_runtime(
                 "its own policy grants what it uses (config/dev/openbao/policies/"
                 "tasklease-broker.hcl)",
             )
-        audit_trail, audit_reader = await _audit_trail(settings.audit, ledger)
+        audit_trail, audit_reader = await _audit_trail(settings.audit, ledger, clock)
         continuous_readiness = ContinuousReadiness()  # attached once the authorizer exists
         readiness = Readiness(
             checks=[

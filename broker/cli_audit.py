@@ -16,11 +16,15 @@ import json
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from broker.errors import TaskleaseError
+
+if TYPE_CHECKING:
+    from broker.adapters.audit_redis import StreamHead
+    from broker.core.audit_chain import Finding
 
 EXIT_TAMPERED = 4
 
@@ -75,18 +79,13 @@ def _file_records(files: list[Path]) -> Iterator[tuple[str, object]]:
 async def _redis_records(
     stream: str | None, *, run: str | None = None, last: int | None = None
 ) -> list[tuple[str, object]]:
-    import redis.asyncio as aioredis  # noqa: PLC0415
-
     from broker.adapters.audit_redis import RedisAuditReader  # noqa: PLC0415
+    from broker.adapters.redis_connection import redis_client  # noqa: PLC0415
     from broker.config import load_settings  # noqa: PLC0415
 
     settings = load_settings()
     key = stream or settings.audit.redis.stream
-    client = aioredis.Redis.from_url(
-        settings.redis.url.get_secret_value(),
-        decode_responses=True,
-        socket_timeout=settings.redis.socket_timeout_seconds,
-    )
+    client = redis_client(settings.redis)
     try:
         reader = RedisAuditReader(client=client, stream=key)
         if last is not None:
@@ -102,6 +101,44 @@ async def _redis_records(
         ) from exc
     finally:
         await client.aclose()
+
+
+async def _redis_head(stream: str | None) -> StreamHead:
+    from broker.adapters.audit_redis import RedisAuditReader  # noqa: PLC0415
+    from broker.adapters.redis_connection import redis_client  # noqa: PLC0415
+    from broker.config import load_settings  # noqa: PLC0415
+
+    settings = load_settings()
+    client = redis_client(settings.redis)
+    try:
+        return await RedisAuditReader(
+            client=client, stream=stream or settings.audit.redis.stream
+        ).head()
+    finally:
+        await client.aclose()
+
+
+def _trimmed_hint(stream: str | None) -> str | None:
+    """Why a stream's chains may start after seq 0, and the flag that accepts it; None when
+    the stream did not lose its head (or cannot be asked)."""
+    import redis.exceptions  # noqa: PLC0415
+
+    try:
+        head = asyncio.run(_redis_head(stream))
+    except (TaskleaseError, redis.exceptions.RedisError, OSError):
+        return None  # the findings stand as they are
+    if head.entries_added is None:
+        return (
+            f"Redis does not say whether {head.stream} was trimmed; if audit.redis."
+            "retention_days or audit.redis.maxlen bounds it, verify with --allow-trimmed-head"
+        )
+    if not head.trimmed:
+        return None
+    return (
+        f"{head.stream} looks trimmed: its {head.removed} oldest entries (of "
+        f"{head.entries_added} ever added) are gone, none after them; if audit.redis."
+        "retention_days or audit.redis.maxlen bounds it, verify with --allow-trimmed-head"
+    )
 
 
 def _remote_records(
@@ -170,13 +207,16 @@ def audit_verify(  # noqa: PLR0917 - typer options
     ] = None,
     allow_trimmed_head: Annotated[
         bool,
-        typer.Option(help="A chain may start after seq 0 (a stream bounded by MAXLEN)."),
+        typer.Option(
+            help="A chain may start after seq 0: the stream is bounded by audit.redis."
+            "retention_days or audit.redis.maxlen, which trim its oldest entries."
+        ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check every writer's hash chain; say what was edited, deleted, inserted or reordered,
     and where. Exit 4 when anything is found."""
-    from broker.core.audit_chain import parse_anchor, verify_records  # noqa: PLC0415
+    from broker.core.audit_chain import FindingKind, parse_anchor, verify_records  # noqa: PLC0415
 
     try:
         anchors = [parse_anchor(a) for a in anchor or []]
@@ -189,9 +229,20 @@ def audit_verify(  # noqa: PLR0917 - typer options
     report = verify_records(
         (record for _, record in entries), anchors=anchors, allow_trimmed_head=allow_trimmed_head
     )
+    # A chain that starts after seq 0 on a stream whose head was trimmed (retention_days,
+    # maxlen) is what a bounded stream looks like: say so, and which flag accepts it. Trimming
+    # removes whole entries, never a seq 0 with another prev_hash: bad_genesis gets no hint.
+    hint = None
+    if not (files or remote) and any(f.kind is FindingKind.HEAD_MISSING for f in report.findings):
+        hint = _trimmed_hint(stream)
 
     def where(position: int) -> str:
         return entries[position][0] if 0 <= position < len(entries) else "-"
+
+    def detail(finding: Finding) -> str:
+        if hint is not None and finding.kind is FindingKind.HEAD_MISSING:
+            return f"{finding.detail}; {hint}"
+        return finding.detail
 
     if as_json:
         typer.echo(
@@ -210,7 +261,8 @@ def audit_verify(  # noqa: PLR0917 - typer options
                         for w in report.writers
                     ],
                     "findings": [
-                        {**f.as_dict(), "where": where(f.position)} for f in report.findings
+                        {**f.as_dict(), "detail": detail(f), "where": where(f.position)}
+                        for f in report.findings
                     ],
                 },
                 indent=2,
@@ -228,7 +280,7 @@ def audit_verify(  # noqa: PLR0917 - typer options
             typer.echo(
                 f"{finding.kind.value.upper()} at {where(finding.position)}: writer "
                 f"{finding.writer} seq {finding.seq} event {finding.event_id or '-'}: "
-                f"{finding.detail}"
+                f"{detail(finding)}"
             )
         typer.echo(
             "OK: every chain verifies" if report.ok else f"{len(report.findings)} finding(s)"
@@ -315,13 +367,12 @@ def audit_tail(  # noqa: PLR0917 - typer options
 
 
 async def _follow(stream: str | None, after: str, show: Callable[[object], None]) -> None:
-    import redis.asyncio as aioredis  # noqa: PLC0415
-
     from broker.adapters.audit_redis import RedisAuditReader  # noqa: PLC0415
+    from broker.adapters.redis_connection import redis_client  # noqa: PLC0415
     from broker.config import load_settings  # noqa: PLC0415
 
     settings = load_settings()
-    client = aioredis.Redis.from_url(settings.redis.url.get_secret_value(), decode_responses=True)
+    client = redis_client(settings.redis, blocking_reads=True)
     reader = RedisAuditReader(client=client, stream=stream or settings.audit.redis.stream)
     try:
         while True:

@@ -146,6 +146,15 @@ class RedisSettings(_Section):
     # Shards of the due index. Every replica must use the same number: the ledger records it
     # in Redis and refuses a different one (items in other shards would never be swept).
     due_buckets: int = Field(default=16, ge=1, le=1024)
+    # Redis Sentinel: "host:port" of each Sentinel and the name of the master they monitor.
+    # With sentinels set, every client connects to the current master (and follows a
+    # failover); `url` then only gives the master's password, username and database (its host
+    # and port are not used). Empty: `url` is the one Redis.
+    sentinels: tuple[str, ...] = ()
+    sentinel_service: str = ""
+    # The environment variable holding the Sentinels' own password (their `requirepass`);
+    # empty: the Sentinels ask for none. Never the password itself.
+    sentinel_password_env: str = ""
 
     @model_validator(mode="after")
     def _no_acknowledgement_only_when_degraded(self) -> RedisSettings:
@@ -155,6 +164,50 @@ class RedisSettings(_Section):
                 "insecure_allow_degraded_durability = true"
             )
         return self
+
+    @field_validator("sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            _host_and_port(address)
+        return value
+
+    @model_validator(mode="after")
+    def _sentinels_with_their_service(self) -> RedisSettings:
+        if self.sentinels and not self.sentinel_service.strip():
+            raise ValueError(
+                "redis.sentinels is set but redis.sentinel_service is empty: name the master "
+                "the Sentinels monitor"
+            )
+        if self.sentinel_service and not self.sentinels:
+            raise ValueError(
+                "redis.sentinel_service is set but redis.sentinels is empty: list the "
+                "Sentinels as host:port"
+            )
+        if self.sentinel_password_env and not self.sentinels:
+            raise ValueError("redis.sentinel_password_env is set but redis.sentinels is empty")
+        if self.sentinels:
+            scheme = urlsplit(self.url.get_secret_value()).scheme
+            if scheme != "redis":
+                raise ValueError(
+                    f"redis.url has scheme {scheme!r}; with redis.sentinels only redis:// is "
+                    "supported (TLS and unix sockets through Sentinel are not)"
+                )
+        return self
+
+    @property
+    def sentinel_addresses(self) -> tuple[tuple[str, int], ...]:
+        """The Sentinels as (host, port) pairs."""
+        return tuple(_host_and_port(address) for address in self.sentinels)
+
+
+def _host_and_port(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) as a pair; ValueError naming the address."""
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdecimal() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not host:port (e.g. 10.0.0.5:26379)")
+    return host, int(port)
 
 
 class RevocationConfig(_Section):
@@ -241,7 +294,11 @@ class AuditRedisSettings(_Section):
     # 0: the stream is never trimmed. Otherwise XADD MAXLEN ~ maxlen (verification then needs
     # `--allow-trimmed-head`).
     maxlen: int = Field(default=0, ge=0)
-    # How long a run's copy lives after its last write.
+    # 0: entries are kept forever. Otherwise each group commit's XADD carries MINID ~ (now -
+    # retention_days): older entries are dropped (Redis >= 6.2). With maxlen too, both apply.
+    retention_days: int = Field(default=0, ge=0, le=3650)
+    # How long a run's copy lives after its last write (at most retention_days when that is
+    # set).
     index_ttl_days: int = Field(default=90, ge=1, le=3650)
 
 

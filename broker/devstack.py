@@ -65,6 +65,28 @@ def redis_answers(port: int, password: str) -> bool:
         return b"+PONG" in reply
 
 
+def redis_config(*, port: int, data_dir: Path, password: str) -> str:
+    """The stack's ``redis.conf``: loopback, AOF fsynced on every write, no eviction, a
+    password. Write it to a 0600 file (it holds the password)."""
+    return "\n".join(
+        [
+            "bind 127.0.0.1",
+            f"port {port}",
+            f"dir {data_dir}",
+            "appendonly yes",
+            # Every acknowledged ledger write is on disk before the secret leaves
+            # (SECURITY.md 32). With Redis >= 7.2, `everysec` + WAITAOF does the same per
+            # write; Debian 12's Redis 7.0 has no WAITAOF, so: always.
+            "appendfsync always",
+            "maxmemory-policy noeviction",
+            'save ""',
+            f"requirepass {password}",
+            "daemonize no",
+            "",
+        ]
+    )
+
+
 def free_port(*, also_next: bool = False) -> int:
     """A free TCP port on 127.0.0.1 (and, with ``also_next``, port + 1 free as well)."""
     for _ in range(200):
@@ -437,25 +459,7 @@ class DevStack:
         conf = data / "redis.conf"
         # The password lives in a 0600 file, not on the command line (visible in ps).
         conf.touch(mode=0o600)
-        conf.write_text(
-            "\n".join(
-                [
-                    "bind 127.0.0.1",
-                    f"port {port}",
-                    f"dir {data}",
-                    "appendonly yes",
-                    # Every acknowledged ledger write is on disk before the secret leaves
-                    # (SECURITY.md 32). With Redis >= 7.2, `everysec` + WAITAOF does the same
-                    # per write; Debian 12's Redis 7.0 has no WAITAOF, so: always.
-                    "appendfsync always",
-                    "maxmemory-policy noeviction",
-                    'save ""',
-                    f"requirepass {self._secrets['redis']}",
-                    "daemonize no",
-                    "",
-                ]
-            )
-        )
+        conf.write_text(redis_config(port=port, data_dir=data, password=self._secrets["redis"]))
         self.processes["redis"] = process = ManagedProcess(
             "redis", ["redis-server", str(conf)], self.logs_dir / "redis.log"
         )

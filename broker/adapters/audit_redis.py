@@ -10,10 +10,29 @@ Keys (``S`` is ``audit.redis.stream``, default ``tl:audit``; ``W`` a run id)::
                            addressed W), one entry per group commit: a run's story is one XRANGE
 
 One group commit is one pipeline of two commands for the usual batch (one run): an XADD to
-``S`` (``MAXLEN ~`` only when ``audit.redis.maxlen`` is set; it counts entries, i.e. group
-commits) and an XADD to each run's stream touched; the runs' expiry (``index_ttl_days``) is
-refreshed at most hourly. The main stream never expires. Stream entry ids come from the Redis
-server clock; event times from the broker's.
+``S`` and an XADD to each run's stream touched; the runs' expiry is refreshed at most hourly.
+Stream entry ids come from the Redis server clock; event times from the broker's.
+
+Retention. The main stream never expires as a key; by default it is never trimmed either.
+
+* ``audit.redis.retention_days`` (``retention``): the XADD to ``S`` carries ``MINID ~ <stream
+  id of now - retention>`` (Redis >= 6.2, checked by :meth:`RedisStreamAuditSink.probe`), so
+  each group commit drops the entries older than the retention. ``~`` trims whole radix-tree
+  nodes only (up to ``stream-node-max-entries``, 100 by default, or ``stream-node-max-bytes``
+  of entries): O(1) amortized, and a few entries past the retention may stay until their node
+  is entirely older. The cut is computed from the broker's clock, the ids come from Redis's: a
+  skew of minutes moves a cut measured in days by minutes.
+* ``audit.redis.maxlen``: ``MAXLEN ~ maxlen`` (it counts entries, i.e. group commits). Redis
+  takes one trimming strategy per XADD, so with both set the XADD carries ``MINID ~`` and an
+  ``XTRIM S MAXLEN ~ maxlen`` follows in the same pipeline: whichever bound is tighter wins.
+* A run's copy expires ``index_ttl_days`` after its last write, or ``retention_days`` when
+  that is shorter, so it does not outlive the main stream's copy of its records (the expiry
+  is refreshed at most hourly: a run's copy may go up to an hour before the main stream's
+  copy of its last records).
+
+A trimmed main stream verifies with ``tasklease audit verify --allow-trimmed-head`` (each
+writer's chain then starts after seq 0); :meth:`RedisAuditReader.head` tells whether a stream
+lost its head to trimming.
 
 Queries: by run read the run's stream — O(events of the run); the use case turns a credential
 into its run through the ledger. Anything else (actor, type, time range; a credential the
@@ -28,7 +47,8 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -36,6 +56,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from broker.adapters.audit_sinks import SealedRecord
+from broker.adapters.clock import SystemClock
 from broker.core.audit import AuditPage, AuditQuery, record_runs
 from broker.errors import AuditUnavailableError, BadRequestError
 
@@ -51,6 +72,9 @@ _REFRESH_SECONDS: Final = 3600.0
 _MAX_INDEXED: Final = 100_000
 # After a cut connection: how far back to look for an entry that may have landed.
 _LANDED_WINDOW: Final = 256
+# XADD ... MINID appeared in Redis 6.2.
+_MINID_SINCE: Final = (6, 2)
+_VERSION: Final = re.compile(r"([0-9]+)\.([0-9]+)")
 
 
 def _text(value: object) -> object:
@@ -78,13 +102,21 @@ class RedisStreamAuditSink:
         stream: str = "tl:audit",
         durable: bool = True,
         maxlen: int = 0,
+        retention: timedelta | None = None,
         index_ttl: timedelta = timedelta(days=90),
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self._redis = client
         self.stream = stream
         self.durable = durable
         self._maxlen = maxlen
-        self._ttl = max(int(index_ttl.total_seconds()), 1)
+        # None (or zero): the main stream keeps every entry (unless maxlen).
+        self.retention = retention if retention and retention > timedelta(0) else None
+        # A run's copy does not outlive the main stream's retention.
+        self.run_ttl = index_ttl if self.retention is None else min(index_ttl, self.retention)
+        self._ttl = max(int(self.run_ttl.total_seconds()), 1)
+        self._now = now or SystemClock().now
+        self._minid_checked = False
         # Run streams whose expiry this process refreshed lately, with when: at most once per
         # _REFRESH_SECONDS, not per batch. Bounded; forgetting one costs one more EXPIRE.
         self._indexed: dict[str, float] = {}
@@ -134,12 +166,28 @@ class RedisStreamAuditSink:
         for key in refresh:
             self._indexed[key] = now
 
+    def _min_id(self) -> str | None:
+        """The stream id below which the main stream's entries are past the retention.
+
+        Stream ids are the Redis server's clock, this is the broker's: a skew of a few minutes
+        moves a cut measured in days by those minutes, which does not matter."""
+        if self.retention is None:
+            return None
+        return f"{_stream_id(self._now() - self.retention, margin=timedelta(0))}-0"
+
     async def _append(
         self, entries: Sequence[tuple[str, dict[Any, Any]]], refresh: Sequence[str]
     ) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
+        min_id = self._min_id()
         for key, entry in entries:
-            if key == self.stream and self._maxlen:
+            if key != self.stream:
+                pipe.xadd(key, entry)
+            elif min_id is not None:
+                pipe.xadd(key, entry, minid=min_id, approximate=True)
+                if self._maxlen:  # one strategy per XADD: the other one as its own XTRIM
+                    pipe.xtrim(key, maxlen=self._maxlen, approximate=True)
+            elif self._maxlen:
                 pipe.xadd(key, entry, maxlen=self._maxlen, approximate=True)
             else:
                 pipe.xadd(key, entry)
@@ -159,8 +207,19 @@ class RedisStreamAuditSink:
         written = self._indexed.get(key)
         return written is None or now - written > _REFRESH_SECONDS
 
+    @property
+    def bounds(self) -> str:
+        """What the main stream keeps, in words (for the start-up log and readiness)."""
+        kept = []
+        if self.retention is not None:
+            kept.append(f"{_days(self.retention)} (MINID ~)")
+        if self._maxlen:
+            kept.append(f"{self._maxlen} entries (MAXLEN ~)")
+        return " and ".join(kept) or "every entry (never trimmed)"
+
     async def probe(self) -> str:
-        """Redis answers and the stream key is a stream (or absent)."""
+        """Redis answers, the stream key is a stream (or absent), and with a retention the
+        server knows ``XADD … MINID`` (checked once)."""
         try:
             kind = await self._redis.type(self.stream)
         except (redis.exceptions.RedisError, OSError) as exc:
@@ -171,7 +230,25 @@ class RedisStreamAuditSink:
                 f"the audit stream key {self.stream!r} holds a {kind}, not a stream",
                 reason="audit.redis_failed",
             )
-        return f"stream {self.stream}"
+        if self.retention is not None and not self._minid_checked:
+            await self._check_minid()
+        return f"stream {self.stream}, keeps {self.bounds}"
+
+    async def _check_minid(self) -> None:
+        """Refuse a server without ``XADD … MINID``: every write would fail on it."""
+        try:
+            server = await self._redis.info("server")
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise _translated("INFO", exc) from exc
+        version = str(server.get("redis_version", ""))
+        found = _VERSION.match(version)
+        if found is not None and (int(found[1]), int(found[2])) < _MINID_SINCE:
+            raise AuditUnavailableError(
+                f"audit.redis.retention_days needs Redis >= 6.2 (XADD MINID); this server is "
+                f"Redis {version}: upgrade it, or set retention_days = 0",
+                reason="audit.redis_failed",
+            )
+        self._minid_checked = True
 
     async def close(self) -> None:
         """The client belongs to the ledger, which closes it."""
@@ -179,6 +256,43 @@ class RedisStreamAuditSink:
 
 def _stream_id(moment: datetime, *, margin: timedelta) -> int:
     return max(int((moment + margin).timestamp() * 1000), 0)
+
+
+def _days(span: timedelta) -> str:
+    days = span / timedelta(days=1)
+    return f"{days:g} day{'' if days == 1 else 's'}"
+
+
+def _id_tuple(value: object) -> tuple[int, int] | None:
+    text = _entry_id(value) if value is not None else ""
+    ms, _, seq = text.partition("-")
+    if not ms.isdigit() or not (seq or "0").isdigit():
+        return None
+    return int(ms), int(seq or "0")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHead:
+    """What ``XINFO STREAM`` says about entries a stream lost (Redis >= 7.0)."""
+
+    stream: str
+    length: int
+    # Entries ever added; None when the server does not say (Redis < 7.0).
+    entries_added: int | None
+    # Whether every removed entry was older than the first one left: the head was trimmed
+    # (MINID/MAXLEN, or XDEL of the oldest entries), nothing was deleted from the middle.
+    # None when the server does not say.
+    head_only: bool | None
+
+    @property
+    def removed(self) -> int | None:
+        """Entries no longer in the stream."""
+        return None if self.entries_added is None else self.entries_added - self.length
+
+    @property
+    def trimmed(self) -> bool:
+        """The stream lost entries, and only from its head."""
+        return bool(self.removed) and self.head_only is True
 
 
 def _parse(raw: object) -> object:
@@ -307,6 +421,31 @@ class RedisAuditReader:  # satisfies core.audit.AuditReader
         if not isinstance(reply, list):
             return []
         return [item for _, entries in reply for item in _flat(_entries(entries))]
+
+    async def head(self, stream: str | None = None) -> StreamHead:
+        """Whether a stream (default: the main one) lost entries, and only from its head.
+
+        Redis >= 7.0 counts the entries ever added and remembers the largest id deleted by
+        XDEL (trimming does not set it): entries were removed when fewer are left than were
+        added, and only from the head when no XDEL reached past the first entry left."""
+        key = stream or self.stream
+        try:
+            info: Mapping[str, Any] = await self._redis.xinfo_stream(key)
+        except redis.exceptions.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return StreamHead(key, 0, None, None)
+            raise
+        length = int(info.get("length") or 0)
+        added = info.get("entries-added")
+        if added is None:
+            return StreamHead(key, length, None, None)
+        deleted = _id_tuple(info.get("max-deleted-entry-id"))
+        first = info.get("first-entry")
+        first_id = _id_tuple(first[0]) if isinstance(first, list | tuple) and first else None
+        head_only = (
+            None if deleted is None else deleted == (0, 0) or first_id is None or deleted < first_id
+        )
+        return StreamHead(key, length, int(added), head_only)
 
     async def every_record(self, stream: str | None = None) -> AsyncIterator[tuple[str, object]]:
         """Every record of a stream (default: the main one), oldest first, in chunks."""

@@ -90,7 +90,6 @@ the operation and the exception type or Redis error code, never the URL or the p
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import heapq
@@ -106,7 +105,6 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 from redis.asyncio.client import Pipeline
-from redis.asyncio.connection import AbstractConnection
 
 from broker.adapters.memory_ledger import (
     DueBacklog,
@@ -121,6 +119,7 @@ from broker.adapters.memory_ledger import (
     tombstoned_error,
 )
 from broker.adapters.redis_common import RedisScript, redis_error_code, translated
+from broker.adapters.redis_connection import redis_client
 from broker.config import RedisSettings
 from broker.core.model import (
     DelegationChain,
@@ -176,7 +175,6 @@ STORED_LEASE_FIELDS: Final = frozenset(
 )
 _NAMESPACE = re.compile(r"[a-z][a-z0-9-]{0,15}")
 _SCAN_BATCH = 500
-_MAX_CONNECTIONS = 64
 # Claims whose deadline passed, returned per bucket and sweep: bounds one script's run time
 # after a claimer with many items died; the rest come back on the next sweeps.
 _RETURN_CAP = 1000
@@ -262,6 +260,19 @@ class RedisDurability:
                 "appendfsync always, or redis.durability = 'replicas'"
             )
         return found
+
+
+def _online_replicas(replication: dict[str, Any]) -> int:
+    """Replicas in state ``online`` (INFO replication's ``slaveN`` entries): one still in its
+    initial sync counts in ``connected_slaves`` but acknowledges no WAIT."""
+    return sum(
+        1
+        for name, replica in replication.items()
+        if name.startswith("slave")
+        and name[5:].isdecimal()
+        and isinstance(replica, dict)
+        and replica.get("state") == "online"
+    )
 
 
 # --------------------------------------------------------------------------- errors
@@ -625,59 +636,6 @@ def _pairs(flat: Sequence[str]) -> Iterator[tuple[int, str]]:
         yield int(float(flat[i + 1])), flat[i]
 
 
-# --------------------------------------------------------------------------- connections
-
-
-class _WaitingConnectionPool(aioredis.ConnectionPool):
-    """A connection pool that, like redis-py's ``BlockingConnectionPool``, makes a command
-    wait up to ``timeout`` seconds for a connection when all ``max_connections`` are in use
-    and then fails with ``ConnectionError("No connection available.")`` — but takes a free
-    connection without a condition variable and a timer: a semaphore counts the connections
-    handed out and only a command that has to wait arms a timeout.
-
-    Measured (bench/bench_ledger_cpu.py): about 20 µs less CPU per command than the blocking
-    pool, i.e. about 100 µs per credential issuance (five ledger round trips).
-    """
-
-    def __init__(self, *, timeout: float, max_connections: int, **kwargs: Any) -> None:
-        super().__init__(max_connections=max_connections, **kwargs)
-        self.timeout = timeout
-        self._slots = asyncio.Semaphore(max_connections)
-        # Connections this pool handed out and that still hold a slot.
-        self._holding: set[AbstractConnection] = set()
-
-    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
-        """A connected connection from the pool, waiting up to ``timeout`` for a free one."""
-        if self._slots.locked():
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await self._slots.acquire()
-            except TimeoutError as exc:
-                raise redis.exceptions.ConnectionError("No connection available.") from exc
-        else:
-            await self._slots.acquire()  # a free slot: returns without suspending
-        try:
-            connection: AbstractConnection = await super().get_connection(  # type: ignore[no-untyped-call]  # redis-py
-                *args, **kwargs
-            )
-        except BaseException:
-            # The parent releases a connection that failed to connect through release(),
-            # which gives back no slot for a connection that was never handed out.
-            self._slots.release()
-            raise
-        self._holding.add(connection)
-        return connection
-
-    async def release(self, connection: AbstractConnection) -> None:
-        """Give the connection back, and its slot to the next waiting command."""
-        try:
-            await super().release(connection)
-        finally:
-            if connection in self._holding:
-                self._holding.discard(connection)
-                self._slots.release()
-
-
 # --------------------------------------------------------------------------- the ledger
 
 
@@ -692,17 +650,9 @@ class RedisLedger:  # satisfies core.ports.Ledger
             raise ValueError(f"namespace must match {_NAMESPACE.pattern}, got {namespace!r}")
         self._settings = settings
         self._keys = _Keys(namespace, settings.due_buckets)
-        # redis-py's default pool fails the 101st concurrent command at once ("Too many
-        # connections"); a burst of requests should wait briefly for a connection instead.
-        pool = _WaitingConnectionPool.from_url(
-            settings.url.get_secret_value(),
-            max_connections=_MAX_CONNECTIONS,
-            timeout=settings.socket_timeout_seconds,
-            socket_timeout=settings.socket_timeout_seconds,
-            socket_connect_timeout=settings.socket_timeout_seconds,
-            decode_responses=True,
-        )
-        self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
+        # One Redis or the master behind Sentinel, with a pool on which a burst of commands
+        # waits briefly for a connection (broker/adapters/redis_connection.py).
+        self._redis: aioredis.Redis = redis_client(settings)
         self._layout_checked = False
         self._waitaof: bool | None = None
 
@@ -744,7 +694,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
             rdb_save=values.get("save", ""),
             server_version=str(server.get("redis_version", "")),
             waitaof=await self._supports_waitaof(),
-            connected_replicas=int(replication.get("connected_slaves", 0)),
+            connected_replicas=_online_replicas(replication),
             mode=self._settings.durability,
             replicas_required=self._settings.durability_replicas,
         )

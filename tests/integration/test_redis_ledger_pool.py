@@ -16,7 +16,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.connection import AbstractConnection
 
-from broker.adapters.redis_ledger import _MAX_CONNECTIONS, RedisLedger, _WaitingConnectionPool
+from broker.adapters.redis_connection import MAX_CONNECTIONS as _MAX_CONNECTIONS
+from broker.adapters.redis_connection import WaitingConnectionPool as _WaitingConnectionPool
+from broker.adapters.redis_ledger import RedisLedger
 from broker.config import RedisSettings
 from broker.devstack import DevStack, free_port
 from broker.errors import LedgerUnavailableError
