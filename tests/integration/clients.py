@@ -16,7 +16,7 @@ import hvac.exceptions
 import psycopg
 
 from broker.adapters.clock import SystemClock
-from broker.adapters.config_files import load_target_catalog
+from broker.adapters.config_files import load_target_catalog, read_policy_dir
 from broker.adapters.kinds import all_kinds
 from broker.adapters.redis_ledger import RedisLedger
 from broker.adapters.vault import HvacVault, VaultMinter
@@ -24,6 +24,7 @@ from broker.adapters.workload_api import WorkloadApiSource
 from broker.bootstrap import RunningBroker
 from broker.config import RedisSettings, VaultSettings
 from broker.core.model import DelegationChain, DelegationHop, Lease
+from broker.core.policy import CedarPolicyEngine, WorkingHours
 from broker.core.ports import MintSpec
 from broker.devstack import DevStack
 from tests.conftest import remember_secret
@@ -242,3 +243,17 @@ async def issue_recorded(
     await ledger.write_ahead(lease)
     accessor = await mint_task_token(minter, lease) if real else f"never-issued-{uuid.uuid4().hex}"
     return await ledger.activate(lease.credential_id, token_accessor=accessor, vault_lease_ids=())
+
+
+def demo_policy_engine(extra: str = "") -> CedarPolicyEngine:
+    """The shipped policy set (config/policies), plus ``extra`` (Cedar text) when given, with
+    every hour a working hour (stack tests run at any time)."""
+    files = read_policy_dir(Path("config/policies"))
+    policies = dict(files.policies)
+    if extra:
+        policies["extra.cedar"] = extra
+    return CedarPolicyEngine(
+        policies=policies,
+        schema=files.schema,
+        hours=WorkingHours(start_hour_utc=0, end_hour_utc=24),
+    )

@@ -21,14 +21,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from broker.adapters.clock import SystemClock
-from broker.adapters.config_files import load_target_catalog, read_policy_dir
+from broker.adapters.config_files import load_target_catalog
 from broker.adapters.memory_audit import MemoryAuditTrail
 from broker.adapters.redis_ledger import RedisLedger
 from broker.adapters.vault import VaultMinter
 from broker.continuous import ContinuousAuthorizer
 from broker.core.audit import EventType
 from broker.core.model import Lease, LeaseState, WorkflowRun
-from broker.core.policy import CedarPolicyEngine, WorkingHours
 from broker.core.ports import LeaseSelector
 from broker.core.roles import parse_role_map
 from broker.devstack import DevStack
@@ -37,6 +36,7 @@ from broker.revocation import Revoker
 from tests.integration.clients import (
     broker_minter_and_ledger,
     demo_kv_lease,
+    demo_policy_engine,
     issue_recorded,
     token_alive,
 )
@@ -57,23 +57,11 @@ ROLES = parse_role_map(
         ]
     }
 )
-POLICY_FILES = read_policy_dir(Path("config/policies"))
 TARGETS = load_target_catalog(Path("config/targets.toml"))
 CLOSE_DEMO_KV = (
     '@id("demo-kv-closed") @reason("demo-kv is closed")\n'
     'forbid (principal, action, resource) when { resource.name == "demo-kv" };\n'
 )
-
-
-def _engine(extra: str = "") -> CedarPolicyEngine:
-    policies = dict(POLICY_FILES.policies)
-    if extra:
-        policies["extra.cedar"] = extra
-    return CedarPolicyEngine(
-        policies=policies,
-        schema=POLICY_FILES.schema,
-        hours=WorkingHours(start_hour_utc=0, end_hour_utc=24),
-    )
 
 
 @pytest.fixture
@@ -125,7 +113,7 @@ async def test_a_policy_change_revokes_every_live_lease_beyond_the_first_batch(
     assert await asyncio.to_thread(token_alive, stack, real_accessors[-1])
 
     audit = MemoryAuditTrail()
-    policy = LivePolicy(_engine())
+    policy = LivePolicy(demo_policy_engine())
     continuous = ContinuousAuthorizer(
         ledger=ledger,
         policy=policy,
@@ -141,7 +129,7 @@ async def test_a_policy_change_revokes_every_live_lease_beyond_the_first_batch(
     kept = await continuous.reevaluate(LeaseSelector(everything=True), "nothing changed")
     assert (kept.examined, kept.denied, kept.batches) == (LEASES, 0, LEASES // BATCH)
 
-    policy.replace(_engine(CLOSE_DEMO_KV))
+    policy.replace(demo_policy_engine(CLOSE_DEMO_KV))
     with capture_logs() as logs:
         report = await continuous.reevaluate(
             LeaseSelector(everything=True), "the policy set changed (test)"

@@ -25,7 +25,7 @@ import redis
 from structlog.testing import capture_logs
 
 from broker.adapters.clock import SystemClock
-from broker.adapters.config_files import load_target_catalog, read_policy_dir
+from broker.adapters.config_files import load_target_catalog
 from broker.adapters.memory_audit import MemoryAuditTrail
 from broker.adapters.redis_ledger import RedisLedger
 from broker.adapters.redis_reevaluation import RedisReevaluationMarkers, marker_key
@@ -33,7 +33,6 @@ from broker.adapters.vault import VaultMinter
 from broker.continuous import EVERYTHING, ContinuousAuthorizer
 from broker.core.audit import AuditEvent, CredentialRevoked, EventType
 from broker.core.model import Lease, LeaseState, WorkflowRun
-from broker.core.policy import CedarPolicyEngine, WorkingHours
 from broker.core.ports import LeaseSelector
 from broker.core.roles import parse_role_map
 from broker.devstack import DevStack
@@ -46,6 +45,7 @@ from tests.integration.clients import (
     call,
     client_context,
     demo_kv_lease,
+    demo_policy_engine,
     issue_recorded,
     start_run,
     token_alive,
@@ -214,20 +214,8 @@ ROLES = parse_role_map(
     }
 )
 TARGETS = load_target_catalog(Path("config/targets.toml"))
-POLICY_FILES = read_policy_dir(Path("config/policies"))
 LEASES = 6
 BATCH = 2
-
-
-def _engine(extra: str = "") -> CedarPolicyEngine:
-    policies = dict(POLICY_FILES.policies)
-    if extra:
-        policies["extra.cedar"] = extra
-    return CedarPolicyEngine(
-        policies=policies,
-        schema=POLICY_FILES.schema,
-        hours=WorkingHours(start_hour_utc=0, end_hour_utc=24),
-    )
 
 
 @pytest.fixture
@@ -303,7 +291,7 @@ async def test_redis_lost_mid_reevaluation_is_retried_until_every_denied_lease_i
 
     audit = RedisStoppingAudit(stack, down_for=2.0)
     revoker = Revoker(ledger=ledger, minter=minter, clock=clock, audit=audit)
-    policy = LivePolicy(_engine())
+    policy = LivePolicy(demo_policy_engine())
     markers = RedisReevaluationMarkers(client=ledger.client, namespace=ledger.namespace)
     continuous = ContinuousAuthorizer(
         ledger=ledger,
@@ -320,7 +308,7 @@ async def test_redis_lost_mid_reevaluation_is_retried_until_every_denied_lease_i
         retry_base=timedelta(milliseconds=200),
         retry_cap=timedelta(seconds=1),
     )
-    policy.replace(_engine(CLOSE_DEMO_KV))
+    policy.replace(demo_policy_engine(CLOSE_DEMO_KV))
     try:
         with capture_logs() as logs:
             await continuous.policy_changed(trigger="test")
