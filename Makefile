@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install spire dev demo test test-unit lint bench clean help
+.PHONY: install spire dev demo test test-unit lint bench soak clean help
 
 help:
 	@echo "make dev    - start the real local stack (OpenBao, SPIRE, Redis, PostgreSQL) and the broker"
@@ -12,6 +12,7 @@ help:
 	@echo "make test   - run every test (unit + against the real stack), with coverage"
 	@echo "make lint   - ruff, mypy --strict, import-linter"
 	@echo "make bench  - benchmarks (figures printed, nothing asserted)"
+	@echo "make soak   - bounded soak under faults checking nothing lost / nothing leaked (TASKLEASE_SOAK_SECONDS, TASKLEASE_SOAK_SEED)"
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +47,10 @@ lint: install
 
 bench: install spire
 	@for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+# Not in `make test` or `make bench`: about 90 s of load under faults (seeded), then the checks.
+soak: install spire
+	$(BIN)/python bench/soak_faults.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
