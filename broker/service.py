@@ -593,6 +593,8 @@ class CredentialBroker:
                 await self._minter.revoke(
                     token_accessor=minted.token_accessor, vault_lease_ids=minted.vault_lease_ids
                 )
+            # Nothing was handed out: a retry with the same key may mint afresh.
+            await self._forget_binding(caller, request, credential_id)
             if isinstance(recorded, NotFoundError):
                 # The write-ahead record vanished (Redis lost data): a ledger failure, not a
                 # missing resource of the caller's.
@@ -614,6 +616,7 @@ class CredentialBroker:
                         if isinstance(failure, AuditUnavailableError)
                         else _MINT_UNFINISHED,
                     )
+                    await self._forget_binding(caller, request, credential_id)
                 raise failure
         # The audit trail carries this (stdout sink); at info level it would print twice.
         _log.debug(
@@ -797,9 +800,11 @@ class CredentialBroker:
     async def _forget_binding(
         self, caller: Caller, request: CredentialRequest, credential_id: str
     ) -> None:
-        """Free the request's Idempotency-Key if it is still bound to ``credential_id`` (which
-        was never minted), so that a retry with it may mint. Best effort: a binding left
-        behind expires with the idempotency TTL."""
+        """Free the request's Idempotency-Key if it is still bound to ``credential_id`` (never
+        minted, or minted and revoked before anything was handed out), so that a retry with it
+        may mint. Best effort: a binding left behind expires with the idempotency TTL (and a
+        retry meanwhile gets 409 idempotency_replayed). Never after an unknown mint outcome: a
+        token may exist, and the replay names it."""
         if request.idempotency_key is None:
             return
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -301,6 +302,48 @@ async def test_a_failed_write_ahead_frees_the_idempotency_key() -> None:
         await service.request_credential(AGENT_CALLER, keyed, params=PARAMS)
     assert replay.value.credential_id == issued.lease.credential_id
     assert len(minter.minted) == 1
+
+
+class ActivateFailsOnce(InMemoryLedger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def activate(self, credential_id: str, **kwargs: Any) -> Lease:
+        if self.failures:
+            self.failures -= 1
+            raise LedgerUnavailableError(
+                "not acknowledged (test)", reason="ledger.not_acknowledged"
+            )
+        return await super().activate(credential_id, **kwargs)
+
+
+@pytest.mark.parametrize("failing", ["activation", "finish"])
+async def test_a_credential_revoked_before_it_was_handed_out_frees_the_idempotency_key(
+    failing: str,
+) -> None:
+    """Minted, then revoked because it could not be recorded (or finished): nothing was handed
+    out, so the retry with the same key mints a new credential instead of a 409 replay of one
+    nobody holds; a third try is a replay of the new one."""
+    ledger = ActivateFailsOnce() if failing == "activation" else InMemoryLedger()
+    minter = FakeMinter(
+        fail_finish=VaultUnavailableError("outlives the task", reason="vault.outlives_task")
+        if failing == "finish"
+        else None
+    )
+    service = broker(minter=minter, ledger=ledger)
+    await start_run(service)
+    keyed = request(idempotency_key="retry-act")
+    with pytest.raises((LedgerUnavailableError, VaultUnavailableError)):
+        await service.request_credential(AGENT_CALLER, keyed, params=PARAMS)
+    assert minter.revoked == ["acc-1"]
+    minter.fail_finish = None
+    issued = await service.request_credential(AGENT_CALLER, keyed, params=PARAMS)
+    assert issued.lease.state is LeaseState.ACTIVE
+    with pytest.raises(IdempotentReplayError) as replay:
+        await service.request_credential(AGENT_CALLER, keyed, params=PARAMS)
+    assert replay.value.credential_id == issued.lease.credential_id
+    assert len(minter.minted) == 2
 
 
 async def test_the_minters_last_step_runs_before_the_secret_is_returned() -> None:
