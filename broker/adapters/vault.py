@@ -486,6 +486,8 @@ class VaultMinter:  # satisfies core.ports.SecretMinter and core.ports.TaskToken
         listed = await self._http.call("listing token accessors", "LIST", "auth/token/accessors")
         accessors = list((listed.get("data") or {}).get("keys") or [])[:limit]
         tokens: list[TaskToken] = []
+        denied: VaultResponseError | None = None
+        looked_up = 0
         for accessor in accessors:
             try:
                 response = await self._http.raw(
@@ -494,12 +496,20 @@ class VaultMinter:  # satisfies core.ports.SecretMinter and core.ports.TaskToken
             except VaultResponseError as exc:
                 if exc.status == 400:
                     continue  # revoked or expired since the list: nothing to reconcile
+                if exc.status == 403:
+                    # OpenBao answers 403 for an accessor whose token is being revoked while
+                    # we list (seen under load: the sweeper revokes as the reconciler reads).
+                    # Such a token is no orphan to reconcile; a policy that denies lookups
+                    # denies every one of them, which is an error (below).
+                    denied = exc
+                    continue
                 raise translate("looking up a token accessor", exc) from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise VaultUnavailableError(
                     f"looking up token accessors: OpenBao is unreachable ({type(exc).__name__})",
                     reason="vault.unreachable",
                 ) from exc
+            looked_up += 1
             data = response.get("data") or {}
             meta = data.get("meta") or {}
             if meta.get("tasklease") != "1":
@@ -513,6 +523,10 @@ class VaultMinter:  # satisfies core.ports.SecretMinter and core.ports.TaskToken
                     expires_at=datetime.fromisoformat(expire) if expire else None,
                 )
             )
+        if denied is not None and not looked_up:
+            # Not one lookup allowed: the broker's policy lacks the lookup (fail, never report
+            # "no orphans" for a pass that saw nothing).
+            raise translate("looking up a token accessor", denied) from denied
         return tokens
 
     async def revoke(
