@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
@@ -127,13 +128,19 @@ def orders_as(stack: DevStack, user: str, password: str) -> int:
 
 
 def token_alive(stack: DevStack, accessor: str) -> bool:
-    """Whether OpenBao still knows the token behind ``accessor``."""
-    try:
-        openbao_root(stack).auth.token.lookup_accessor(accessor)
-    except hvac.exceptions.InvalidRequest as exc:
-        assert "invalid accessor" in str(exc)
-        return False
-    return True
+    """Whether OpenBao still knows the token behind ``accessor``. OpenBao answers 403 for a
+    token in the middle of its revocation: asked again until it says one or the other."""
+    for _ in range(50):
+        try:
+            openbao_root(stack).auth.token.lookup_accessor(accessor)
+        except hvac.exceptions.InvalidRequest as exc:
+            assert "invalid accessor" in str(exc)
+            return False
+        except hvac.exceptions.Forbidden:
+            time.sleep(0.1)
+            continue
+        return True
+    raise AssertionError(f"OpenBao kept answering 403 for accessor {accessor}")
 
 
 def lease_alive(stack: DevStack, lease_id: str) -> bool:
