@@ -9,8 +9,9 @@ few workflow runs, each request with its own ``Idempotency-Key``, retrying a 503
 answer) with the same key after ``Retry-After``, as a careful client does. Meanwhile a fault
 driver, at seeded random intervals, SIGKILLs Redis and restarts it, cuts OpenBao off (every
 connection dropped, new ones refused) for a few seconds, completes a run while requests are in
-flight (and starts another), or force-revokes everything one holder has; TTLs expire
-throughout.
+flight (and starts another), force-revokes everything one holder has, or SIGKILLs the broker
+itself and starts a new process on the same port (requests cut after a write-ahead, after a
+mint, before an answer); TTLs expire throughout.
 
 At the end: the load stops, every run is completed, the sweeper gets a bounded time to revoke
 everything, and one reconciler pass runs (as the integration tests construct it). Checked:
@@ -100,7 +101,7 @@ TTL_RANGE = (20, 40)
 ATTEMPTS = 8  # per request, the first included
 DOCUMENTED_503 = {"vault_unavailable", "mint_outcome_unknown", "ledger_unavailable"}
 DOCUMENTED_503 |= {"audit_unavailable"}
-FAULTS = ("redis_kill", "openbao_cut", "complete_run", "force_revoke_holder")
+FAULTS = ("redis_kill", "openbao_cut", "complete_run", "force_revoke_holder", "broker_kill")
 OWNER = "soak@example.test"
 DB_LEASE_PREFIX = "database/creds/demo-readonly/"
 
@@ -230,6 +231,7 @@ class Soak:
     active_runs: list[str] = field(default_factory=list)
     all_runs: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    broker: ManagedProcess | None = None
 
     def stamp(self) -> str:
         return f"t+{time.monotonic() - self.started:6.1f}s"
@@ -391,6 +393,23 @@ class Soak:
             await asyncio.sleep(0.1)
         return f"SIGKILL, down {down} s, restarted"
 
+    async def broker_kill(self, rng: random.Random) -> str:
+        """The broker dies mid-flight (SIGKILL: no shutdown, requests cut wherever they
+        were: after a write-ahead, after a mint, before an answer) and a new process starts
+        on the same port; clients ask again with the same key."""
+        assert self.broker is not None
+        popen = self.broker.popen
+        assert popen is not None
+        os.kill(popen.pid, signal.SIGKILL)
+        await asyncio.to_thread(popen.wait, 10)
+        down = round(rng.uniform(0, 2), 1)
+        await asyncio.sleep(down)
+        # Started from this (the main) thread, like the stack's processes.
+        self.broker.start()
+        started = time.monotonic()
+        await wait_ready(self.session, self.url, self.orchestrator)
+        return f"SIGKILL, down {down} s, restarted, ready after {time.monotonic() - started:.1f} s"
+
     async def openbao_cut(self, rng: random.Random) -> str:
         down = round(rng.uniform(1, 4), 1)
         dropped = self.proxy.dropped
@@ -432,6 +451,7 @@ class Soak:
             "openbao_cut": self.openbao_cut,
             "complete_run": self.complete_some_run,
             "force_revoke_holder": self.force_revoke_holder,
+            "broker_kill": self.broker_kill,
         }
         while True:
             gap = rng.uniform(*GAP)
@@ -756,6 +776,7 @@ async def main() -> int:
                 orchestrator=orchestrator,
                 admin=admin,
                 agents=agents,
+                broker=broker,
             )
             for _ in range(RUNS):
                 await soak.start_run()
