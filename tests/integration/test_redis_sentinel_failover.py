@@ -2,8 +2,8 @@
 one replica and three Sentinels (quorum 2), all with passwords, on free loopback ports in a
 temporary directory, started per test and torn down after it (SECURITY.md 32, failover case).
 
-Only ``redis-server`` is needed (``--sentinel`` is the same binary): a machine without it
-skips, and fails with ``TASKLEASE_REQUIRE_STACK=1``. Every wait is bounded, so a failover that
+Only ``redis-server`` is needed (``--sentinel`` is the same binary); the session's stack
+fixture checks the machine as for every stack test. Every wait is bounded, so a failover that
 never happens fails the test instead of hanging it. The service's side of a refused
 acknowledgement (the credential is revoked, no secret returned) is
 tests/unit/test_service_issuance.py::test_a_failed_acknowledgement_revokes_and_returns_no_secret.
@@ -39,9 +39,9 @@ from broker.core.model import (
     TargetKind,
     WorkflowRun,
 )
-from broker.devstack import ManagedProcess, free_port, redis_config, wait_until
+from broker.devstack import DevStack, ManagedProcess, free_port, redis_config, wait_until
 from broker.errors import LedgerUnavailableError
-from tests.conftest import LOG_DIR, REQUIRE_STACK, remember_secret
+from tests.conftest import LOG_DIR, remember_secret
 
 SERVICE = "tl-ledger"
 SENTINEL_PASSWORD_ENV = "TL_TEST_SENTINEL_PASSWORD"
@@ -183,12 +183,10 @@ class Topology:
 
 
 @pytest.fixture
-def topology(monkeypatch: pytest.MonkeyPatch) -> Iterator[Topology]:
-    if shutil.which("redis-server") is None:
-        message = "redis-server is not installed (apt-get install redis-server)"
-        if REQUIRE_STACK:
-            pytest.fail(f"TASKLEASE_REQUIRE_STACK=1 but {message}", pytrace=False)
-        pytest.skip(message)
+def topology(stack: DevStack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Topology]:
+    # ``stack`` (the session's, already running) applies the suite's one rule for a machine
+    # without redis-server and the rest: fail with TASKLEASE_REQUIRE_STACK=1. Its own
+    # processes are not used here.
     root = Path(tempfile.mkdtemp(prefix="tl-sentinel-", dir="/tmp"))
     topo = Topology(
         root=root,
