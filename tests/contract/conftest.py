@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -12,6 +13,8 @@ from broker.adapters.memory_ledger import InMemoryLedger
 from broker.adapters.redis_ledger import RedisLedger
 from broker.config import RedisSettings
 from broker.core.ports import Ledger
+
+_S = TypeVar("_S")
 
 
 class Ledgers:
@@ -37,6 +40,19 @@ class Ledgers:
         ledger = RedisLedger(settings=RedisSettings(url=self._redis_url), namespace=namespace)
         self.opened.append(ledger)
         return ledger
+
+    def pair(self, memory: Callable[[], _S], redis: Callable[[RedisLedger], _S]) -> tuple[_S, _S]:
+        """A store beside the ledger and a second handle on the same data: ``memory()`` once
+        (both handles the same object) for the fake; for Redis ``redis(ledger)`` on a new
+        namespace and on its twin (its own connections)."""
+        if self.kind == "memory":
+            store = memory()
+            return store, store
+        ledger = self.new()
+        assert isinstance(ledger, RedisLedger)
+        twin = self.twin(ledger)
+        assert isinstance(twin, RedisLedger)
+        return redis(ledger), redis(twin)
 
     async def close(self) -> None:
         for ledger in self.opened:

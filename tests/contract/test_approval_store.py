@@ -31,16 +31,9 @@ CHAIN = DelegationChain(
 
 def stores(ledgers: Ledgers) -> tuple[ApprovalStore, ApprovalStore]:
     """A store and a second handle on the same data (its own connections for Redis)."""
-    if ledgers.kind == "memory":
-        store = InMemoryApprovalStore()
-        return store, store
-    ledger = ledgers.new()
-    assert isinstance(ledger, RedisLedger)
-    twin = ledgers.twin(ledger)
-    assert isinstance(twin, RedisLedger)
-    return (
-        RedisApprovalStore(client=ledger.client, namespace=ledger.namespace),
-        RedisApprovalStore(client=twin.client, namespace=twin.namespace),
+    return ledgers.pair(
+        InMemoryApprovalStore,
+        lambda ledger: RedisApprovalStore(client=ledger.client, namespace=ledger.namespace),
     )
 
 

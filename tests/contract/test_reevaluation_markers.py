@@ -21,16 +21,9 @@ REDIS_ONLY = pytest.mark.parametrize("ledgers", ["redis"], indirect=True)
 
 def markers(ledgers: Ledgers) -> tuple[ReevaluationMarkers, ReevaluationMarkers]:
     """A marker store and a second handle on the same data (its own connections for Redis)."""
-    if ledgers.kind == "memory":
-        store = InMemoryReevaluationMarkers()
-        return store, store
-    ledger = ledgers.new()
-    assert isinstance(ledger, RedisLedger)
-    twin = ledgers.twin(ledger)
-    assert isinstance(twin, RedisLedger)
-    return (
-        RedisReevaluationMarkers(client=ledger.client, namespace=ledger.namespace),
-        RedisReevaluationMarkers(client=twin.client, namespace=twin.namespace),
+    return ledgers.pair(
+        InMemoryReevaluationMarkers,
+        lambda ledger: RedisReevaluationMarkers(client=ledger.client, namespace=ledger.namespace),
     )
 
 
