@@ -27,6 +27,7 @@ from broker.config import RedisSettings, VaultSettings
 from broker.core.model import DelegationChain, DelegationHop, Lease
 from broker.core.policy import CedarPolicyEngine, WorkingHours
 from broker.core.ports import MintSpec
+from broker.core.roles import parse_role_map
 from broker.devstack import DevStack
 from tests.conftest import remember_secret
 
@@ -188,6 +189,15 @@ async def broker_minter_and_ledger(
 
 DEMO_KV = load_target_catalog(Path("config/targets.toml"))["demo-kv"]
 DEMO_ORCHESTRATOR = "spiffe://tasklease.test/orchestrator/demo"
+# The workload roles of the demo identities, for authorizers built outside a broker.
+DEMO_ROLES = parse_role_map(
+    {
+        "workload": [
+            {"pattern": "spiffe://tasklease.test/agent/*", "roles": ["agent"]},
+            {"pattern": "spiffe://tasklease.test/orchestrator/*", "roles": ["orchestrator"]},
+        ]
+    }
+)
 
 
 def demo_kv_lease(

@@ -29,11 +29,12 @@ from broker.continuous import ContinuousAuthorizer
 from broker.core.audit import EventType
 from broker.core.model import Lease, LeaseState, WorkflowRun
 from broker.core.ports import LeaseSelector
-from broker.core.roles import parse_role_map
 from broker.devstack import DevStack
 from broker.policy_reload import LivePolicy
 from broker.revocation import Revoker
 from tests.integration.clients import (
+    DEMO_ORCHESTRATOR,
+    DEMO_ROLES,
     broker_minter_and_ledger,
     demo_kv_lease,
     demo_policy_engine,
@@ -48,15 +49,6 @@ RUNS = 5
 REAL_TOKENS = 25  # one in a hundred
 BATCH = 500
 AGENT = "spiffe://tasklease.test/agent/demo"
-ORCHESTRATOR = "spiffe://tasklease.test/orchestrator/demo"
-ROLES = parse_role_map(
-    {
-        "workload": [
-            {"pattern": "spiffe://tasklease.test/agent/*", "roles": ["agent"]},
-            {"pattern": "spiffe://tasklease.test/orchestrator/*", "roles": ["orchestrator"]},
-        ]
-    }
-)
 TARGETS = load_target_catalog(Path("config/targets.toml"))
 CLOSE_DEMO_KV = (
     '@id("demo-kv-closed") @reason("demo-kv is closed")\n'
@@ -76,7 +68,7 @@ def _run(number: int, now: datetime) -> WorkflowRun:
         id=f"wf-scale-{number}",
         owner="alice@example.test",
         purpose="continuous authorization at scale",
-        started_by=ORCHESTRATOR,
+        started_by=DEMO_ORCHESTRATOR,
         created_at=now,
         deadline=now + timedelta(hours=1),
     )
@@ -118,7 +110,7 @@ async def test_a_policy_change_revokes_every_live_lease_beyond_the_first_batch(
         ledger=ledger,
         policy=policy,
         targets=TARGETS,
-        roles=ROLES,
+        roles=DEMO_ROLES,
         revoker=Revoker(ledger=ledger, minter=minter, clock=clock),
         clock=clock,
         audit=audit,

@@ -34,12 +34,13 @@ from broker.continuous import EVERYTHING, ContinuousAuthorizer
 from broker.core.audit import AuditEvent, CredentialRevoked, EventType
 from broker.core.model import Lease, LeaseState, WorkflowRun
 from broker.core.ports import LeaseSelector
-from broker.core.roles import parse_role_map
 from broker.devstack import DevStack
 from broker.policy_reload import LivePolicy
 from broker.revocation import Revoker
 from tests.conftest import remember_secret
 from tests.integration.clients import (
+    DEMO_ORCHESTRATOR,
+    DEMO_ROLES,
     StartBroker,
     broker_minter_and_ledger,
     call,
@@ -204,15 +205,6 @@ async def test_a_policy_change_made_while_no_broker_applied_it_is_applied_at_sta
 
 
 AGENT = "spiffe://tasklease.test/agent/demo"
-ORCHESTRATOR = "spiffe://tasklease.test/orchestrator/demo"
-ROLES = parse_role_map(
-    {
-        "workload": [
-            {"pattern": "spiffe://tasklease.test/agent/*", "roles": ["agent"]},
-            {"pattern": "spiffe://tasklease.test/orchestrator/*", "roles": ["orchestrator"]},
-        ]
-    }
-)
 TARGETS = load_target_catalog(Path("config/targets.toml"))
 LEASES = 6
 BATCH = 2
@@ -266,7 +258,7 @@ async def test_redis_lost_mid_reevaluation_is_retried_until_every_denied_lease_i
             id="wf-recovery",
             owner="alice@example.test",
             purpose="continuous authorization recovers",
-            started_by=ORCHESTRATOR,
+            started_by=DEMO_ORCHESTRATOR,
             created_at=now,
             deadline=now + timedelta(hours=1),
         )
@@ -297,7 +289,7 @@ async def test_redis_lost_mid_reevaluation_is_retried_until_every_denied_lease_i
         ledger=ledger,
         policy=policy,
         targets=TARGETS,
-        roles=ROLES,
+        roles=DEMO_ROLES,
         revoker=revoker,
         clock=clock,
         audit=audit,
