@@ -2,8 +2,10 @@
 broker's CPU per issuance must stay under 1 ms; the ledger is one part of it).
 
 One issuance makes the ledger calls ``CredentialBroker.request_credential`` makes, in order:
-``get_run`` and ``quarantines`` (concurrently, as the service does), ``remember_idempotency``,
-``write_ahead``, ``activate(written=...)`` — against a real Redis with the default durability
+``get_run`` and ``quarantines`` (concurrently, as the service does), ``write_ahead`` with the
+request's idempotency binding (one script since the binding moved into it; a ``--baseline``
+ledger from before that makes its ``remember_idempotency`` call and then ``write_ahead``, timed
+as one step), ``activate(written=...)`` — against a real Redis with the default durability
 (``fsync``: on Redis 7.0 every write is fsynced before it is answered and every activation
 carries the ``CONFIG GET`` barrier).
 
@@ -66,12 +68,13 @@ from broker.core.model import (
     TargetKind,
     WorkflowRun,
 )
+from broker.core.ports import IdempotencyBinding
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 TRUST_DOMAIN = "spiffe://prod.example.org"
 ORCHESTRATOR = f"{TRUST_DOMAIN}/ns/ci/sa/argo"
 OWNER = "alice@example.org"
-OPERATIONS = ("get_run+quarantines", "remember_idempotency", "write_ahead", "activate")
+OPERATIONS = ("get_run+quarantines", "write_ahead+idempotency", "activate")
 IDEMPOTENCY_TTL = timedelta(hours=24)
 
 
@@ -84,10 +87,9 @@ class LedgerUnderTest(Protocol):
     async def get_run(self, workflow_id: str) -> WorkflowRun | None: ...
     async def set_quarantine(self, quarantine: Quarantine) -> None: ...
     async def quarantines(self, now: datetime) -> list[Quarantine]: ...
-    async def remember_idempotency(
-        self, key: str, fingerprint: str, credential_id: str, *, ttl: timedelta
+    async def write_ahead(
+        self, lease: Lease, *, idempotency: IdempotencyBinding | None = None
     ) -> str | None: ...
-    async def write_ahead(self, lease: Lease) -> None: ...
     async def activate(
         self,
         credential_id: str,
@@ -111,6 +113,21 @@ class Figures:
     issuance_cpu_us: list[float] = field(default_factory=list)
     concurrent_cpu_us: list[float] = field(default_factory=list)
     concurrent_p50_ms: list[float] = field(default_factory=list)
+
+
+async def _write_ahead(
+    ledger: LedgerUnderTest, lease: Lease, binding: IdempotencyBinding
+) -> str | None:
+    """The write-ahead with its idempotency binding: one call, or the two calls of a baseline
+    ledger that still binds the key in a command of its own."""
+    remember = getattr(ledger, "remember_idempotency", None)
+    if remember is None:
+        return await ledger.write_ahead(lease, idempotency=binding)
+    bound = await remember(binding.key, binding.fingerprint, lease.credential_id, ttl=binding.ttl)
+    if bound is not None:
+        return str(bound)
+    await ledger.write_ahead(lease)
+    return None
 
 
 def _lease(number: int, workflow_id: str) -> Lease:
@@ -187,19 +204,11 @@ async def _issue(
     )
     assert isinstance(both, list)
     assert both[0] is not None
-    bound = await step(
-        OPERATIONS[1],
-        ledger.remember_idempotency(
-            f"{lease.holder}|{lease.credential_id}",
-            "f" * 64,
-            lease.credential_id,
-            ttl=IDEMPOTENCY_TTL,
-        ),
-    )
+    binding = IdempotencyBinding(f"{lease.holder}|{lease.credential_id}", "f" * 64, IDEMPOTENCY_TTL)
+    bound = await step(OPERATIONS[1], _write_ahead(ledger, lease, binding))
     assert bound is None
-    await step(OPERATIONS[2], ledger.write_ahead(lease))
     await step(
-        OPERATIONS[3],
+        OPERATIONS[2],
         ledger.activate(
             lease.credential_id,
             token_accessor=secrets.token_hex(12),

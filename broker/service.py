@@ -49,6 +49,7 @@ from broker.core.model import (
 from broker.core.ports import (
     CheckResult,
     Clock,
+    IdempotencyBinding,
     LeaseSelector,
     Ledger,
     MintSpec,
@@ -505,15 +506,6 @@ class CredentialBroker:
                 caller, request, params, credential_id=credential_id, now=now
             )
         try:
-            if request.idempotency_key is not None:
-                existing = await self._ledger.remember_idempotency(
-                    f"{caller.principal_id}|{request.idempotency_key}",
-                    _fingerprint(caller.principal_id, request, params),
-                    credential_id,
-                    ttl=self._idempotency_ttl,
-                )
-                if existing is not None:
-                    raise IdempotentReplayError(existing)
             lease = Lease(
                 credential_id=credential_id,
                 workflow_id=run.id,
@@ -531,13 +523,30 @@ class CredentialBroker:
                 tool=request.tool,
                 justification=request.justification,
             )
+            # The Idempotency-Key is bound in the same atomic command as the write-ahead
+            # record: bound to a credential only if its record exists, and a key seen before
+            # writes nothing.
             try:
-                await self._ledger.write_ahead(lease)
+                existing = await self._ledger.write_ahead(
+                    lease,
+                    idempotency=IdempotencyBinding(
+                        f"{caller.principal_id}|{request.idempotency_key}",
+                        _fingerprint(caller.principal_id, request, params),
+                        self._idempotency_ttl,
+                    )
+                    if request.idempotency_key is not None
+                    else None,
+                )
+            except ConflictError:
+                raise  # the key is another request's, or the id is taken: nothing bound
             except Exception:
-                # Nothing was minted: the key must not stay bound to a credential that will
-                # never exist (a retry with it would get a replay of nothing).
+                # The command may have run with its answer lost: nothing will be minted, so
+                # the key must not stay bound to this credential (a retry with it would get a
+                # replay of nothing).
                 await self._forget_binding(caller, request, credential_id)
                 raise
+            if existing is not None:
+                raise IdempotentReplayError(existing)
         except Exception as exc:
             # Refused or failed before the mint: nothing exists under the approval.
             await self._release_unminted(used, exc)

@@ -25,7 +25,7 @@ from broker.core.model import (
     WorkflowRun,
     check_id,
 )
-from broker.core.ports import LeaseSelector
+from broker.core.ports import IdempotencyBinding, LeaseSelector
 from broker.errors import BadRequestError, ConflictError, NotFoundError
 
 MAX_FIND_LIMIT = 10_000
@@ -266,10 +266,22 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
 
     # ---- leases
 
-    async def write_ahead(self, lease: Lease) -> None:
+    async def write_ahead(
+        self, lease: Lease, *, idempotency: IdempotencyBinding | None = None
+    ) -> str | None:
         """Record an issuing lease, indexed and due at its expiry. Writing the same lease
-        again is a no-op (a retried call); another lease with the same id is a conflict."""
+        again is a no-op (a retried call); another lease with the same id is a conflict.
+        With ``idempotency``, a key bound already writes nothing and answers the bound
+        credential id (the fake keeps bindings forever: it has no clock)."""
         check_write_ahead(lease)
+        if idempotency is not None:
+            bound = self._idempotency.get(idempotency.key)
+            if bound is not None:
+                if bound[0] != idempotency.fingerprint:
+                    raise key_reused_error()
+                if bound[1] != lease.credential_id:
+                    return bound[1]
+                # Bound to this very lease: a retried call (the record was written with it).
         stored = self._leases.get(lease.credential_id)
         if stored is not None and stored != lease:
             raise ConflictError(
@@ -277,7 +289,10 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
                 reason="lease.exists",
             )
         self._leases[lease.credential_id] = lease
+        if idempotency is not None:
+            self._idempotency[idempotency.key] = (idempotency.fingerprint, lease.credential_id)
         await self.schedule(lease.credential_id, lease.expires_at)
+        return None
 
     async def discard(self, lease: Lease) -> bool:
         """Remove a lease exactly as written ahead (its mint was definitely refused); False
@@ -355,21 +370,6 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
                 yield found
 
     # ---- idempotency and tombstones
-
-    async def remember_idempotency(
-        self, key: str, fingerprint: str, credential_id: str, *, ttl: timedelta
-    ) -> str | None:
-        """Bind ``key``; return the bound credential id when it was bound already. The fake
-        keeps bindings forever (no clock); Redis forgets them after ``ttl``."""
-        if ttl <= timedelta(0):
-            raise ValueError(f"idempotency ttl must be positive, got {ttl}")
-        existing = self._idempotency.get(key)
-        if existing is None:
-            self._idempotency[key] = (fingerprint, credential_id)
-            return None
-        if existing[0] != fingerprint:
-            raise key_reused_error()
-        return existing[1]
 
     async def forget_idempotency(self, key: str, credential_id: str) -> None:
         """Unbind ``key`` if it is still bound to ``credential_id``."""

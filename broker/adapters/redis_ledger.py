@@ -42,10 +42,12 @@ only server-clock use is the expiry of idempotency bindings, which is garbage co
 Lua scripts (each atomic; results are plain strings so no JSON is parsed in Lua):
 
 * ``write_ahead`` (the run's leases, the id → run hash, the holder, owner and target sets, the
-  holders, the due bucket's three keys; C, W, record, holder, due): everything a write-ahead
-  writes, in one command; ``ok`` when the record is new or exactly this one (a retry),
-  ``exists`` when the id is taken (a record written into this run for an id of another run is
-  taken back).
+  holders, the due bucket's three keys, and the idempotency key when the request has one; C,
+  W, record, holder, due, binding, binding TTL): everything a write-ahead writes, in one
+  command; ``ok`` when the record is new or exactly this one (a retry), ``exists`` when the id
+  is taken (a record written into this run for an id of another run is taken back, and so is
+  the binding just set), ``{bound, binding}`` when the idempotency key is bound already (then
+  nothing is written).
 * ``cas`` (run leases; C, expected, new): set field C to ``new`` only if it holds exactly
   ``expected``; 1 or 0. ``save_lease`` reads, checks the rewrite in Python, then CASes.
 * ``activate`` (run leases, run tombstones; C, expected, task, issued_at, activated,
@@ -134,7 +136,7 @@ from broker.core.model import (
     WorkflowRun,
     check_id,
 )
-from broker.core.ports import CheckResult, LeaseSelector
+from broker.core.ports import CheckResult, IdempotencyBinding, LeaseSelector
 from broker.errors import ConflictError, LedgerUnavailableError, NotFoundError
 
 _log = structlog.get_logger("broker.ledger")
@@ -508,14 +510,21 @@ class _Keys:
 
 
 # One write-ahead, atomically and in one command (it was a MULTI of nine). ARGV: credential id,
-# run id, the lease record, its holder, its due time (µs). Everything is written as the MULTI
+# run id, the lease record, its holder, its due time (µs), the idempotency binding (or '') and
+# its TTL (ms). A binding is set first, unless the key is bound already: then nothing else is
+# written and the reply is {'bound', <the binding>}. Everything is written as the MULTI
 # wrote it, the index and due entries also when the id turns out to be taken (harmless: extra
 # index members are filtered on read, and the due time can only move earlier, ZADD LT); then
 # 'ok' when the record is new or exactly this one (a retried call), else 'exists' — after
-# taking back the record just written into this run if the id belongs to another run.
+# taking back the record just written into this run if the id belongs to another run, and the
+# binding just set.
 _WRITE_AHEAD = RedisScript(
     "write_ahead",
     """
+if ARGV[6] ~= '' then
+  local bound = redis.call('SET', KEYS[10], ARGV[6], 'NX', 'PX', ARGV[7], 'GET')
+  if bound then return {'bound', bound} end
+end
 local located = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 local recorded = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[1])
@@ -528,9 +537,11 @@ redis.call('ZADD', KEYS[7], 'LT', ARGV[5], ARGV[1])
 if located == 1 and recorded == 1 then return 'ok' end
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
   if recorded == 1 then redis.call('HDEL', KEYS[2], ARGV[1]) end
+  if ARGV[6] ~= '' then redis.call('DEL', KEYS[10]) end
   return 'exists'
 end
 if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[3] then return 'ok' end
+if ARGV[6] ~= '' then redis.call('DEL', KEYS[10]) end
 return 'exists'
 """,
 )
@@ -959,12 +970,19 @@ class RedisLedger:  # satisfies core.ports.Ledger
 
     # ---- leases
 
-    async def write_ahead(self, lease: Lease) -> None:
+    async def write_ahead(
+        self, lease: Lease, *, idempotency: IdempotencyBinding | None = None
+    ) -> str | None:
         """Record an issuing lease, indexed and due at its expiry, atomically in one command
         (the ``write_ahead`` script). Writing the same lease again is a no-op (a retried call
         whose reply was lost); another lease with the same id is a ``lease.exists`` conflict,
         and the record of the first one is left as it was (its index sets may gain harmless
         extra members, and its due time can only move earlier: ZADD LT).
+
+        With ``idempotency``, the same command first binds the key (``SET NX GET``, expiring
+        after the binding's TTL) unless it is bound already: then it writes nothing and the
+        bound credential id is returned (``idempotency.key_reused`` when bound with another
+        fingerprint). A key bound to this very lease is a retried call: None, as written.
         """
         check_write_ahead(lease)
         await self._ensure_layout()
@@ -972,26 +990,47 @@ class RedisLedger:  # satisfies core.ports.Ledger
         cid, wid = lease.credential_id, lease.workflow_id
         bucket = keys.bucket(cid)
         raw = _encode_lease(lease)
-        outcome = await self._script(
-            "write_ahead",
-            _WRITE_AHEAD,
-            [
-                keys.creds(bucket),
-                keys.leases(wid),
-                keys.holder(lease.holder),
-                keys.owner(lease.owner),
-                keys.target(lease.target),
-                keys.holders,
-                *keys.due(bucket),
-            ],
-            [cid, wid, raw, lease.holder, _micros(lease.expires_at)],
-        )
+        names = [
+            keys.creds(bucket),
+            keys.leases(wid),
+            keys.holder(lease.holder),
+            keys.owner(lease.owner),
+            keys.target(lease.target),
+            keys.holders,
+            *keys.due(bucket),
+        ]
+        args: list[str | int] = [cid, wid, raw, lease.holder, _micros(lease.expires_at), "", 0]
+        if idempotency is not None:
+            names.append(keys.idempotency(idempotency.key))
+            args[5] = json.dumps([idempotency.fingerprint, cid], separators=(",", ":"))
+            args[6] = max(1, idempotency.ttl // _MILLISECOND)
+        outcome = await self._script("write_ahead", _WRITE_AHEAD, names, args)
         if outcome == "ok":
-            return
+            return None
+        if (
+            idempotency is not None
+            and isinstance(outcome, list)
+            and len(outcome) == 2
+            and outcome[0] == "bound"
+        ):
+            bound = self._bound_credential(names[-1], outcome[1], idempotency.fingerprint)
+            return None if bound == cid else bound
         # Taken: a record that is unreadable is reported as such (ledger.corrupt), not as
         # a conflict.
         await self._read_lease(cid)
         raise ConflictError(f"credential id {cid} is taken by another lease", reason="lease.exists")
+
+    @staticmethod
+    def _bound_credential(name: str, binding: object, fingerprint: str) -> str:
+        """The credential id an idempotency binding names; ``idempotency.key_reused`` when it
+        was bound with another fingerprint, ``ledger.corrupt`` when it is unreadable."""
+        try:
+            bound_fingerprint, bound_id = json.loads(str(binding))
+        except (TypeError, ValueError) as exc:
+            raise _corrupt(name, exc) from exc
+        if bound_fingerprint != fingerprint:
+            raise key_reused_error()
+        return str(bound_id)
 
     async def _read_lease(self, credential_id: str) -> tuple[Lease, str] | None:
         """The lease and its stored text: its run from the credential hash, then the record."""
@@ -1343,30 +1382,6 @@ class RedisLedger:  # satisfies core.ports.Ledger
         ]
 
     # ---- idempotency and tombstones
-
-    async def remember_idempotency(
-        self, key: str, fingerprint: str, credential_id: str, *, ttl: timedelta
-    ) -> str | None:
-        """``SET NX GET``: bind ``key`` for ``ttl`` unless bound; return the bound credential
-        id when it was (same fingerprint), :class:`ConflictError` ``idempotency.key_reused``
-        when it was bound with another fingerprint."""
-        if ttl <= timedelta(0):
-            raise ValueError(f"idempotency ttl must be positive, got {ttl}")
-        name = self._keys.idempotency(key)
-        value = json.dumps([fingerprint, credential_id], separators=(",", ":"))
-        with _translated("remember_idempotency"):
-            previous = await self._redis.set(
-                name, value, nx=True, px=max(1, ttl // _MILLISECOND), get=True
-            )
-        if previous is None:
-            return None
-        try:
-            bound_fingerprint, bound_id = json.loads(str(previous))
-        except (TypeError, ValueError) as exc:
-            raise _corrupt(name, exc) from exc
-        if bound_fingerprint != fingerprint:
-            raise key_reused_error()
-        return str(bound_id)
 
     async def forget_idempotency(self, key: str, credential_id: str) -> None:
         """Unbind ``key`` if it is still bound to ``credential_id`` (its mint was refused, so

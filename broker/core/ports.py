@@ -174,6 +174,23 @@ class LeaseSelector:
         return all(checks)
 
 
+@dataclass(frozen=True, slots=True)
+class IdempotencyBinding:
+    """An ``Idempotency-Key`` to bind to the credential being written ahead.
+
+    ``key`` names the caller and its key (never a secret); ``fingerprint`` digests the request
+    it came with; ``ttl`` is how long the binding lasts.
+    """
+
+    key: str
+    fingerprint: str
+    ttl: timedelta
+
+    def __post_init__(self) -> None:
+        if self.ttl <= timedelta(0):
+            raise ValueError(f"idempotency ttl must be positive, got {self.ttl}")
+
+
 class Ledger(Protocol):
     """The lease ledger (Redis in production, in memory in unit tests). Never a secret."""
 
@@ -189,9 +206,16 @@ class Ledger(Protocol):
         """Overwrite a run (state changes)."""
         ...
 
-    async def write_ahead(self, lease: Lease) -> None:
+    async def write_ahead(
+        self, lease: Lease, *, idempotency: IdempotencyBinding | None = None
+    ) -> str | None:
         """Record a lease in state issuing *before* minting, indexed and due at its expiry,
-        so that even a mint whose answer is lost is found and revoked."""
+        so that even a mint whose answer is lost is found and revoked.
+
+        With ``idempotency``, atomically with the record: bind the key to the lease's
+        credential id unless it is bound already. When it is, nothing is written and the bound
+        credential id is returned (ConflictError ``idempotency.key_reused`` if bound with
+        another fingerprint). None when the lease was written."""
         ...
 
     async def activate(
@@ -237,13 +261,6 @@ class Ledger(Protocol):
         written, changed or removed meanwhile may or may not. Raises ``BadRequestError`` (on
         the first iteration) for a selector that names nothing or a batch out of range. Close
         it (``contextlib.aclosing``) when stopping early."""
-        ...
-
-    async def remember_idempotency(
-        self, key: str, fingerprint: str, credential_id: str, *, ttl: timedelta
-    ) -> str | None:
-        """Bind ``key`` to ``credential_id`` unless bound already; return the existing
-        credential id when the key was seen (ConflictError if with another fingerprint)."""
         ...
 
     async def tombstone_task(self, workflow_id: str, task_id: str, *, until: datetime) -> None:

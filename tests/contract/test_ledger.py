@@ -27,7 +27,7 @@ from broker.core.model import (
     TargetKind,
     WorkflowRun,
 )
-from broker.core.ports import LeaseSelector, Ledger
+from broker.core.ports import IdempotencyBinding, LeaseSelector, Ledger
 from broker.errors import BadRequestError, ConflictError, NotFoundError
 from tests.contract.conftest import Ledgers
 
@@ -668,32 +668,72 @@ async def test_iter_leases_refuses_an_unbounded_selector_or_batch(
 # --------------------------------------------------------------------------- idempotency
 
 
+_RUN = LeaseSelector(workflow_id="wf-1")
+
+
+def _bind(key: str, fingerprint: str = "fp-1") -> IdempotencyBinding:
+    return IdempotencyBinding(key, fingerprint, timedelta(hours=1))
+
+
 async def test_an_idempotency_key_returns_its_credential_for_the_same_request(
     ledger: Ledger,
 ) -> None:
-    ttl = timedelta(hours=1)
-    assert await ledger.remember_idempotency("agent|k1", "fp-1", "cred_a", ttl=ttl) is None
-    assert await ledger.remember_idempotency("agent|k1", "fp-1", "cred_b", ttl=ttl) == "cred_a"
-    assert await ledger.remember_idempotency("agent|k2", "fp-1", "cred_c", ttl=ttl) is None
+    assert await ledger.write_ahead(make_lease("cred_a"), idempotency=_bind("agent|k1")) is None
+    # The key is bound: the second lease is not written, the first credential is named.
+    assert await ledger.write_ahead(make_lease("cred_b"), idempotency=_bind("agent|k1")) == (
+        "cred_a"
+    )
+    assert await ledger.get_lease("cred_b") is None
+    assert await ledger.write_ahead(make_lease("cred_c"), idempotency=_bind("agent|k2")) is None
+    assert {lease.credential_id for lease in await ledger.find_leases(_RUN)} == {
+        "cred_a",
+        "cred_c",
+    }
+
+
+async def test_a_write_ahead_retried_with_its_own_key_is_a_no_op(ledger: Ledger) -> None:
+    lease = make_lease("cred_a")
+    assert await ledger.write_ahead(lease, idempotency=_bind("agent|k1")) is None
+    assert await ledger.write_ahead(lease, idempotency=_bind("agent|k1")) is None
+    assert await ledger.get_lease("cred_a") == lease
 
 
 async def test_an_idempotency_key_reused_for_another_request_conflicts(ledger: Ledger) -> None:
-    ttl = timedelta(hours=1)
-    await ledger.remember_idempotency("agent|k1", "fp-1", "cred_a", ttl=ttl)
+    await ledger.write_ahead(make_lease("cred_a"), idempotency=_bind("agent|k1"))
     with pytest.raises(ConflictError) as caught:
-        await ledger.remember_idempotency("agent|k1", "fp-2", "cred_b", ttl=ttl)
+        await ledger.write_ahead(make_lease("cred_b"), idempotency=_bind("agent|k1", "fp-2"))
     assert caught.value.reason == "idempotency.key_reused"
-    assert await ledger.remember_idempotency("agent|k1", "fp-1", "cred_b", ttl=ttl) == "cred_a"
+    assert await ledger.get_lease("cred_b") is None
+    assert await ledger.write_ahead(make_lease("cred_b"), idempotency=_bind("agent|k1")) == (
+        "cred_a"
+    )
+
+
+async def test_a_taken_credential_id_binds_no_idempotency_key(ledger: Ledger) -> None:
+    await ledger.write_ahead(make_lease("cred_a"))
+    with pytest.raises(ConflictError) as caught:
+        await ledger.write_ahead(
+            make_lease("cred_a", task_id="task-2"), idempotency=_bind("agent|k1")
+        )
+    assert caught.value.reason == "lease.exists"
+    # The key stayed free: a request with it writes its own lease.
+    assert await ledger.write_ahead(make_lease("cred_b"), idempotency=_bind("agent|k1")) is None
 
 
 async def test_a_forgotten_idempotency_key_can_be_bound_again(ledger: Ledger) -> None:
-    ttl = timedelta(hours=1)
-    await ledger.remember_idempotency("agent|k1", "fp-1", "cred_a", ttl=ttl)
+    await ledger.write_ahead(make_lease("cred_a"), idempotency=_bind("agent|k1"))
     await ledger.forget_idempotency("agent|k1", "cred_other")  # bound to another: kept
-    assert await ledger.remember_idempotency("agent|k1", "fp-1", "cred_b", ttl=ttl) == "cred_a"
+    assert await ledger.write_ahead(make_lease("cred_b"), idempotency=_bind("agent|k1")) == (
+        "cred_a"
+    )
     await ledger.forget_idempotency("agent|k1", "cred_a")
-    assert await ledger.remember_idempotency("agent|k1", "fp-1", "cred_b", ttl=ttl) is None
+    assert await ledger.write_ahead(make_lease("cred_b"), idempotency=_bind("agent|k1")) is None
     await ledger.forget_idempotency("agent|never", "cred_a")  # unbound: nothing happens
+
+
+def test_an_idempotency_binding_needs_a_positive_ttl() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        IdempotencyBinding("agent|k1", "fp-1", timedelta(0))
 
 
 # --------------------------------------------------------------------------- due index

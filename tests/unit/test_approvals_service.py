@@ -23,7 +23,7 @@ from broker.core.authn import Caller
 from broker.core.identity import AuthMethod, HumanIdentity, WorkloadIdentity
 from broker.core.model import CredentialRequest, Lease
 from broker.core.policy import CedarPolicyEngine
-from broker.core.ports import MintedCredential, MintSpec, RevokeOutcome
+from broker.core.ports import IdempotencyBinding, MintedCredential, MintSpec, RevokeOutcome
 from broker.core.roles import Role
 from broker.core.spiffe_id import SpiffeId
 from broker.errors import (
@@ -118,10 +118,12 @@ class FlakyLedger(InMemoryLedger):
         self.fail_write_ahead = False
         self.fail_activate = False
 
-    async def write_ahead(self, lease: Lease) -> None:
+    async def write_ahead(
+        self, lease: Lease, *, idempotency: IdempotencyBinding | None = None
+    ) -> str | None:
         if self.fail_write_ahead:
             raise LedgerUnavailableError("redis is down (test)", reason="ledger.unreachable")
-        await super().write_ahead(lease)
+        return await super().write_ahead(lease, idempotency=idempotency)
 
     async def activate(
         self,

@@ -31,7 +31,13 @@ from broker.core.model import (
     TargetKind,
     WorkflowRun,
 )
-from broker.core.ports import LeaseSelector, MintedCredential, MintSpec, RevokeOutcome
+from broker.core.ports import (
+    IdempotencyBinding,
+    LeaseSelector,
+    MintedCredential,
+    MintSpec,
+    RevokeOutcome,
+)
 from broker.core.roles import Role
 from broker.core.spiffe_id import SpiffeId
 from broker.errors import (
@@ -712,10 +718,12 @@ class GatedWriteAheadLedger(InMemoryLedger):
         self.gate = asyncio.Event()
         self.waiting = asyncio.Event()
 
-    async def write_ahead(self, lease: Lease) -> None:
+    async def write_ahead(
+        self, lease: Lease, *, idempotency: IdempotencyBinding | None = None
+    ) -> str | None:
         self.waiting.set()
         await self.gate.wait()
-        await super().write_ahead(lease)
+        return await super().write_ahead(lease, idempotency=idempotency)
 
 
 async def test_a_lease_written_ahead_after_completion_listed_the_run_is_revoked() -> None:

@@ -14,7 +14,7 @@ from broker.adapters.memory_ledger import InMemoryLedger
 from broker.core.authn import Caller
 from broker.core.identity import AuthMethod, HumanIdentity, WorkloadIdentity
 from broker.core.model import CredentialRequest, Lease, LeaseState
-from broker.core.ports import MintedCredential, MintSpec, RevokeOutcome
+from broker.core.ports import IdempotencyBinding, MintedCredential, MintSpec, RevokeOutcome
 from broker.core.roles import Role
 from broker.core.spiffe_id import SpiffeId
 from broker.errors import (
@@ -273,22 +273,28 @@ async def test_a_refused_mint_leaves_no_record_and_frees_the_idempotency_key() -
     assert issued.lease.state is LeaseState.ACTIVE
 
 
-class WriteAheadFailsOnce(InMemoryLedger):
+class WriteAheadAnswerLostOnce(InMemoryLedger):
+    """The first write-ahead runs (record and idempotency binding written), then its answer
+    is lost."""
+
     def __init__(self) -> None:
         super().__init__()
         self.failures = 1
 
-    async def write_ahead(self, lease: Lease) -> None:
+    async def write_ahead(
+        self, lease: Lease, *, idempotency: IdempotencyBinding | None = None
+    ) -> str | None:
+        written = await super().write_ahead(lease, idempotency=idempotency)
         if self.failures:
             self.failures -= 1
             raise LedgerUnavailableError("redis is down (test)", reason="ledger.unreachable")
-        await super().write_ahead(lease)
+        return written
 
 
 async def test_a_failed_write_ahead_frees_the_idempotency_key() -> None:
     """Nothing was minted, so the key is not left bound to a credential that never existed:
     the retry with the same key mints (not a replay of nothing), exactly once."""
-    ledger = WriteAheadFailsOnce()
+    ledger = WriteAheadAnswerLostOnce()
     minter = FakeMinter()
     service = broker(minter=minter, ledger=ledger)
     await start_run(service)
