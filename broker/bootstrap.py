@@ -642,6 +642,7 @@ async def build_runtime(
         locks=ledger,
         clock=clock,
         grace=timedelta(seconds=settings.vault.reconcile_grace_seconds),
+        lock_ttl=timedelta(seconds=settings.vault.reconcile_lock_ttl_seconds),
     )
     runtime.start_background(
         reconciler.run(interval=timedelta(seconds=settings.vault.reconcile_interval_seconds))

@@ -119,6 +119,9 @@ class VaultSettings(_Section):
     reconcile_interval_seconds: int = Field(default=300, ge=10)
     # ... once they are older than this (a mint in flight is never cut short).
     reconcile_grace_seconds: int = Field(default=120, ge=30)
+    # The reconciler's lock lease, renewed every third of it while a pass runs: a replica
+    # killed mid-pass holds up the others for at most this long.
+    reconcile_lock_ttl_seconds: int = Field(default=30, ge=3, le=600)
 
     @model_validator(mode="after")
     def _token_when_token_auth(self) -> VaultSettings:

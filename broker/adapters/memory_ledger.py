@@ -454,6 +454,10 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         holder = self._locks.setdefault(name, owner)
         return holder == owner
 
+    async def extend(self, name: str, owner: str, *, ttl: timedelta) -> bool:
+        """True if ``owner`` still holds ``name`` (which, without a clock, it keeps anyway)."""
+        return self._locks.get(name) == owner
+
     async def unlock(self, name: str, owner: str) -> None:
         """Release ``name`` if ``owner`` holds it."""
         if self._locks.get(name) == owner:

@@ -191,6 +191,11 @@ _MILLISECOND = timedelta(milliseconds=1)
 _UNLOCK: Final = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 )
+# Push a lock's expiry out only if it still names its owner (a lapsed lock is not taken back).
+_EXTEND: Final = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then"
+    " return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+)
 _MILLISECOND = timedelta(milliseconds=1)
 
 
@@ -810,6 +815,15 @@ class RedisLedger:  # satisfies core.ports.Ledger
                 self._keys.lock(name), owner, nx=True, px=max(int(ttl / _MILLISECOND), 1)
             )
         return bool(taken)
+
+    async def extend(self, name: str, owner: str, *, ttl: timedelta) -> bool:
+        """Keep ``name`` for ``owner`` for ``ttl`` from now (compare and PEXPIRE, atomically);
+        False if it lapsed or another owner holds it."""
+        with _translated("extend_lock"):
+            kept = await self._redis.eval(
+                _EXTEND, 1, self._keys.lock(name), owner, max(int(ttl / _MILLISECOND), 1)
+            )
+        return bool(kept == 1)
 
     async def unlock(self, name: str, owner: str) -> None:
         """Release ``name`` if ``owner`` still holds it (compare and delete, atomically)."""

@@ -327,6 +327,12 @@ class Locks(Protocol):
         """Take ``name`` for ``owner`` for ``ttl`` unless someone else holds it."""
         ...
 
+    async def extend(self, name: str, owner: str, *, ttl: timedelta) -> bool:
+        """Keep ``name`` for ``owner`` for ``ttl`` from now, atomically, only if ``owner``
+        still holds it; False if the lock expired or another owner holds it (a lock that
+        lapsed is never taken back here: that is :meth:`try_lock`'s job)."""
+        ...
+
     async def unlock(self, name: str, owner: str) -> None:
         """Release ``name`` if ``owner`` still holds it."""
         ...
