@@ -40,7 +40,10 @@ from broker.adapters.metrics_sources import register_metrics_sources
 from broker.adapters.oidc_jwks import OidcJwksSource
 from broker.adapters.redis_approvals import RedisApprovalStore
 from broker.adapters.redis_ledger import RedisLedger, RedisReadiness
-from broker.adapters.redis_reevaluation import RedisReevaluationMarkers
+from broker.adapters.redis_reevaluation import (
+    RedisPendingScopeRecords,
+    RedisReevaluationMarkers,
+)
 from broker.adapters.redis_webhook_outbox import RedisWebhookOutbox
 from broker.adapters.scheduler import RevocationSweeper
 from broker.adapters.tls import RotatingServerTls, build_server_context
@@ -577,6 +580,8 @@ async def build_runtime(
             writer=audit_trail.writer,
             retry_base=timedelta(seconds=settings.policy.reevaluation_retry_base_seconds),
             retry_cap=timedelta(seconds=settings.policy.reevaluation_retry_cap_seconds),
+            # Withdrawn approvals' re-evaluations not yet completed (resumed at start-up).
+            pending=RedisPendingScopeRecords(client=ledger.client, namespace=ledger.namespace),
         )
         continuous_readiness.attach(continuous)
         reloader.listen(continuous)
@@ -631,6 +636,8 @@ async def build_runtime(
     continuous.reevaluate_if_inputs_changed()
     # A quarantine's re-evaluation cut short by a stop still revokes what it covers.
     continuous.reapply_quarantines()
+    # So does a withdrawn approval's (its pending record outlives the process that noted it).
+    continuous.resume_pending()
     runtime.start_background(vault.keep_session())
     runtime.start_background(sweeper.run())
     if notifier is not None:

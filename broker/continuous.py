@@ -55,14 +55,31 @@ in force; absent or different, it re-evaluates every live lease in the backgroun
 above) and stores the digest only once that completed. Replicas starting together may each do
 it (re-evaluation is idempotent); none stores a digest for a re-evaluation it did not complete.
 
+**Changes that must survive a stop.** A retry still pending when the broker stops (or is
+killed) dies with the process. A policy or catalog change is picked up again at the next start
+(the digest differs), and every quarantine in force is applied again at each start
+(:meth:`ContinuousAuthorizer.reapply_quarantines`). A withdrawn approval has neither, so its
+change is noted durably (``core.ports.PendingScopeRecords``: the approval, run and task ids
+and the reason, on the ledger's Redis) *before* its first attempt, and the record is cleared
+only once an attempt covering it completed (its own, or a re-evaluation of every live lease
+that took it over). A record that cannot be stored is logged with an alert
+(``continuous.pending_unrecorded``) and stored again before each retry. At start-up
+(:meth:`ContinuousAuthorizer.resume_pending`) every record is queued again, retried as any
+scope (``continuous.pending_resumed`` counts them). Reads are bounded
+(:data:`PENDING_READ_LIMIT`); more than :data:`RESUME_EACH_LIMIT` records, a read cut at its
+limit, or an entry that does not parse (``continuous.pending_corrupt``, alert: its scope is
+unknown) make it one re-evaluation of every live lease instead, which covers them all and
+clears them once it completed (then reads the rest). Replicas resuming the same record each
+decide its leases (idempotent; revocation is claim-based) and each clears it.
+
 Limits: a request decided under the old set that writes its lease ahead while the re-evaluation
 runs may or may not be read by it, and one written after it is not; such a credential lives at
 most its TTL under the old set. During a rolling change, a replica still running the old inputs
 keeps issuing under them after another replica stored the new digest; those credentials are not
-decided again at later starts (SIGHUP the replicas, or they end at their TTL). A retry still
-pending when the broker stops is dropped: a policy or catalog change is picked up again at the
-next start (the digest differs), and every quarantine in force is applied again at each start
-(:meth:`ContinuousAuthorizer.reapply_quarantines`); a withdrawn approval's is not.
+decided again at later starts (SIGHUP the replicas, or they end at their TTL). A broker killed
+between storing an approval's withdrawal and noting its re-evaluation (the approvals code
+records its audit event and queues its webhook in between) leaves that credential to its TTL,
+as does a note Redis lost (it is written like the withdrawal, without waiting for an fsync).
 """
 
 from __future__ import annotations
@@ -95,12 +112,16 @@ from broker.core.model import (
 )
 from broker.core.policy import WorkingHours
 from broker.core.ports import (
+    PENDING_APPROVAL,
     ApprovalState,
     ApprovalStore,
     CheckResult,
     Clock,
     LeaseSelector,
     Ledger,
+    PendingScopeRecord,
+    PendingScopeRecords,
+    PendingScopesRead,
     PolicyEngine,
     PolicyRequest,
     QuarantineStore,
@@ -315,6 +336,14 @@ _SCOPE_LABEL: Final = {
 # The backoff between attempts of one scope (the defaults of policy.reevaluation_retry_*).
 RETRY_BASE: Final = timedelta(seconds=1)
 RETRY_CAP: Final = timedelta(seconds=60)
+# Start-up: pending records read at a time (ids and short text: a few MB at most), and
+# how many of them are resumed each as its own scope; more (or an unreadable one) are left to
+# one re-evaluation of every live lease, which covers them all.
+PENDING_READ_LIMIT: Final = 5000
+RESUME_EACH_LIMIT: Final = 100
+# The reason stored with a pending record (the record's own limit keeps room for the
+# truncation marker printable() appends).
+_PENDING_REASON_TEXT: Final = 400
 _STARTUP_REASON: Final = (
     "start-up: the policy set, targets catalog, roles or working hours in force differ from "
     "those every live lease was last decided under"
@@ -370,6 +399,21 @@ class _Job:
     retry_at: float | None = None  # loop time of the next attempt; None: at once
     covers: int = 0  # a full attempt: the last change submitted when it started deciding
     waiters: list[asyncio.Future[ReevaluationReport | None]] = field(default_factory=list)
+    # Durable records (core.ports.PendingScopeRecords) of the changes this job decides: the
+    # ids stored (cleared once an attempt completed), the records not stored yet (noted
+    # again before each attempt), and whether to read the records again once it completed
+    # (a start-up read stopped at its limit).
+    owed: set[str] = field(default_factory=set)
+    unstored: list[PendingScopeRecord] = field(default_factory=list)
+    then_resume: bool = False
+
+    def take_owed(self, other: _Job) -> None:
+        """Carry ``other``'s pending records (it is coalesced into this job): they are
+        cleared once this job completes."""
+        self.owed |= other.owed
+        self.unstored += other.unstored
+        self.then_resume = self.then_resume or other.then_resume
+        other.owed, other.unstored, other.then_resume = set(), [], False
 
     def take_failures(self, other: _Job) -> None:
         """Carry ``other``'s failures (it is coalesced into this job): the alarm stays until
@@ -385,6 +429,7 @@ class _Job:
         self.waiters.extend(other.waiters)
         other.waiters = []
         self.take_failures(other)
+        self.take_owed(other)
 
     def settle(self, outcome: ReevaluationReport | BaseException | None) -> None:
         """Tell the waiters of this attempt how it ended."""
@@ -418,8 +463,8 @@ class ContinuousAuthorizer:
     the policy reloader calls :meth:`policy_changed` and :meth:`targets_changed` (they return
     at once); :class:`ReevaluatingQuarantines` calls :meth:`quarantine_set` and the approvals
     code :meth:`approval_withdrawn` (they wait for the first attempt); bootstrap calls
-    :meth:`reevaluate_if_inputs_changed` at start-up. :meth:`reevaluate` is one attempt,
-    without retry.
+    :meth:`reevaluate_if_inputs_changed`, :meth:`reapply_quarantines` and
+    :meth:`resume_pending` at start-up. :meth:`reevaluate` is one attempt, without retry.
     """
 
     def __init__(
@@ -443,11 +488,16 @@ class ContinuousAuthorizer:
         retry_base: timedelta = RETRY_BASE,
         retry_cap: timedelta = RETRY_CAP,
         rng: random.Random | None = None,
+        pending: PendingScopeRecords | None = None,
+        resume_limit: int = PENDING_READ_LIMIT,
+        resume_each: int = RESUME_EACH_LIMIT,
     ) -> None:
         if not 1 <= batch <= MAX_ADDRESSED:  # the ledger's limit per call
             raise ValueError(f"batch must be between 1 and {MAX_ADDRESSED}, got {batch}")
         if not timedelta(0) < retry_base <= retry_cap:
             raise ValueError("retry_base must be positive and at most retry_cap")
+        if resume_limit < 1 or not 0 <= resume_each <= resume_limit:
+            raise ValueError("resume_limit must be positive and resume_each at most that")
         self._ledger = ledger
         self._policy = policy
         self._targets = targets
@@ -466,6 +516,9 @@ class ContinuousAuthorizer:
         self._retry_base = retry_base.total_seconds()
         self._retry_cap = retry_cap.total_seconds()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
+        self._pending = pending
+        self._resume_limit = resume_limit
+        self._resume_each = resume_each
         self._background: set[asyncio.Task[Any]] = set()
         self._slots: dict[tuple[str, str], _Slot] = {}
         self._seq = 0  # changes submitted so far
@@ -530,20 +583,94 @@ class ContinuousAuthorizer:
 
     async def approval_withdrawn(self, approval: Approval) -> ReevaluationReport | None:
         """A used approval was withdrawn: the credential issued under it is decided again
-        without it. Waits for the first attempt; None when it failed (logged, and retried in
-        the background)."""
+        without it. The change is first noted in the pending records (``pending``), so that a
+        broker stopping before a re-evaluation of it completed leaves it to the next start
+        (:meth:`resume_pending`). Waits for the first attempt; None when it failed (logged,
+        and retried in the background)."""
         subject = approval.subject
-        scope = ReevaluationScope(
-            APPROVAL,
-            approval.id,
-            LeaseSelector(workflow_id=subject.workflow_id, task_id=subject.task_id),
-            approval_id=approval.id,
-        )
         reason = f"approval {approval.id} was withdrawn by {approval.closed_by}"
+        record = self._pending_record(approval.id, subject.workflow_id, subject.task_id, reason)
+        owed: list[str] = []
+        unstored: list[PendingScopeRecord] = []
+        if record is not None:
+            if await self._note(record):
+                owed.append(record.id)
+            else:
+                unstored.append(record)
+        scope = _approval_scope(approval.id, subject.workflow_id, subject.task_id)
+        job = self._submit(scope, reason, owed=owed, unstored=unstored)
         try:
-            return await self._first_attempt(self._submit(scope, reason))
+            return await self._first_attempt(job)
         except Exception:  # noqa: BLE001 - logged by the attempt; the retry is scheduled
             return None
+
+    def resume_pending(self) -> None:
+        """At start-up, in the background: every re-evaluation a broker noted as pending and
+        did not complete (it stopped, or was killed, first) is queued again, retried as any
+        scope, and its record cleared once it completed. Needs ``pending``."""
+        if self._pending is not None:
+            self.in_background(self._resume_pending(), "continuous:pending")
+
+    async def _resume_pending(self) -> None:
+        assert self._pending is not None  # noqa: S101 - checked by the caller
+        failures = 0
+        while not self._closed:
+            try:
+                read = await self._pending.read_pending(limit=self._resume_limit)
+            except Exception as exc:  # noqa: BLE001 - read again after a backoff
+                failures += 1
+                delay = min(self._retry_cap, self._retry_base * 2 ** min(failures - 1, 32))
+                _log.warning(
+                    "continuous.pending_unreadable",
+                    error=type(exc).__name__,
+                    reason=exc.reason if isinstance(exc, TaskleaseError) else "",
+                    retry_in_seconds=delay,
+                )
+                await asyncio.sleep(self._rng.uniform(delay / 2, delay))
+                continue
+            self._resume(read)
+            return
+
+    def _resume(self, read: PendingScopesRead) -> None:
+        """Queue what ``read`` found: each record as its own scope when they are few, all
+        complete and readable; otherwise one re-evaluation of every live lease, which decides
+        whatever they were about (an unreadable entry's scope is unknown: fail closed)."""
+        records, unreadable = read.records, read.unreadable
+        if unreadable:
+            _log.error(
+                "continuous.pending_corrupt",
+                entries=len(unreadable),
+                sample=[printable(entry, 80) for entry in unreadable[:10]],
+                alert=True,
+                action="every live lease is decided again in their place",
+            )
+        each = read.complete and not unreadable and len(records) <= self._resume_each
+        if each:
+            for record in records:
+                self._submit(
+                    _approval_scope(record.key, record.workflow_id, record.task_id),
+                    f"start-up: resumed: {record.reason}",
+                    owed=[record.id],
+                )
+        elif records or unreadable:
+            self._submit(
+                EVERY_LIVE_LEASE,
+                f"start-up: {len(records)} pending re-evaluation(s) of withdrawn approvals"
+                + (f" and {len(unreadable)} unreadable pending record(s)" if unreadable else "")
+                + ("" if read.complete else " (more to read once done)")
+                + " left by a broker that stopped",
+                marks=True,
+                owed=[record.id for record in records] + list(unreadable),
+                then_resume=not read.complete,
+            )
+        log = _log.warning if records or unreadable else _log.info
+        log(
+            "continuous.pending_resumed",
+            count=len(records),
+            unreadable=len(unreadable),
+            complete=read.complete,
+            each_scope=each,
+        )
 
     def reevaluate_if_inputs_changed(self) -> None:
         """At start-up: in the background, compare the stored marker with the decision
@@ -572,6 +699,7 @@ class ContinuousAuthorizer:
         """Cancel background work and pending retries (the broker stops)."""
         self._closed = True
         abandoned = self.pending()
+        self._log_pending_records()
         tasks: list[asyncio.Task[Any]] = [*self._background]
         tasks += [slot.task for slot in self._slots.values() if slot.task is not None]
         for task in tasks:
@@ -647,14 +775,27 @@ class ContinuousAuthorizer:
         *,
         marks: bool = False,
         check_marker: bool = False,
+        owed: list[str] | None = None,
+        unstored: list[PendingScopeRecord] | None = None,
+        then_resume: bool = False,
     ) -> _Job | None:
         """Queue a change of ``scope``; its worker runs it as soon as the scope's running
-        attempt (if any) ends. A job already waiting in the scope is replaced by this one."""
+        attempt (if any) ends. A job already waiting in the scope is replaced by this one.
+        ``owed``/``unstored``: the pending records of the change (see :class:`_Job`)."""
         if self._closed:
             _log.warning("continuous.closed", scope=scope.kind, trigger=_trigger(reason))
             return None
         self._seq += 1
-        job = _Job(scope, reason, self._seq, marks=marks, check_marker=check_marker)
+        job = _Job(
+            scope,
+            reason,
+            self._seq,
+            marks=marks,
+            check_marker=check_marker,
+            owed=set(owed or ()),
+            unstored=list(unstored or ()),
+            then_resume=then_resume,
+        )
         slot = self._slots.get(scope.slot)
         if slot is None:
             slot = _Slot(scope.slot)
@@ -720,9 +861,13 @@ class ContinuousAuthorizer:
         inputs = self._inputs() if job.marks and self._inputs is not None else None
         report: ReevaluationReport | None = None
         try:
-            if not job.check_marker or await self._inputs_changed(inputs):
+            # A job owing pending records decides whatever the marker says: the marker may
+            # predate the changes they stand for.
+            owes = bool(job.owed or job.unstored)
+            if not job.check_marker or owes or await self._inputs_changed(inputs):
                 if job.scope.kind == EVERYTHING:
                     self._take_over_narrower(job)
+                await self._note_unstored(job)
                 job.covers = self._seq
                 report = await self.reevaluate(
                     job.scope.selector, job.reason, approval_id=job.scope.approval_id
@@ -742,8 +887,13 @@ class ContinuousAuthorizer:
                 failed_attempts=job.failures,
                 since=job.since.isoformat() if job.since else "",
             )
-        if report is not None and inputs is not None:
-            await self._store_marker(inputs)
+        if report is not None:
+            if inputs is not None:
+                await self._store_marker(inputs)
+            # Last: records coalesced into this job while it awaits are cleared too.
+            cleared = await self._clear_owed(job)
+            if job.then_resume and cleared:
+                self.resume_pending()  # the records a start-up read left for later
         job.settle(report)
 
     def _failed(self, slot: _Slot, job: _Job, exc: Exception) -> None:
@@ -758,6 +908,7 @@ class ContinuousAuthorizer:
             # A newer change of this scope, or a full attempt that started after this change
             # (or will start): it decides these leases under the newest state.
             taker.take_failures(job)
+            taker.take_owed(job)
             _log.info(
                 "continuous.coalesced",
                 scope=job.scope.kind,
@@ -820,6 +971,107 @@ class ContinuousAuthorizer:
 
     def _publish(self) -> None:
         self.metrics.pending.set(len(self.pending()) if self._slots else 0)
+
+    # ---- the pending records (changes that must survive a stop)
+
+    def _pending_record(
+        self, approval_id: str, workflow_id: str, task_id: str, reason: str
+    ) -> PendingScopeRecord | None:
+        """The record of a withdrawn approval's re-evaluation (None without ``pending``)."""
+        if self._pending is None:
+            return None
+        try:
+            return PendingScopeRecord(
+                id=f"pnd_{secrets.token_hex(12)}",
+                kind=PENDING_APPROVAL,
+                key=approval_id,
+                workflow_id=workflow_id,
+                task_id=task_id,
+                reason=printable(reason, _PENDING_REASON_TEXT),
+                noted_at=self._clock.now(),
+                noted_by=printable(self._writer, 100),
+            )
+        except ValueError as exc:  # not from a valid approval: nothing to note it under
+            _log.error(
+                "continuous.pending_unrecorded",
+                scope=APPROVAL,
+                key=printable(approval_id, 200),
+                error=printable(exc, 200),
+                alert=True,
+            )
+            return None
+
+    async def _note(self, record: PendingScopeRecord) -> bool:
+        """Store ``record``; False (logged with an alert) when it cannot be stored."""
+        assert self._pending is not None  # noqa: S101 - records exist only with a store
+        try:
+            await self._pending.note_pending(record)
+        except Exception as exc:  # noqa: BLE001 - noted again before each attempt
+            _log.error(
+                "continuous.pending_unrecorded",
+                scope=record.kind,
+                key=record.key,
+                error=type(exc).__name__,
+                reason=exc.reason if isinstance(exc, TaskleaseError) else "",
+                alert=True,
+                consequence="a stop before its re-evaluation completes would forget it; "
+                "noted again before each attempt",
+            )
+            return False
+        _log.info("continuous.pending_noted", scope=record.kind, key=record.key, id=record.id)
+        return True
+
+    async def _note_unstored(self, job: _Job) -> None:
+        """Before an attempt: store the job's records a failure kept from being stored."""
+        unstored, job.unstored = job.unstored, []
+        for record in unstored:
+            if await self._note(record):
+                job.owed.add(record.id)
+            else:
+                job.unstored.append(record)
+
+    async def _clear_owed(self, job: _Job) -> bool:
+        """An attempt of ``job`` completed: clear its records (and those coalesced into it
+        meanwhile). False when some could not be cleared: they are resumed at the next
+        start, which costs one more (harmless) re-evaluation."""
+        cleared = True
+        job.unstored = []
+        while job.owed and self._pending is not None:
+            ids, job.owed = sorted(job.owed), set()
+            try:
+                await self._pending.clear_pending(ids)
+            except Exception as exc:  # noqa: BLE001 - only costs a re-evaluation at a start
+                cleared = False
+                _log.warning(
+                    "continuous.pending_not_cleared",
+                    records=len(ids),
+                    error=type(exc).__name__,
+                    reason=exc.reason if isinstance(exc, TaskleaseError) else "",
+                )
+                continue
+            _log.info("continuous.pending_cleared", records=len(ids))
+        return cleared
+
+    def _log_pending_records(self) -> None:
+        """The broker stops: say which pending changes the next start resumes, and alert on
+        any whose record could not be stored (those are forgotten)."""
+        jobs = [
+            job
+            for slot in self._slots.values()
+            for job in (slot.running, slot.queued)
+            if job is not None
+        ]
+        kept = sum(len(job.owed) for job in jobs)
+        lost = [record for job in jobs for record in job.unstored]
+        if kept:
+            _log.warning("continuous.pending_kept", records=kept, resumed="at the next start")
+        if lost:
+            _log.error(
+                "continuous.pending_lost",
+                scopes=[f"{record.kind}:{record.key}" for record in lost[:20]],
+                records=len(lost),
+                alert=True,
+            )
 
     # ---- the decision-inputs marker
 
@@ -1164,6 +1416,16 @@ def _seconds(duration: timedelta) -> int:
 
 def _trigger(reason: str) -> str:
     return printable(reason, _REASON_LIMIT)
+
+
+def _approval_scope(approval_id: str, workflow_id: str, task_id: str) -> ReevaluationScope:
+    """A withdrawn approval's scope: the leases of its task issued with it."""
+    return ReevaluationScope(
+        APPROVAL,
+        approval_id,
+        LeaseSelector(workflow_id=workflow_id, task_id=task_id),
+        approval_id=approval_id,
+    )
 
 
 def _quarantine_scope(quarantine: Quarantine) -> ReevaluationScope:

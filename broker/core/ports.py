@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from broker.core.approvals import Approval
+from broker.core.approvals import APPROVAL_ID, Approval
 from broker.core.model import (
     Decision,
     DelegationChain,
@@ -18,7 +18,9 @@ from broker.core.model import (
     Sensitivity,
     Target,
     WorkflowRun,
+    check_id,
 )
+from broker.errors import BadRequestError
 
 
 class Clock(Protocol):
@@ -376,6 +378,95 @@ class ReevaluationMarkers(Protocol):
 
     async def mark_reevaluated(self, marker: ReevaluationMarker) -> None:
         """Store ``marker`` in place of the one before (the last writer wins)."""
+        ...
+
+
+# The kinds of re-evaluation whose pending state must outlive the broker process: only those
+# nothing else redoes at start-up (a policy or catalog change has the decision-inputs marker,
+# a quarantine is applied again while it is in force; a withdrawn approval has neither).
+PENDING_APPROVAL = "approval"
+_PENDING_KINDS = frozenset({PENDING_APPROVAL})
+_PENDING_ID_PREFIX = "pnd_"
+PENDING_REASON_LIMIT = 500
+
+
+def _check_pending_text(value: str, what: str, limit: int) -> None:
+    if not 1 <= len(value) <= limit or not value.isprintable():
+        raise ValueError(f"{what} must be 1..{limit} printable characters")
+
+
+@dataclass(frozen=True, slots=True)
+class PendingScopeRecord:
+    """A re-evaluation owed to live leases, noted before its first attempt and removed once
+    one completed, so that a broker stopping meanwhile does not forget it.
+
+    ``id`` (``pnd_`` + 24 hex digits) names this note (each note is its own, so removing one
+    never removes a newer note of the same scope); ``kind`` is :data:`PENDING_APPROVAL`, with
+    ``key`` the withdrawn approval's id and ``workflow_id``/``task_id`` the task its
+    credential was issued for; ``reason`` says what changed (printable, bounded); ``noted_at``
+    and ``noted_by`` when and by which broker process. Ids and text only, never a secret.
+    """
+
+    id: str
+    kind: str
+    key: str
+    workflow_id: str
+    task_id: str
+    reason: str
+    noted_at: datetime
+    noted_by: str
+
+    def __post_init__(self) -> None:
+        suffix = self.id.removeprefix(_PENDING_ID_PREFIX)
+        if (
+            suffix == self.id
+            or len(suffix) != 24
+            or any(c not in "0123456789abcdef" for c in suffix)
+        ):
+            raise ValueError("a pending record id must look like pnd_<24 hex digits>")
+        if self.kind not in _PENDING_KINDS:
+            raise ValueError(f"unknown pending re-evaluation kind {self.kind[:40]!r}")
+        if APPROVAL_ID.fullmatch(self.key) is None:
+            raise ValueError("the key of a pending approval re-evaluation is its approval id")
+        for value, what in ((self.workflow_id, "workflow id"), (self.task_id, "task id")):
+            try:
+                check_id(value, what)
+            except BadRequestError as exc:
+                raise ValueError(exc.detail) from None
+        _check_pending_text(self.reason, "reason", PENDING_REASON_LIMIT)
+        _check_pending_text(self.noted_by, "noted_by", _MARKER_WRITER_LIMIT)
+        if self.noted_at.tzinfo is None:
+            raise ValueError("noted_at must be timezone-aware")
+
+
+@dataclass(frozen=True, slots=True)
+class PendingScopesRead:
+    """One bounded read of the pending records: the ``records`` that parse, the ids of the
+    entries that do not (``unreadable``: written by another version or by hand; their scope is
+    unknown), and whether that was every entry (``complete``) or the read stopped at its
+    limit."""
+
+    records: tuple[PendingScopeRecord, ...] = ()
+    unreadable: tuple[str, ...] = ()
+    complete: bool = True
+
+
+class PendingScopeRecords(Protocol):
+    """The re-evaluations owed to live leases that must survive a broker stop, shared by
+    every replica (one hash on the ledger's Redis; a dictionary in unit tests)."""
+
+    async def note_pending(self, record: PendingScopeRecord) -> None:
+        """Store ``record`` (under its own id)."""
+        ...
+
+    async def read_pending(self, *, limit: int) -> PendingScopesRead:
+        """Up to ``limit`` entries (records and unreadable ones together), in no set order;
+        an entry that does not parse is reported in ``unreadable``, never raised."""
+        ...
+
+    async def clear_pending(self, ids: Collection[str]) -> None:
+        """Remove these entries (a record's id, or an unreadable entry's); unknown ids are
+        ignored."""
         ...
 
 
