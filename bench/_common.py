@@ -51,6 +51,9 @@ def broker_env(endpoints: StackEndpoints, **settings: str) -> dict[str, str]:
         "TASKLEASE_VAULT__ADDR": endpoints.openbao_addr,
         "TASKLEASE_REDIS__URL": endpoints.redis_url,
         "TASKLEASE_LOG_LEVEL": "warning",
+        # One benchmark agent holds more live credentials than the default cap (500); the
+        # largest cap keeps the count on the measured path without refusing anything.
+        "TASKLEASE_ISSUANCE__LIVE_CREDENTIALS_PER_IDENTITY": "1000000",
         **settings,
     }
 

@@ -1,7 +1,8 @@
 """Issuance through the broker against what users would do instead, side by side in one run.
 
-Broker path: an agent (mTLS with its SPIRE X.509-SVID) POSTs /v1/credentials to a broker that
-runs as its own process (`python -m broker serve`) on the real local stack.
+Broker path: an agent (mTLS with its SPIRE X.509-SVID) POSTs /v1/credentials, with an
+`Idempotency-Key` as the SDK always sends one, to a broker that runs as its own process
+(`python -m broker serve`) on the real local stack.
 Direct path: the same agent logs into OpenBao's JWT auth with its JWT-SVID and reads
 `database/creds/<role>` itself (for `vault-token`: the JWT login alone).
 
@@ -156,7 +157,11 @@ async def main(requests_per_cell: int) -> None:
                         "ttl_seconds": 900,  # no TTL revocations inside the measurement
                     }
                     async with session.post(
-                        f"{urls[number % REPLICAS]}/v1/credentials", json=body, ssl=agent_tls
+                        f"{urls[number % REPLICAS]}/v1/credentials",
+                        json=body,
+                        ssl=agent_tls,
+                        # As the SDK sends with every credential request.
+                        headers={"Idempotency-Key": f"tlk-{secrets.token_hex(16)}"},
                     ) as response:
                         if response.status != 201:
                             raise RuntimeError(f"{response.status}: {await response.text()}")

@@ -20,8 +20,8 @@ this measures memory and sweep cost, not fsync latency.
    The leases are realistic: a 3-hop chain of SPIFFE IDs, a 24-character accessor and one
    database lease id, 50 leases per run.
 2. Bytes per lease, per population: MEMORY USAGE of every key of its namespace (lease records,
-   id → run hashes, indexes, due index) over its leases, and the growth of ``used_memory``
-   while it was filled. Goal: <= 1 KiB.
+   id → run hashes, indexes, due index, the holders' live sets) over its leases, and the
+   growth of ``used_memory`` while it was filled. Goal: <= 1 KiB.
 3. Sweep cost, in rounds that alternate between the populations (so drift is shared), of
    ``DUE`` due leases among the active (not yet due) ones:
    * ``claim_due(limit=DUE)``: the ledger's claim alone (its Lua scripts, one pipeline per
@@ -53,7 +53,13 @@ import redis.asyncio as aioredis
 import structlog
 from _common import with_redis
 
-from broker.adapters.redis_ledger import RedisLedger, _encode_lease, _Keys, _micros
+from broker.adapters.redis_ledger import (
+    _LIVE_SET_GRACE_MS,
+    RedisLedger,
+    _encode_lease,
+    _Keys,
+    _micros,
+)
 from broker.config import RedisSettings
 from broker.core.model import (
     DelegationChain,
@@ -124,6 +130,8 @@ async def _write(client: aioredis.Redis, keys: _Keys, leases: Sequence[Lease]) -
     holders: dict[str, int] = {}
     due: dict[str, dict[str, int]] = defaultdict(dict)
     claims: dict[tuple[str, str], list[str]] = defaultdict(list)
+    live: dict[str, dict[str, int]] = defaultdict(dict)  # the holders' live sets
+    forget_at: dict[str, int] = {}
     for lease in leases:
         cid, wid = lease.credential_id, lease.workflow_id
         bucket = keys.bucket(cid)
@@ -136,6 +144,10 @@ async def _write(client: aioredis.Redis, keys: _Keys, leases: Sequence[Lease]) -
         holders[lease.holder] = 0
         claims[(in_flight, claimed)].append(cid)
         due[due_key][cid] = _micros(lease.expires_at)
+        live_key = keys.live(lease.holder)
+        live[live_key][cid] = _micros(lease.expires_at)
+        gc_ms = _micros(lease.expires_at) // 1000 + _LIVE_SET_GRACE_MS
+        forget_at[live_key] = max(forget_at.get(live_key, 0), gc_ms)
     async with client.pipeline(transaction=False) as pipe:
         for key, mapping in (*creds.items(), *records.items()):
             pipe.hset(key, mapping=mapping)
@@ -147,6 +159,10 @@ async def _write(client: aioredis.Redis, keys: _Keys, leases: Sequence[Lease]) -
             pipe.hdel(claimed, *ids)
         for key, scores in due.items():
             pipe.zadd(key, scores)
+        for key, scores in live.items():
+            pipe.zadd(key, scores)
+            pipe.pexpireat(key, forget_at[key], nx=True)
+            pipe.pexpireat(key, forget_at[key], gt=True)
         await pipe.execute()
 
 
@@ -244,6 +260,8 @@ def _family(key: str) -> str:
         return "due index"
     if rest.startswith("idx:"):
         return "index " + rest.split(":")[1]
+    if rest.startswith("live:"):
+        return "live sets (limits)"
     return "meta"
 
 

@@ -523,6 +523,7 @@ async def build_runtime(
             quarantines=quarantines,
             approvals=approvals,
             audit=audit_trail,
+            live_limit_per_identity=settings.issuance.live_credentials_per_identity,
         )
         app = create_app(
             readiness=readiness,

@@ -398,7 +398,12 @@ _MAX_RETRY_AFTER = 30.0
 
 
 def _transient(error: ApiError) -> bool:
-    return error.status in _TRANSIENT_STATUS and error.reason not in _NOT_TRANSIENT
+    if error.status not in _TRANSIENT_STATUS or error.reason in _NOT_TRANSIENT:
+        return False
+    # A broker asking for a longer wait than a retry would make (a live-credential limit
+    # whose earliest credential expires in minutes): tell the caller now, not after it.
+    said = str(error.problem.get("retry_after", ""))
+    return not (said.isdigit() and float(said) > _MAX_RETRY_AFTER)
 
 
 # Status 0 without a connection problem: the broker's identity or TLS is wrong; asking again
@@ -411,8 +416,9 @@ class TaskleaseClient:
 
     ``retries`` is how many times a call that is safe to repeat is asked again after a
     transient failure (the broker unreachable, a timeout, 429, 502, 503, 504), waiting
-    ``backoff`` seconds doubled each time with jitter, or what ``Retry-After`` says (at most
-    30 s). Safe to repeat: reads, releases, and credential requests (each carries an
+    ``backoff`` seconds doubled each time with jitter, or what ``Retry-After`` says; an answer
+    whose ``Retry-After`` is over 30 s (a live-credential limit far from freeing) is raised at
+    once. Safe to repeat: reads, releases, and credential requests (each carries an
     ``Idempotency-Key``, so a retry never mints a second credential).
     """
 

@@ -30,6 +30,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from broker.core.model import MAX_LIVE_LIMIT
 from broker.errors import ConfigurationError
 
 DEFAULT_CONFIG_PATH = Path("config/broker.toml")
@@ -225,6 +226,16 @@ class RevocationConfig(_Section):
     visibility_seconds: float = Field(default=60.0, gt=0)
     concurrency: int = Field(default=16, ge=1, le=256)
     revoke_timeout_seconds: float = Field(default=10.0, gt=0)
+
+
+class IssuanceSettings(_Section):
+    """Bounds on what one identity may hold, whatever the policy allows."""
+
+    # At most this many live credentials (issued, not revoked, not expired) per workload
+    # identity, across runs and targets; a request over it is refused with 429
+    # limit_exceeded. 0 turns the limit off. A target may set a lower cap of its own
+    # (max_live_per_identity in targets.toml).
+    live_credentials_per_identity: int = Field(default=500, ge=0, le=MAX_LIVE_LIMIT)
 
 
 class PolicySettings(_Section):
@@ -430,6 +441,7 @@ class Settings(BaseSettings):
     vault: VaultSettings = VaultSettings()
     redis: RedisSettings = RedisSettings()
     revocation: RevocationConfig = RevocationConfig()
+    issuance: IssuanceSettings = IssuanceSettings()
     audit: AuditSettings = AuditSettings()
     policy: PolicySettings = PolicySettings()
     approvals: ApprovalSettings = ApprovalSettings()

@@ -32,6 +32,9 @@ expected, and never contain a secret; untrusted values in them are escaped and t
     ├── ConflictError                      409 conflict
     │   ├── IdempotentReplayError          409 idempotency_replayed (carries credential_id)
     │   └── ApprovalStateError             409 approval_state (approval.expired, .used, …)
+    ├── LimitExceededError                 429 limit_exceeded (limit.live_per_identity,
+    │                                      limit.live_per_target; carries limit and
+    │                                      retry_after_seconds, sent as Retry-After)
     └── UnavailableError                   503 unavailable
         ├── BundleUnavailableError         503 bundle_unavailable
         ├── VaultUnavailableError          503 vault_unavailable
@@ -216,6 +219,25 @@ class ApprovalStateError(ConflictError):
 
     code = "approval_state"
     title = "Approval not in a usable state"
+
+
+class LimitExceededError(TaskleaseError):
+    """A quota is full: the caller holds as many live credentials as it may (per identity, or
+    per identity and target). Nothing was minted; a slot frees when one of them expires or is
+    released, and ``retry_after`` says when the earliest expires."""
+
+    status = 429
+    code = "limit_exceeded"
+    title = "Limit exceeded"
+
+    def __init__(self, detail: str, *, reason: str, limit: int, retry_after: int) -> None:
+        super().__init__(detail, reason=reason)
+        self.limit = limit
+        self.retry_after = max(1, retry_after)
+
+    def extra(self) -> dict[str, object]:
+        """The limit and the seconds until the earliest live credential expires."""
+        return {"limit": self.limit, "retry_after_seconds": self.retry_after}
 
 
 class ApprovalPendingError(TaskleaseError):

@@ -52,6 +52,7 @@ from broker.core.ports import (
     IdempotencyBinding,
     LeaseSelector,
     Ledger,
+    LiveLimits,
     MintSpec,
     PolicyEngine,
     PolicyRequest,
@@ -69,6 +70,7 @@ from broker.errors import (
     ForbiddenError,
     IdempotentReplayError,
     LedgerUnavailableError,
+    LimitExceededError,
     MintOutcomeUnknownError,
     NotFoundError,
     PolicyDeniedError,
@@ -147,6 +149,7 @@ class CredentialBroker:
         idempotency_ttl: timedelta = timedelta(days=1),
         approvals: Approvals | None = None,
         audit: AuditTrail | None = None,
+        live_limit_per_identity: int = 0,
     ) -> None:
         # The audit trail (bootstrap always wires one). None only in unit set-ups.
         self._audit = audit
@@ -161,6 +164,8 @@ class CredentialBroker:
         self._quarantines = quarantines
         self._max_run_duration = max_run_duration
         self._idempotency_ttl = idempotency_ttl
+        # At most this many live credentials per identity (0: none); a target may cap its own.
+        self._live_limit = live_limit_per_identity
 
     @property
     def targets(self) -> Mapping[str, Target]:
@@ -536,9 +541,10 @@ class CredentialBroker:
                     )
                     if request.idempotency_key is not None
                     else None,
+                    limits=LiveLimits(self._live_limit, target.max_live_per_identity),
                 )
-            except ConflictError:
-                raise  # the key is another request's, or the id is taken: nothing bound
+            except (ConflictError, LimitExceededError):
+                raise  # the key is another request's, the id is taken, a limit: nothing bound
             except Exception:
                 # The command may have run with its answer lost: nothing will be minted, so
                 # the key must not stay bound to this credential (a retry with it would get a

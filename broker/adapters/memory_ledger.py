@@ -14,6 +14,7 @@ and nothing is ever evicted.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import AsyncGenerator
 from datetime import datetime, timedelta
 
@@ -25,8 +26,8 @@ from broker.core.model import (
     WorkflowRun,
     check_id,
 )
-from broker.core.ports import IdempotencyBinding, LeaseSelector
-from broker.errors import BadRequestError, ConflictError, NotFoundError
+from broker.core.ports import IdempotencyBinding, LeaseSelector, LiveLimits
+from broker.errors import BadRequestError, ConflictError, LimitExceededError, NotFoundError
 
 MAX_FIND_LIMIT = 10_000
 
@@ -205,6 +206,23 @@ def key_reused_error() -> ConflictError:
     )
 
 
+def live_limit_error(
+    lease: Lease, *, per_target: bool, limit: int, earliest_expiry: datetime
+) -> LimitExceededError:
+    """The holder of ``lease`` holds ``limit`` live credentials already (of its target, when
+    ``per_target``); the earliest of them expires at ``earliest_expiry``."""
+    wait = math.ceil((earliest_expiry - lease.issued_at).total_seconds())
+    scope = f"of target {lease.target!r} " if per_target else ""
+    return LimitExceededError(
+        f"{lease.holder} holds {limit} live credentials {scope}already, the most allowed "
+        f"{'per identity for this target' if per_target else 'per identity'}; one expires in "
+        f"{max(1, wait)} s, or release one you no longer need (DELETE /v1/credentials/{{id}})",
+        reason="limit.live_per_target" if per_target else "limit.live_per_identity",
+        limit=limit,
+        retry_after=wait,
+    )
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class DueBacklog:
     """The due index at one moment (for metrics): how much revocation work is waiting."""
@@ -234,6 +252,8 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         self._leases: dict[str, Lease] = {}
         self._tombstones: dict[tuple[str, str], datetime] = {}
         self._idempotency: dict[str, tuple[str, str]] = {}
+        # (holder, target) → the ids written while the target had a per-identity limit
+        self._counted_for_target: dict[tuple[str, str], set[str]] = {}
         self._due: dict[str, datetime] = {}
         # credential id → (visibility deadline, the due time it was claimed at)
         self._in_flight: dict[str, tuple[datetime, datetime]] = {}
@@ -267,12 +287,17 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
     # ---- leases
 
     async def write_ahead(
-        self, lease: Lease, *, idempotency: IdempotencyBinding | None = None
+        self,
+        lease: Lease,
+        *,
+        idempotency: IdempotencyBinding | None = None,
+        limits: LiveLimits | None = None,
     ) -> str | None:
         """Record an issuing lease, indexed and due at its expiry. Writing the same lease
         again is a no-op (a retried call); another lease with the same id is a conflict.
         With ``idempotency``, a key bound already writes nothing and answers the bound
-        credential id (the fake keeps bindings forever: it has no clock)."""
+        credential id (the fake keeps bindings forever: it has no clock). With ``limits``, a
+        lease over the holder's live-credential limits writes nothing (LimitExceededError)."""
         check_write_ahead(lease)
         if idempotency is not None:
             bound = self._idempotency.get(idempotency.key)
@@ -283,16 +308,44 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
                     return bound[1]
                 # Bound to this very lease: a retried call (the record was written with it).
         stored = self._leases.get(lease.credential_id)
+        if limits is not None and stored is None:
+            self._check_limits(lease, limits)
         if stored is not None and stored != lease:
             raise ConflictError(
                 f"credential id {lease.credential_id} is taken by another lease",
                 reason="lease.exists",
             )
         self._leases[lease.credential_id] = lease
+        if limits is not None and limits.per_target:
+            counted = self._counted_for_target.setdefault((lease.holder, lease.target), set())
+            counted.add(lease.credential_id)
         if idempotency is not None:
             self._idempotency[idempotency.key] = (idempotency.fingerprint, lease.credential_id)
         await self.schedule(lease.credential_id, lease.expires_at)
         return None
+
+    def _check_limits(self, lease: Lease, limits: LiveLimits) -> None:
+        """Raise LimitExceededError if ``lease`` would exceed one of ``limits``."""
+        at = lease.issued_at
+        live = [
+            held
+            for held in self._leases.values()
+            if held.holder == lease.holder
+            and held.state is not LeaseState.REVOKED
+            and held.expires_at > at
+        ]
+        counted = self._counted_for_target.get((lease.holder, lease.target), set())
+        for per_target, limit, scope in (
+            (False, limits.per_identity, live),
+            (True, limits.per_target, [h for h in live if h.credential_id in counted]),
+        ):
+            if limit and len(scope) >= limit:
+                raise live_limit_error(
+                    lease,
+                    per_target=per_target,
+                    limit=limit,
+                    earliest_expiry=min(held.expires_at for held in scope),
+                )
 
     async def discard(self, lease: Lease) -> bool:
         """Remove a lease exactly as written ahead (its mint was definitely refused); False

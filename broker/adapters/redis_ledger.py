@@ -9,8 +9,9 @@ cannot be had, unless the operator explicitly configured
 Key layout (``tl`` is the namespace; ``W`` a run id, ``C`` a credential id, ``T`` a task id,
 ``b`` = CRC32(C) mod ``due_buckets``). Everything of one run shares the hash tag ``{wf:W}``
 and so one Cluster slot; each due bucket is its own tag, so every Lua script but
-``write_ahead`` touches one slot (``write_ahead`` spans the run, its indexes and a due bucket,
-as the MULTI/EXEC it replaced did)::
+``write_ahead``, ``discard`` and the ``cas`` of a revocation touches one slot
+(``write_ahead`` spans the run, its indexes, a due bucket and the holder's live sets, as the
+MULTI/EXEC it replaced did; the other two also take the lease out of the live sets)::
 
     tl:meta                   hash    layout version, due_buckets (checked by every replica)
     tl:{wf:W}:run             string  the run (compact JSON)
@@ -26,6 +27,9 @@ as the MULTI/EXEC it replaced did)::
     tl:{due:b}:inflight       zset    C → visibility deadline (µs) while claimed
     tl:{due:b}:claimed        hash    C → the due time it was claimed at (while claimed)
     tl:idem:<sha256(key)>     string  [fingerprint, C], expires after the idempotency TTL
+    tl:live:<holder>          zset    C → expiry (µs): the holder's leases neither revoked
+                                      nor expired (what live-credential limits count)
+    tl:live:<holder>|<target> zset    the same, of one target, while it has a limit
 
 Memory, not convenience, shaped this (goal: 1 KiB per lease with its index entries, measured
 by ``bench/bench_ledger.py``): a hash field costs about half of a key, so leases are fields of
@@ -37,26 +41,30 @@ small); a task id alone scans every lease, in bounded batches.
 
 Times are integers in microseconds (exact in JSON and, below 2^53, in sorted-set scores).
 Every time is the caller's ``now``: no script reads the Redis server clock (SECURITY 36). The
-only server-clock use is the expiry of idempotency bindings, which is garbage collection.
+only server-clock uses are the expiry of idempotency bindings and of idle live sets (a day
+after their newest lease expired), which are garbage collection.
 
 Lua scripts (each atomic; results are plain strings so no JSON is parsed in Lua):
 
 * ``write_ahead`` (the run's leases, the id → run hash, the holder, owner and target sets, the
-  holders, the due bucket's three keys, and the idempotency key when the request has one; C,
-  W, record, holder, due, binding, binding TTL): everything a write-ahead writes, in one
-  command; ``ok`` when the record is new or exactly this one (a retry), ``exists`` when the id
-  is taken (a record written into this run for an id of another run is taken back, and so is
-  the binding just set), ``{bound, binding}`` when the idempotency key is bound already (then
-  nothing is written).
-* ``cas`` (run leases; C, expected, new): set field C to ``new`` only if it holds exactly
-  ``expected``; 1 or 0. ``save_lease`` reads, checks the rewrite in Python, then CASes.
+  holders, the due bucket's three keys, the holder's live sets, and the idempotency key when
+  the request has one; C, W, record, holder, due, binding, binding TTL, now, the limits):
+  everything a write-ahead writes, in one command; ``{bound, binding}`` when the idempotency
+  key is bound already and ``{limit, i, earliest expiry}`` when live set ``i`` is at its limit
+  (then nothing is written); ``ok`` when the record is new or exactly this one (a retry),
+  ``exists`` when the id is taken (a record written into this run for an id of another run is
+  taken back).
+* ``cas`` (run leases, and the live sets when the lease is saved revoked; C, expected, new):
+  set field C to ``new`` only if it holds exactly ``expected`` (and take C out of the live
+  sets); 1 or 0. ``save_lease`` reads, checks the rewrite in Python, then CASes.
 * ``activate`` (run leases, run tombstones; C, expected, task, issued_at, activated,
   refused): ``stale`` if the lease changed since it was read; ``tombstoned`` (after writing
   ``refused`` when given: issuing, Vault references recorded) if the task's tombstone is later
   than ``issued_at``; else writes ``activated`` and answers ``ok``.
 * ``tombstone`` (run tombstones; task, until): keep the later of the stored and the new until.
-* ``discard`` (run leases; C, expected): delete field C only if it holds exactly ``expected``
-  (a write-ahead record whose mint was definitely refused); 1 or 0.
+* ``discard`` (run leases, the live sets; C, expected): delete field C (and take C out of the
+  live sets) only if it holds exactly ``expected`` (a write-ahead record whose mint was
+  definitely refused); 1 or 0.
 * ``forget_idempotency`` (idempotency key; C): delete the binding only if it names C.
 * ``peek`` (due, in-flight, claimed; now, limit, cap): first return up to ``cap`` claims whose
   deadline is ≤ now to the due set at the due time they were claimed at (a crashed claimer's
@@ -117,6 +125,7 @@ from broker.adapters.memory_ledger import (
     check_write_ahead,
     key_reused_error,
     lease_order,
+    live_limit_error,
     refused_by_tombstone,
     tombstoned_error,
 )
@@ -136,7 +145,7 @@ from broker.core.model import (
     WorkflowRun,
     check_id,
 )
-from broker.core.ports import CheckResult, IdempotencyBinding, LeaseSelector
+from broker.core.ports import CheckResult, IdempotencyBinding, LeaseSelector, LiveLimits
 from broker.errors import ConflictError, LedgerUnavailableError, NotFoundError
 
 _log = structlog.get_logger("broker.ledger")
@@ -196,7 +205,9 @@ _EXTEND: Final = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then"
     " return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 )
-_MILLISECOND = timedelta(milliseconds=1)
+# Redis forgets a holder's live set this long after its newest lease expired.
+_LIVE_SET_GRACE_MS = 86_400_000
+_NO_LIMITS: Final = LiveLimits()
 
 
 # --------------------------------------------------------------------------- durability
@@ -503,6 +514,13 @@ class _Keys:
     def lock(self, name: str) -> str:
         return f"{self.ns}:lock:{name}"
 
+    def live(self, holder: str, target: str | None = None) -> str:
+        """The holder's live leases (C → expiry µs), all of them or one target's ('|' is in
+        neither a SPIFFE ID nor a target name)."""
+        if target is None:
+            return f"{self.ns}:live:{holder}"
+        return f"{self.ns}:live:{holder}|{target}"
+
     @property
     def quarantines(self) -> str:
         """One hash of every quarantine: ``<kind>|<value>`` → JSON (a handful, read per
@@ -514,21 +532,40 @@ class _Keys:
         return f"{self.ns}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
-# One write-ahead, atomically and in one command (it was a MULTI of nine). ARGV: credential id,
-# run id, the lease record, its holder, its due time (µs), the idempotency binding (or '') and
-# its TTL (ms). A binding is set first, unless the key is bound already: then nothing else is
-# written and the reply is {'bound', <the binding>}. Everything is written as the MULTI
-# wrote it, the index and due entries also when the id turns out to be taken (harmless: extra
-# index members are filtered on read, and the due time can only move earlier, ZADD LT); then
-# 'ok' when the record is new or exactly this one (a retried call), else 'exists' — after
-# taking back the record just written into this run if the id belongs to another run, and the
-# binding just set.
+# One write-ahead, atomically and in one command (it was a MULTI of nine). KEYS: the nine of
+# the record, its indexes and due entry; then N live sets (the holder's, and the holder's for
+# this target when the target has a limit); then the idempotency key when there is a binding.
+# ARGV: credential id, run id, the lease record, its holder, its due time = expiry (µs), the
+# idempotency binding (or ''), its TTL (ms), now (µs), N, N limits (0: none), when the live
+# sets may be forgotten (ms, garbage collection only).
+# 1. A key bound already answers {'bound', <the binding>} and nothing is written.
+# 2. Unless this id is counted already (a retried call), each live set drops what expired by
+#    now; one at its limit answers {'limit', <its index>, <the earliest expiry>}, nothing
+#    written.
+# 3. Everything is written as the MULTI wrote it, the index and due entries also when the id
+#    turns out to be taken (harmless: extra index members are filtered on read, and the due
+#    time can only move earlier, ZADD LT); then 'ok' when the record is new or exactly this one
+#    (a retried call), with the lease counted in the live sets and the key bound, else
+#    'exists' — after taking back the record just written into this run if the id belongs to
+#    another run.
 _WRITE_AHEAD = RedisScript(
     "write_ahead",
     """
+local n = tonumber(ARGV[9])
+local idem = KEYS[10 + n]
 if ARGV[6] ~= '' then
-  local bound = redis.call('SET', KEYS[10], ARGV[6], 'NX', 'PX', ARGV[7], 'GET')
+  local bound = redis.call('GET', idem)
   if bound then return {'bound', bound} end
+end
+if not redis.call('ZSCORE', KEYS[10], ARGV[1]) then
+  for i = 1, n do
+    redis.call('ZREMRANGEBYSCORE', KEYS[9 + i], '-inf', ARGV[8])
+    local limit = tonumber(ARGV[9 + i])
+    if limit > 0 and redis.call('ZCARD', KEYS[9 + i]) >= limit then
+      local first = redis.call('ZRANGE', KEYS[9 + i], 0, 0, 'WITHSCORES')
+      return {'limit', tostring(i), first[2]}
+    end
+  end
 end
 local located = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 local recorded = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[3])
@@ -539,23 +576,30 @@ redis.call('ZADD', KEYS[6], 0, ARGV[4])
 redis.call('ZREM', KEYS[8], ARGV[1])
 redis.call('HDEL', KEYS[9], ARGV[1])
 redis.call('ZADD', KEYS[7], 'LT', ARGV[5], ARGV[1])
-if located == 1 and recorded == 1 then return 'ok' end
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
-  if recorded == 1 then redis.call('HDEL', KEYS[2], ARGV[1]) end
-  if ARGV[6] ~= '' then redis.call('DEL', KEYS[10]) end
-  return 'exists'
+if not (located == 1 and recorded == 1) then
+  if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+    if recorded == 1 then redis.call('HDEL', KEYS[2], ARGV[1]) end
+    return 'exists'
+  end
+  if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then return 'exists' end
 end
-if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[3] then return 'ok' end
-if ARGV[6] ~= '' then redis.call('DEL', KEYS[10]) end
-return 'exists'
+for i = 1, n do
+  redis.call('ZADD', KEYS[9 + i], ARGV[5], ARGV[1])
+  redis.call('PEXPIREAT', KEYS[9 + i], ARGV[10 + n], 'NX')
+  redis.call('PEXPIREAT', KEYS[9 + i], ARGV[10 + n], 'GT')
+end
+if ARGV[6] ~= '' then redis.call('SET', idem, ARGV[6], 'PX', ARGV[7]) end
+return 'ok'
 """,
 )
 
+# KEYS: the run's leases, then the live sets the lease leaves (when it is saved revoked).
 _CAS = RedisScript(
     "cas",
     """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return 1
 """,
 )
@@ -613,11 +657,13 @@ return items
 """,
 )
 
+# KEYS: the run's leases, then the live sets the lease leaves.
 _DISCARD = RedisScript(
     "discard",
     """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
+for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return 1
 """,
 )
@@ -985,7 +1031,11 @@ class RedisLedger:  # satisfies core.ports.Ledger
     # ---- leases
 
     async def write_ahead(
-        self, lease: Lease, *, idempotency: IdempotencyBinding | None = None
+        self,
+        lease: Lease,
+        *,
+        idempotency: IdempotencyBinding | None = None,
+        limits: LiveLimits | None = None,
     ) -> str | None:
         """Record an issuing lease, indexed and due at its expiry, atomically in one command
         (the ``write_ahead`` script). Writing the same lease again is a no-op (a retried call
@@ -993,17 +1043,28 @@ class RedisLedger:  # satisfies core.ports.Ledger
         and the record of the first one is left as it was (its index sets may gain harmless
         extra members, and its due time can only move earlier: ZADD LT).
 
-        With ``idempotency``, the same command first binds the key (``SET NX GET``, expiring
-        after the binding's TTL) unless it is bound already: then it writes nothing and the
-        bound credential id is returned (``idempotency.key_reused`` when bound with another
-        fingerprint). A key bound to this very lease is a retried call: None, as written.
+        With ``idempotency``, the same command first looks the key up: bound already, it
+        writes nothing and the bound credential id is returned (``idempotency.key_reused``
+        when bound with another fingerprint); else the key is bound (expiring after the
+        binding's TTL) with the record. A key bound to this very lease is a retried call:
+        None, as written.
+
+        The lease is counted in its holder's live set (and, when ``limits.per_target`` is set,
+        in the holder's set for the target), whatever the limits; a set at its limit refuses
+        the lease with LimitExceededError before anything is written.
         """
         check_write_ahead(lease)
         await self._ensure_layout()
         keys = self._keys
+        limits = limits or _NO_LIMITS
         cid, wid = lease.credential_id, lease.workflow_id
         bucket = keys.bucket(cid)
         raw = _encode_lease(lease)
+        live = [keys.live(lease.holder)]
+        caps = [limits.per_identity]
+        if limits.per_target:
+            live.append(keys.live(lease.holder, lease.target))
+            caps.append(limits.per_target)
         names = [
             keys.creds(bucket),
             keys.leases(wid),
@@ -1012,23 +1073,48 @@ class RedisLedger:  # satisfies core.ports.Ledger
             keys.target(lease.target),
             keys.holders,
             *keys.due(bucket),
+            *live,
         ]
-        args: list[str | int] = [cid, wid, raw, lease.holder, _micros(lease.expires_at), "", 0]
+        binding = ""
+        binding_ms = 0
         if idempotency is not None:
             names.append(keys.idempotency(idempotency.key))
-            args[5] = json.dumps([idempotency.fingerprint, cid], separators=(",", ":"))
-            args[6] = max(1, idempotency.ttl // _MILLISECOND)
+            binding = json.dumps([idempotency.fingerprint, cid], separators=(",", ":"))
+            binding_ms = max(1, idempotency.ttl // _MILLISECOND)
+        expires_us = _micros(lease.expires_at)
+        args: list[str | int] = [
+            cid,
+            wid,
+            raw,
+            lease.holder,
+            expires_us,
+            binding,
+            binding_ms,
+            _micros(lease.issued_at),
+            len(live),
+            *caps,
+            # The live sets are garbage-collected by Redis a day after their newest expiry
+            # (the server clock only forgets; counting uses ``issued_at``).
+            expires_us // 1000 + _LIVE_SET_GRACE_MS,
+        ]
         outcome = await self._script("write_ahead", _WRITE_AHEAD, names, args)
         if outcome == "ok":
             return None
-        if (
-            idempotency is not None
-            and isinstance(outcome, list)
-            and len(outcome) == 2
-            and outcome[0] == "bound"
-        ):
+        if isinstance(outcome, list) and outcome and outcome[0] == "bound" and idempotency:
             bound = self._bound_credential(names[-1], outcome[1], idempotency.fingerprint)
             return None if bound == cid else bound
+        if isinstance(outcome, list) and len(outcome) == 3 and outcome[0] == "limit":
+            per_target = outcome[1] == "2"
+            try:
+                earliest = _moment(int(float(outcome[2])))
+            except (TypeError, ValueError) as exc:
+                raise _corrupt(live[-1 if per_target else 0], exc) from exc
+            raise live_limit_error(
+                lease,
+                per_target=per_target,
+                limit=limits.per_target if per_target else limits.per_identity,
+                earliest_expiry=earliest,
+            )
         # Taken: a record that is unreadable is reported as such (ledger.corrupt), not as
         # a conflict.
         await self._read_lease(cid)
@@ -1075,7 +1161,8 @@ class RedisLedger:  # satisfies core.ports.Ledger
         keys = self._keys
         cid, wid = lease.credential_id, lease.workflow_id
         expected = _encode_lease(lease)
-        if await self._script("discard", _DISCARD, [keys.leases(wid)], [cid, expected]) != 1:
+        live = [keys.live(lease.holder), keys.live(lease.holder, lease.target)]
+        if await self._script("discard", _DISCARD, [keys.leases(wid), *live], [cid, expected]) != 1:
             return False
         bucket = keys.bucket(cid)
         due, in_flight, claimed = keys.due(bucket)
@@ -1220,7 +1307,14 @@ class RedisLedger:  # satisfies core.ports.Ledger
                 check_rewrite(stored, lease)
                 continue  # it was written meanwhile: read it again
             check_rewrite(_decode_lease(str(raw), cid, lease.workflow_id, f"{key} {cid}"), lease)
-            if await self._script("save_lease", _CAS, [key], [cid, str(raw), new_raw]) == 1:
+            names = [key]
+            if lease.state is LeaseState.REVOKED:
+                # Revoked: no longer counted against its holder's live limits.
+                names += [
+                    self._keys.live(lease.holder),
+                    self._keys.live(lease.holder, lease.target),
+                ]
+            if await self._script("save_lease", _CAS, names, [cid, str(raw), new_raw]) == 1:
                 return
         raise ConflictError(
             f"lease {cid} kept changing while it was being saved", reason="lease.contended"

@@ -75,6 +75,10 @@ class TargetKind(StrEnum):
     SSH = "ssh"
 
 
+# The largest live-credential limit one can configure (per identity, or per identity and target).
+MAX_LIVE_LIMIT = 1_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """A system an agent may get a credential for (``config/targets.toml``)."""
@@ -95,9 +99,16 @@ class Target:
     description: str = ""
     # Kind-specific settings (pki: domain; ssh: valid_principals).
     params: Mapping[str, str] = field(default_factory=dict)
+    # At most this many live credentials of this target per identity (0: only the broker-wide
+    # per-identity limit applies).
+    max_live_per_identity: int = 0
 
     def __post_init__(self) -> None:
         check_id(self.name, "target name")
+        if not 0 <= self.max_live_per_identity <= MAX_LIVE_LIMIT:
+            raise ValueError(
+                f"target {self.name}: max_live_per_identity must be 0..{MAX_LIVE_LIMIT}"
+            )
         if self.max_ttl <= timedelta(0):
             raise ValueError(f"target {self.name}: max_ttl must be positive")
         if not self.policies:

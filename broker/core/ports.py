@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from broker.core.approvals import APPROVAL_ID, Approval
 from broker.core.model import (
+    MAX_LIVE_LIMIT,
     Decision,
     DelegationChain,
     Lease,
@@ -193,6 +194,22 @@ class IdempotencyBinding:
             raise ValueError(f"idempotency ttl must be positive, got {self.ttl}")
 
 
+@dataclass(frozen=True, slots=True)
+class LiveLimits:
+    """How many live credentials (written ahead, not revoked, not expired) the lease's holder
+    may hold with this one included: ``per_identity`` in all, ``per_target`` of its target;
+    0 means no limit. A write-ahead over a limit writes nothing and raises
+    :class:`~broker.errors.LimitExceededError`."""
+
+    per_identity: int = 0
+    per_target: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("per_identity", "per_target"):
+            if not 0 <= getattr(self, name) <= MAX_LIVE_LIMIT:
+                raise ValueError(f"{name} must be 0..{MAX_LIVE_LIMIT}")
+
+
 class Ledger(Protocol):
     """The lease ledger (Redis in production, in memory in unit tests). Never a secret."""
 
@@ -209,7 +226,11 @@ class Ledger(Protocol):
         ...
 
     async def write_ahead(
-        self, lease: Lease, *, idempotency: IdempotencyBinding | None = None
+        self,
+        lease: Lease,
+        *,
+        idempotency: IdempotencyBinding | None = None,
+        limits: LiveLimits | None = None,
     ) -> str | None:
         """Record a lease in state issuing *before* minting, indexed and due at its expiry,
         so that even a mint whose answer is lost is found and revoked.
@@ -217,7 +238,14 @@ class Ledger(Protocol):
         With ``idempotency``, atomically with the record: bind the key to the lease's
         credential id unless it is bound already. When it is, nothing is written and the bound
         credential id is returned (ConflictError ``idempotency.key_reused`` if bound with
-        another fingerprint). None when the lease was written."""
+        another fingerprint). None when the lease was written.
+
+        With ``limits``, also atomically: the holder's live credentials (at the lease's
+        ``issued_at``) are counted, and a lease over a limit writes nothing and raises
+        LimitExceededError (``limit.live_per_identity``, ``limit.live_per_target``). A key bound
+        already answers its credential before any limit is looked at. A lease leaves the count
+        when it expires, is revoked or is discarded. Per-target counts cover the leases
+        written while that target had a limit."""
         ...
 
     async def activate(

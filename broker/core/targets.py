@@ -15,6 +15,7 @@ Each ``[[target]]`` table becomes one :class:`~broker.core.model.Target`::
     max_ttl = "15m"                  # hours/minutes/seconds: "1h", "15m", "90s", "1h30m"
     revocable = true                 # optional, default true; ssh must say false
     legacy = false                   # optional: a standing static secret (short caps)
+    max_live_per_identity = 2        # optional: live credentials of it per agent (0: no cap)
     params = { domain = "..." }      # optional, kind-specific (see _PARAMS)
 
 Errors name the entry and the key (``targets: target[2] ("demo-ssh").max_ttl: ...``) and stop
@@ -30,13 +31,21 @@ from datetime import timedelta
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from broker.core.model import Sensitivity, Target, TargetKind
+from broker.core.model import MAX_LIVE_LIMIT, Sensitivity, Target, TargetKind
 from broker.errors import BadRequestError, ConfigurationError
 
 _Choice = TypeVar("_Choice", TargetKind, Sensitivity)
 
 _REQUIRED = ("name", "kind", "policies", "system", "environment", "sensitivity", "max_ttl")
-_OPTIONAL = ("description", "mount", "role", "revocable", "legacy", "params")
+_OPTIONAL = (
+    "description",
+    "mount",
+    "role",
+    "revocable",
+    "legacy",
+    "params",
+    "max_live_per_identity",
+)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # Lowercase only: policies compare environments as strings, and "Production" must not slip
 # past a rule about "production".
@@ -133,6 +142,16 @@ def _parse_target(index: int, entry: Any) -> Target:
         mount = _string(entry, "mount", where, _VAULT_PATH_SEGMENT, "a Vault mount name")
         role = _string(entry, "role", where, _VAULT_PATH_SEGMENT, "a Vault role name")
     params = _params(entry, kind, where)
+    live_cap = entry.get("max_live_per_identity", 0)
+    if (
+        not isinstance(live_cap, int)
+        or isinstance(live_cap, bool)
+        or not 0 <= live_cap <= MAX_LIVE_LIMIT
+    ):
+        raise ConfigurationError(
+            f"{where}.max_live_per_identity must be an integer 0..{MAX_LIVE_LIMIT} (0: no "
+            f"per-target cap), got {live_cap!r}"
+        )
 
     try:
         return Target(
@@ -149,6 +168,7 @@ def _parse_target(index: int, entry: Any) -> Target:
             legacy=legacy,
             description=description,
             params=MappingProxyType(params),
+            max_live_per_identity=live_cap,
         )
     except (ValueError, BadRequestError) as exc:  # pragma: no cover - mirrored above
         # The checks above mirror Target's own; this keeps a future rule from escaping as a

@@ -128,6 +128,13 @@ _PROBLEMS: Final[Mapping[int, tuple[str, str]]] = {
         f"A body larger than {MAX_BODY} bytes sent without ``Content-Length`` (``http_413``); "
         "with it, the answer is 400 ``body.too_large``.",
     ),
+    429: (
+        "LimitExceeded",
+        "The caller holds as many live credentials as it may (``limit.live_per_identity``, "
+        "``limit.live_per_target``, with ``limit`` and ``retry_after_seconds``); nothing was "
+        "issued. ``Retry-After`` says when the earliest of them expires; releasing one frees a "
+        "slot at once.",
+    ),
     503: (
         "Unavailable",
         "A dependency is unavailable (``ledger_unavailable``, ``vault_unavailable``, "
@@ -335,7 +342,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
                 },
             ),
         },
-        errors=(*_WITH_BODY, 404, 409, 503),
+        errors=(*_WITH_BODY, 404, 409, 429, 503),
         body=CredentialRequestBody,
         parameters=(
             {

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from broker.core.audit import REQUEST_ID
 from broker.core.untrusted import printable
-from broker.errors import TaskleaseError
+from broker.errors import LimitExceededError, TaskleaseError
 
 PROBLEM_JSON = "application/problem+json"
 _log = structlog.get_logger("broker.http")
@@ -91,6 +91,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             # A dependency is unavailable and nothing was handed out: worth asking again
             # (clients back off from here; the SDK honours it).
             response.headers["Retry-After"] = RETRY_AFTER_UNAVAILABLE
+        elif isinstance(exc, LimitExceededError):
+            # A quota frees when the caller's earliest live credential expires (or earlier,
+            # when it releases one).
+            response.headers["Retry-After"] = str(exc.retry_after)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

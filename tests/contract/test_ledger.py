@@ -27,8 +27,8 @@ from broker.core.model import (
     TargetKind,
     WorkflowRun,
 )
-from broker.core.ports import IdempotencyBinding, LeaseSelector, Ledger
-from broker.errors import BadRequestError, ConflictError, NotFoundError
+from broker.core.ports import IdempotencyBinding, LeaseSelector, Ledger, LiveLimits
+from broker.errors import BadRequestError, ConflictError, LimitExceededError, NotFoundError
 from tests.contract.conftest import Ledgers
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -734,6 +734,95 @@ async def test_a_forgotten_idempotency_key_can_be_bound_again(ledger: Ledger) ->
 def test_an_idempotency_binding_needs_a_positive_ttl() -> None:
     with pytest.raises(ValueError, match="positive"):
         IdempotencyBinding("agent|k1", "fp-1", timedelta(0))
+
+
+# --------------------------------------------------------------------------- live limits
+
+_TWO = LiveLimits(per_identity=2)
+
+
+async def test_a_holder_at_its_live_limit_gets_nothing_written(ledger: Ledger) -> None:
+    await ledger.write_ahead(make_lease("cred_a"), limits=_TWO)
+    await ledger.write_ahead(
+        make_lease("cred_b", issued_at=NOW + timedelta(minutes=5)), limits=_TWO
+    )
+    third = make_lease("cred_c", issued_at=NOW + timedelta(minutes=6))
+    with pytest.raises(LimitExceededError) as caught:
+        await ledger.write_ahead(third, limits=_TWO)
+    assert caught.value.reason == "limit.live_per_identity"
+    assert caught.value.limit == 2
+    # cred_a, the earliest to expire, ends at NOW + 15 min: 9 minutes after the request.
+    assert caught.value.retry_after == 9 * 60
+    assert await ledger.get_lease("cred_c") is None
+    # Another holder is not counted against this one; without limits nothing is refused.
+    await ledger.write_ahead(make_lease("cred_d", holder=f"{AGENT}-2"), limits=_TWO)
+    await ledger.write_ahead(make_lease("cred_e"))
+
+
+async def test_a_revoked_lease_frees_its_slot(ledger: Ledger) -> None:
+    first = make_lease("cred_a")
+    await ledger.write_ahead(first, limits=LiveLimits(per_identity=1))
+    with pytest.raises(LimitExceededError):
+        await ledger.write_ahead(make_lease("cred_b"), limits=LiveLimits(per_identity=1))
+    active = await ledger.activate("cred_a", token_accessor="acc-a", vault_lease_ids=())
+    await ledger.save_lease(
+        dataclasses.replace(active, state=LeaseState.REVOKING, revoke_reason="released")
+    )
+    with pytest.raises(LimitExceededError):  # revoking is still live
+        await ledger.write_ahead(make_lease("cred_b"), limits=LiveLimits(per_identity=1))
+    revoking = await ledger.get_lease("cred_a")
+    assert revoking is not None
+    await ledger.save_lease(dataclasses.replace(revoking, state=LeaseState.REVOKED, revoked_at=NOW))
+    await ledger.write_ahead(make_lease("cred_b"), limits=LiveLimits(per_identity=1))
+
+
+async def test_an_expired_or_discarded_lease_frees_its_slot(ledger: Ledger) -> None:
+    one = LiveLimits(per_identity=1)
+    first = make_lease("cred_a")
+    await ledger.write_ahead(first, limits=one)
+    assert await ledger.discard(first) is True
+    second = make_lease("cred_b")
+    await ledger.write_ahead(second, limits=one)
+    # Asked for at the very moment cred_b expires: it no longer counts.
+    await ledger.write_ahead(make_lease("cred_c", issued_at=second.expires_at), limits=one)
+
+
+async def test_a_target_limit_counts_that_target_only(ledger: Ledger) -> None:
+    per_target = LiveLimits(per_identity=10, per_target=1)
+    await ledger.write_ahead(make_lease("cred_a"), limits=per_target)
+    with pytest.raises(LimitExceededError) as caught:
+        await ledger.write_ahead(make_lease("cred_b"), limits=per_target)
+    assert caught.value.reason == "limit.live_per_target"
+    assert caught.value.limit == 1
+    await ledger.write_ahead(make_lease("cred_c", target="db-billing"), limits=per_target)
+    # The identity-wide limit counts every target.
+    with pytest.raises(LimitExceededError) as caught:
+        await ledger.write_ahead(make_lease("cred_d", target="db-x"), limits=_TWO)
+    assert caught.value.reason == "limit.live_per_identity"
+
+
+async def test_a_retry_or_a_replay_at_the_limit_is_not_refused(ledger: Ledger) -> None:
+    one = LiveLimits(per_identity=1)
+    lease = make_lease("cred_a")
+    assert await ledger.write_ahead(lease, idempotency=_bind("agent|k1"), limits=one) is None
+    # The same write again (its answer was lost) is no second credential.
+    assert await ledger.write_ahead(lease, idempotency=_bind("agent|k1"), limits=one) is None
+    # A key bound already names its credential before any limit is looked at.
+    replay = make_lease("cred_b")
+    assert await ledger.write_ahead(replay, idempotency=_bind("agent|k1"), limits=one) == ("cred_a")
+    with pytest.raises(LimitExceededError):
+        await ledger.write_ahead(replay, idempotency=_bind("agent|k2"), limits=one)
+    # The refused request bound nothing: its key is free once a slot is.
+    active = await ledger.activate("cred_a", token_accessor="acc-a", vault_lease_ids=())
+    await ledger.save_lease(dataclasses.replace(active, state=LeaseState.REVOKED, revoked_at=NOW))
+    assert await ledger.write_ahead(replay, idempotency=_bind("agent|k2"), limits=one) is None
+
+
+def test_live_limits_are_bounded() -> None:
+    with pytest.raises(ValueError, match="per_identity"):
+        LiveLimits(per_identity=-1)
+    with pytest.raises(ValueError, match="per_target"):
+        LiveLimits(per_target=10**7)
 
 
 # --------------------------------------------------------------------------- due index

@@ -2,7 +2,8 @@
 Redis exactly as the MULTI of nine commands it replaced did, in every case: a new lease, a
 retried write, an id taken in the same run or in another run, a claimed lease written again,
 a record left without its id → run pointer. The previous implementation is kept here as the
-reference (``_write_ahead_by_multi``) and both run side by side on the stack's real Redis,
+reference (``_write_ahead_by_multi``, followed, for a lease it wrote, by what the script has
+added since: the holder's live set) and both run side by side on the stack's real Redis,
 each in its own namespace; their replies and their keys (namespace aside) must be equal.
 """
 
@@ -16,7 +17,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.asyncio as aioredis
 
-from broker.adapters.redis_ledger import RedisLedger, _encode_lease, _Keys, _micros
+from broker.adapters.redis_ledger import (
+    _LIVE_SET_GRACE_MS,
+    RedisLedger,
+    _encode_lease,
+    _Keys,
+    _micros,
+)
 from broker.config import RedisSettings
 from broker.core.model import (
     DelegationChain,
@@ -128,15 +135,30 @@ async def _write_ahead_by_multi(client: aioredis.Redis, keys: _Keys, lease: Leas
         pipe.zadd(due, {cid: _micros(lease.expires_at)}, lt=True)
         results = await pipe.execute()
     if results[0] and results[1]:
-        return "ok"
+        return await _counted_live(client, keys, lease)
     owner = await client.hget(keys.creds(bucket), cid)
     stored = None if owner is None else await client.hget(keys.leases(str(owner)), cid)
     if results[1] and (stored is None or owner != wid):
         await client.hdel(keys.leases(wid), cid)
-    return "ok" if stored == raw and owner == wid else "exists"
+    if stored == raw and owner == wid:
+        return await _counted_live(client, keys, lease)
+    return "exists"
 
 
-async def _outcome(call: Awaitable[None]) -> str:
+async def _counted_live(client: aioredis.Redis, keys: _Keys, lease: Lease) -> str:
+    """What the script added since it replaced the MULTI, for a lease it wrote: the lease in
+    its holder's live set (limits), the set forgotten a day after its newest expiry."""
+    live = keys.live(lease.holder)
+    forget_at = _micros(lease.expires_at) // 1000 + _LIVE_SET_GRACE_MS
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.zadd(live, {lease.credential_id: _micros(lease.expires_at)})
+        pipe.pexpireat(live, forget_at, nx=True)
+        pipe.pexpireat(live, forget_at, gt=True)
+        await pipe.execute()
+    return "ok"
+
+
+async def _outcome(call: Awaitable[object]) -> str:
     try:
         await call
     except ConflictError as exc:

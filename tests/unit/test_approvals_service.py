@@ -23,7 +23,13 @@ from broker.core.authn import Caller
 from broker.core.identity import AuthMethod, HumanIdentity, WorkloadIdentity
 from broker.core.model import CredentialRequest, Lease
 from broker.core.policy import CedarPolicyEngine
-from broker.core.ports import IdempotencyBinding, MintedCredential, MintSpec, RevokeOutcome
+from broker.core.ports import (
+    IdempotencyBinding,
+    LiveLimits,
+    MintedCredential,
+    MintSpec,
+    RevokeOutcome,
+)
 from broker.core.roles import Role
 from broker.core.spiffe_id import SpiffeId
 from broker.errors import (
@@ -119,11 +125,15 @@ class FlakyLedger(InMemoryLedger):
         self.fail_activate = False
 
     async def write_ahead(
-        self, lease: Lease, *, idempotency: IdempotencyBinding | None = None
+        self,
+        lease: Lease,
+        *,
+        idempotency: IdempotencyBinding | None = None,
+        limits: LiveLimits | None = None,
     ) -> str | None:
         if self.fail_write_ahead:
             raise LedgerUnavailableError("redis is down (test)", reason="ledger.unreachable")
-        return await super().write_ahead(lease, idempotency=idempotency)
+        return await super().write_ahead(lease, idempotency=idempotency, limits=limits)
 
     async def activate(
         self,

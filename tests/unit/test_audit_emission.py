@@ -29,6 +29,7 @@ from broker.errors import (
     BadRequestError,
     ConflictError,
     ForbiddenError,
+    LimitExceededError,
     NotFoundError,
     PolicyDeniedError,
     UnavailableError,
@@ -93,7 +94,7 @@ ADMIN_CALLER = caller(ADMIN, Role.ADMIN)
 
 
 class World:
-    def __init__(self, *, max_attempts: int = 8, confirm: bool = True) -> None:
+    def __init__(self, *, max_attempts: int = 8, confirm: bool = True, live_limit: int = 0) -> None:
         self.clock = Clock()
         self.ledger = InMemoryLedger()
         self.minter = Minter(confirm=confirm)
@@ -106,6 +107,7 @@ class World:
             clock=self.clock,
             quarantines=self.ledger,
             audit=self.audit,
+            live_limit_per_identity=live_limit,
         )
         self.revoker = Revoker(
             ledger=self.ledger,
@@ -204,6 +206,21 @@ async def test_a_policy_denial_records_the_decision_and_the_refusal() -> None:
     assert refused["payload"]["policy_ids"] == list(denied.value.policy_ids)
     assert (refused["actor"], refused["workflow_id"], refused["task_id"]) == (OTHER, "wf-1", "t-9")
     assert world.audit.events[-2].as_dict()["payload"]["outcome"] == "deny"
+
+
+async def test_a_request_over_the_live_limit_records_its_decision_and_the_refusal() -> None:
+    world = World(live_limit=1)
+    await world.start()
+    await world.issue(task="t-1")
+    minted = world.minter.count
+    with pytest.raises(LimitExceededError) as refused:
+        await world.issue(task="t-2")
+    assert (refused.value.status, refused.value.limit) == (429, 1)
+    assert world.minter.count == minted  # nothing minted for it
+    assert world.types()[-2:] == ["policy.decision", "credential.denied"]
+    denied = world.audit.events[-1].as_dict()
+    assert denied["payload"]["reason"] == "limit.live_per_identity"
+    assert (denied["actor"], denied["task_id"]) == (AGENT, "t-2")
 
 
 @pytest.mark.parametrize(

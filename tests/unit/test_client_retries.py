@@ -184,6 +184,27 @@ async def test_refusals_are_not_asked_again_and_retries_are_bounded() -> None:
     assert (caught.value.status, len(down.keys)) == (503, 4)  # the first try and 3 retries
 
 
+def limited(retry_after: str) -> Callable[[web.Request], web.Response]:
+    def answer(_: web.Request) -> web.Response:
+        response = _problem(429, "limit_exceeded", "limit.live_per_identity")
+        response.headers["Retry-After"] = retry_after
+        return response
+
+    return answer
+
+
+async def test_a_limit_that_frees_soon_is_waited_for_and_one_far_off_is_raised_at_once() -> None:
+    soon = Script(limited("0"), minted())
+    credential, _ = await _ask(soon)
+    assert (credential.credential_id, len(soon.keys)) == ("cred_1", 2)
+
+    far = Script(limited("600"), minted())
+    with pytest.raises(ApiError) as caught:
+        await _ask(far)
+    assert (caught.value.status, caught.value.reason) == (429, "limit.live_per_identity")
+    assert len(far.keys) == 1  # not asked again: waiting 30 s would not free a slot
+
+
 async def test_retry_after_is_honoured_within_bounds() -> None:
     client = TaskleaseClient("http://127.0.0.1:1", _Auth(), backoff=0.25)
     said = ApiError(503, "x", "x", "", {"retry_after": "7"})

@@ -100,3 +100,14 @@ def test_run_on_event_loop_runs_on_the_named_loop(event_loop: str) -> None:
     name, module = run_on_event_loop(main(), event_loop)
     assert name == event_loop
     assert module.split(".")[0] == event_loop
+
+
+def test_the_live_credential_limit_is_on_by_default_and_bounded(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings().issuance.live_credentials_per_identity == 500
+    monkeypatch.setenv("TASKLEASE_ISSUANCE__LIVE_CREDENTIALS_PER_IDENTITY", "0")
+    assert load_settings().issuance.live_credentials_per_identity == 0  # off
+    monkeypatch.setenv("TASKLEASE_ISSUANCE__LIVE_CREDENTIALS_PER_IDENTITY", "-1")
+    with pytest.raises(ConfigurationError, match=r"issuance\.live_credentials_per_identity"):
+        load_settings()

@@ -34,6 +34,7 @@ from broker.core.model import (
 from broker.core.ports import (
     IdempotencyBinding,
     LeaseSelector,
+    LiveLimits,
     MintedCredential,
     MintSpec,
     RevokeOutcome,
@@ -719,11 +720,15 @@ class GatedWriteAheadLedger(InMemoryLedger):
         self.waiting = asyncio.Event()
 
     async def write_ahead(
-        self, lease: Lease, *, idempotency: IdempotencyBinding | None = None
+        self,
+        lease: Lease,
+        *,
+        idempotency: IdempotencyBinding | None = None,
+        limits: LiveLimits | None = None,
     ) -> str | None:
         self.waiting.set()
         await self.gate.wait()
-        return await super().write_ahead(lease, idempotency=idempotency)
+        return await super().write_ahead(lease, idempotency=idempotency, limits=limits)
 
 
 async def test_a_lease_written_ahead_after_completion_listed_the_run_is_revoked() -> None:

@@ -14,7 +14,13 @@ from broker.adapters.memory_ledger import InMemoryLedger
 from broker.core.authn import Caller
 from broker.core.identity import AuthMethod, HumanIdentity, WorkloadIdentity
 from broker.core.model import CredentialRequest, Lease, LeaseState
-from broker.core.ports import IdempotencyBinding, MintedCredential, MintSpec, RevokeOutcome
+from broker.core.ports import (
+    IdempotencyBinding,
+    LiveLimits,
+    MintedCredential,
+    MintSpec,
+    RevokeOutcome,
+)
 from broker.core.roles import Role
 from broker.core.spiffe_id import SpiffeId
 from broker.errors import (
@@ -282,9 +288,13 @@ class WriteAheadAnswerLostOnce(InMemoryLedger):
         self.failures = 1
 
     async def write_ahead(
-        self, lease: Lease, *, idempotency: IdempotencyBinding | None = None
+        self,
+        lease: Lease,
+        *,
+        idempotency: IdempotencyBinding | None = None,
+        limits: LiveLimits | None = None,
     ) -> str | None:
-        written = await super().write_ahead(lease, idempotency=idempotency)
+        written = await super().write_ahead(lease, idempotency=idempotency, limits=limits)
         if self.failures:
             self.failures -= 1
             raise LedgerUnavailableError("redis is down (test)", reason="ledger.unreachable")

@@ -96,6 +96,7 @@ def test_optional_keys_and_kind_parameters() -> None:
         {
             "target": [
                 entry(legacy=True, description="old static secret"),
+                entry(name="capped", max_live_per_identity=2),
                 entry(
                     name="kv",
                     kind="vault-token",
@@ -114,9 +115,11 @@ def test_optional_keys_and_kind_parameters() -> None:
         }
     )
     assert (catalog["db"].legacy, catalog["db"].description) == (True, "old static secret")
+    assert catalog["db"].max_live_per_identity == 0  # no per-target cap unless configured
     assert (catalog["kv"].mount, catalog["kv"].role) == ("", "")
     assert catalog["ssh"].params == {"valid_principals": "deploy,demo"}
     assert catalog["pki"].params == {"domain": "agents.example.org"}
+    assert catalog["capped"].max_live_per_identity == 2
 
 
 @pytest.mark.parametrize(
@@ -148,6 +151,10 @@ def test_optional_keys_and_kind_parameters() -> None:
         ({"target": [entry(revocable="no")]}, r"\('db'\)\.revocable must be true or false"),
         ({"target": [entry(legacy=1)]}, r"\('db'\)\.legacy must be true or false"),
         ({"target": [entry(description="a\nb")]}, r"\('db'\)\.description must be printable"),
+        ({"target": [entry(max_live_per_identity=-1)]}, r"\.max_live_per_identity must be an int"),
+        ({"target": [entry(max_live_per_identity=True)]}, r"\.max_live_per_identity must be"),
+        ({"target": [entry(max_live_per_identity="2")]}, r"\.max_live_per_identity must be"),
+        ({"target": [entry(max_live_per_identity=10**7)]}, r"\.max_live_per_identity must be"),
         ({"target": [entry(mount=None)]}, r"\('db'\): missing key 'mount'"),
         ({"target": [entry(role="a/b")]}, r"\('db'\)\.role must be a Vault role name"),
         (
