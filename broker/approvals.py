@@ -22,8 +22,19 @@ Who may do what:
   **List**: approvers and admins.
 * **withdraw**: the requester (it no longer needs it), any approver and any admin. Withdrawing
   only ever removes privilege, so it is open to everyone who may see the approval. A used
-  approval can be withdrawn too; the ``on_withdrawn`` hook (continuous authorization) then
-  decides the credential issued under it again.
+  approval can be withdrawn too; the withdrawal hook (:class:`WithdrawalHook`: continuous
+  authorization) then decides the credential issued under it again.
+
+Withdrawing a used approval, in order: the hook notes durably that its credential must be
+decided again (:meth:`WithdrawalHook.before_withdrawal`), *then* the withdrawal is stored,
+audited and notified, and then the hook decides the credential
+(:meth:`WithdrawalHook.withdrawn`). A broker killed at any point after the withdrawal is stored
+leaves the note to the next start. A note the hook fails to take never blocks the withdrawal
+(it is logged; the hook takes it again afterwards). When the withdrawal fails, the store says
+what happened: withdrawn after all (stored before the error, or by someone else) → the
+credential is decided now; not withdrawn → the note is discarded
+(:meth:`WithdrawalHook.not_withdrawn`); the store unreadable → the note stays, and the next
+start decides the credential under whatever the store then says (harmless either way).
 
 Single use and a failed mint: the approval is *used* atomically (compare-and-set in the store)
 right before the lease is written ahead, bound to the new credential id, so two concurrent
@@ -54,7 +65,7 @@ import dataclasses
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, Protocol, TypeVar
 
 import structlog
 
@@ -98,7 +109,41 @@ MAX_LIST: Final = 1000
 REQUESTED: Final = "approval.requested"
 DECIDED: Final = "approval.decided"
 
-WithdrawalHook = Callable[[Approval], Awaitable[None]]
+NoteT = TypeVar("NoteT")
+
+
+class WithdrawalHook(Protocol[NoteT]):
+    """What happens around the withdrawal of a used approval (one that names a credential):
+    bootstrap wires :class:`broker.continuous.ReevaluatingWithdrawals`. The note
+    :meth:`before_withdrawal` returns is opaque to the approvals code: it is handed back,
+    once, to :meth:`withdrawn` or to :meth:`not_withdrawn`."""
+
+    async def before_withdrawal(self, approval: Approval) -> NoteT:
+        """``approval`` (withdrawn, naming its credential) is about to be stored: note
+        durably that its credential must be decided again. Raising does not stop the
+        withdrawal (logged; :meth:`withdrawn` then gets no note)."""
+        ...
+
+    async def withdrawn(self, approval: Approval, note: NoteT | None) -> None:
+        """The withdrawal of ``approval`` (naming its credential) is stored: decide the
+        credential again. ``note`` is what :meth:`before_withdrawal` returned (None when it
+        raised). Awaited; raising is logged, the withdrawal stands."""
+        ...
+
+    async def not_withdrawn(self, note: NoteT) -> None:
+        """The withdrawal ``note`` was taken for was not stored, or withdrew no credential
+        after all (released meanwhile): discard the note (best effort)."""
+        ...
+
+
+@dataclasses.dataclass(slots=True)
+class _TakenNote:
+    """The note a withdrawal took before it was stored: ``asked`` whether the hook was asked,
+    ``value`` what it returned (``ok``: it returned at all)."""
+
+    asked: bool = False
+    ok: bool = False
+    value: Any = None
 
 
 def subject_of(
@@ -131,7 +176,7 @@ class Approvals:
         clock: Clock,
         validity: timedelta = timedelta(hours=1),
         notifier: ApprovalNotifier | None = None,
-        on_withdrawn: WithdrawalHook | None = None,
+        withdrawal_hook: WithdrawalHook[Any] | None = None,
     ) -> None:
         if validity <= timedelta(0):
             raise ValueError("approval validity must be positive")
@@ -140,7 +185,7 @@ class Approvals:
         self._clock = clock
         self._validity = validity
         self._notifier = notifier
-        self._on_withdrawn = on_withdrawn
+        self._withdrawal_hook = withdrawal_hook
 
     @property
     def store(self) -> ApprovalStore:
@@ -151,9 +196,10 @@ class Approvals:
         """Approvals waiting for a decision (for the ``tasklease_approvals_pending`` gauge)."""
         return await self._store.count_pending()
 
-    def set_withdrawal_hook(self, hook: WithdrawalHook | None) -> None:
-        """Called (awaited, failures logged) after an approval was withdrawn."""
-        self._on_withdrawn = hook
+    def set_withdrawal_hook(self, hook: WithdrawalHook[Any] | None) -> None:
+        """Around each withdrawal of a used approval (see :class:`WithdrawalHook`): the
+        composition root builds continuous authorization after this service."""
+        self._withdrawal_hook = hook
 
     # ------------------------------------------------------------------ issuance side
 
@@ -402,21 +448,43 @@ class Approvals:
         self, caller: Caller, approval_id: str, *, comment: str = "", request_id: str = ""
     ) -> Approval:
         """The requester, an approver or an admin withdraws an approval (see the module
-        docstring); a used one is handed to the ``on_withdrawn`` hook, which decides the
-        credential issued under it again."""
+        docstring); for a used one the withdrawal hook notes the re-evaluation of its
+        credential before the withdrawal is stored, and decides it once it is."""
         now = self._clock.now()
         current = await self._load(approval_id, now)
         if not _may_see(caller, current):
             raise _not_found(approval_id)
-        withdrawn = await self._transition(
-            approval_id,
-            now,
-            lambda a: a.withdraw(by=caller.principal_id, now=now, comment=comment),
-            actor=caller.principal_id,
-            decision="withdraw",
-            comment=comment,
-            request_id=request_id,
-        )
+        hook = self._withdrawal_hook
+        taken = _TakenNote()
+
+        async def note_first(withdrawal: Approval) -> None:
+            # Right before each compare-and-set: the approval may have been used (or released)
+            # since it was read, so this is where it is known to name a credential.
+            if hook is None or taken.asked or not withdrawal.credential_id:
+                return
+            taken.asked = True
+            try:
+                taken.value = await hook.before_withdrawal(withdrawal)
+            except Exception as exc:  # noqa: BLE001 - a withdrawal never waits on its note
+                self._hook_failed(withdrawal.id, "before_withdrawal", exc)
+                return
+            taken.ok = True
+
+        try:
+            withdrawn = await self._transition(
+                approval_id,
+                now,
+                lambda a: a.withdraw(by=caller.principal_id, now=now, comment=comment),
+                actor=caller.principal_id,
+                decision="withdraw",
+                comment=comment,
+                request_id=request_id,
+                before_save=note_first,
+            )
+        except Exception:
+            if hook is not None and taken.asked:
+                await self._settle_failed_withdrawal(hook, approval_id, taken)
+            raise
         _log.warning(
             "approval.withdrawn",
             approval_id=withdrawn.id,
@@ -424,17 +492,68 @@ class Approvals:
             credential_id=withdrawn.credential_id,
         )
         await self._notify(DECIDED, withdrawn, now, step="withdraw", by=caller.principal_id)
-        if self._on_withdrawn is not None and withdrawn.credential_id:
-            try:
-                await self._on_withdrawn(withdrawn)
-            except Exception as exc:  # noqa: BLE001 - the withdrawal stands; say what failed
-                _log.error(
-                    "approval.withdrawal_hook_failed",
-                    approval_id=withdrawn.id,
-                    error_type=type(exc).__name__,
-                    error=printable(exc, 300),
-                )
+        if hook is not None:
+            if withdrawn.credential_id:
+                await self._withdrawn(hook, withdrawn, taken.value if taken.ok else None)
+            elif taken.ok:  # released between the note and the withdrawal: nothing to decide
+                await self._not_withdrawn(hook, approval_id, taken.value)
         return withdrawn
+
+    async def _settle_failed_withdrawal(
+        self, hook: WithdrawalHook[Any], approval_id: str, taken: _TakenNote
+    ) -> None:
+        """A withdrawal of a used approval failed after its note was asked for: the store says
+        whether the approval is withdrawn all the same (its write landed before the error, or
+        someone else withdrew it): then its credential is decided now; otherwise the note is
+        discarded. Unreadable: the note stays for the next start (which decides under what
+        the store says then)."""
+        try:
+            stored = await self._store.get_approval(approval_id)
+        except Exception as exc:  # noqa: BLE001 - the withdrawal's own error is raised
+            _log.warning(
+                "approval.withdrawal_unsettled",
+                approval_id=approval_id,
+                error_type=type(exc).__name__,
+                detail="its re-evaluation stays noted for the next start",
+            )
+            return
+        withdrawn = (
+            stored is not None
+            and stored.state is ApprovalStatus.WITHDRAWN
+            and bool(stored.credential_id)
+        )
+        _log.warning(
+            "approval.withdrawal_failed",
+            approval_id=approval_id,
+            stored_state=stored.state.value if stored is not None else "unknown",
+            reevaluated=withdrawn,
+        )
+        if stored is not None and withdrawn:
+            await self._withdrawn(hook, stored, taken.value if taken.ok else None)
+        elif taken.ok:
+            await self._not_withdrawn(hook, approval_id, taken.value)
+
+    async def _withdrawn(self, hook: WithdrawalHook[Any], withdrawn: Approval, note: Any) -> None:
+        try:
+            await hook.withdrawn(withdrawn, note)
+        except Exception as exc:  # noqa: BLE001 - the withdrawal stands; say what failed
+            self._hook_failed(withdrawn.id, "withdrawn", exc)
+
+    async def _not_withdrawn(self, hook: WithdrawalHook[Any], approval_id: str, note: Any) -> None:
+        try:
+            await hook.not_withdrawn(note)
+        except Exception as exc:  # noqa: BLE001 - a note left behind is resumed harmlessly
+            self._hook_failed(approval_id, "not_withdrawn", exc)
+
+    @staticmethod
+    def _hook_failed(approval_id: str, phase: str, exc: Exception) -> None:
+        _log.error(
+            "approval.withdrawal_hook_failed",
+            approval_id=approval_id,
+            phase=phase,
+            error_type=type(exc).__name__,
+            error=printable(exc, 300),
+        )
 
     # ------------------------------------------------------------------ helpers
 
@@ -492,12 +611,16 @@ class Approvals:
         comment: str = "",
         request_id: str = "",
         credential_id: str | None = None,
+        before_save: Callable[[Approval], Awaitable[None]] | None = None,
     ) -> Approval:
         """Apply ``change`` with compare-and-set (re-reading on contention), then audit it
-        (about ``credential_id``, by default the one the changed approval names)."""
+        (about ``credential_id``, by default the one the changed approval names).
+        ``before_save`` is awaited with each changed version right before it is written."""
         for _ in range(_CAS_ATTEMPTS):
             current = await self._load(approval_id, now)
             updated = change(current)  # raises the typed refusal when the step is not allowed
+            if before_save is not None:
+                await before_save(updated)
             if not await self._store.save_approval(updated, expected_version=current.version):
                 continue
             await self._record_or_undo(

@@ -50,7 +50,7 @@ from broker.adapters.tls import RotatingServerTls, build_server_context
 from broker.adapters.vault import HvacVault, VaultMinter, VaultReadiness
 from broker.adapters.webhook_notifier import WebhookNotifier
 from broker.adapters.workload_api import WorkloadApiReadiness, WorkloadApiSource
-from broker.approvals import Approvals, WithdrawalHook
+from broker.approvals import Approvals
 from broker.audit import AuditService, new_event_id
 from broker.config import AuditSettings, PolicySettings, RevocationConfig, Settings
 from broker.continuous import (
@@ -60,8 +60,8 @@ from broker.continuous import (
     ContinuousReadiness,
     DecisionInputs,
     ReevaluatingQuarantines,
+    ReevaluatingWithdrawals,
 )
-from broker.core.approvals import Approval
 from broker.core.authn import CallerAuthenticator
 from broker.core.bundle import TrustStore
 from broker.core.jwtsvid import JwtSvidVerifier
@@ -248,16 +248,6 @@ def _working_hours(config: PolicySettings) -> WorkingHours:
         )
     except ValueError as exc:
         raise ConfigurationError(f"invalid [policy] settings: {exc}") from None
-
-
-def _reevaluate_withdrawn(continuous: ContinuousAuthorizer) -> WithdrawalHook:
-    """A used approval was withdrawn: decide the credential issued under it again."""
-
-    async def hook(approval: Approval) -> None:
-        # Waits for the first attempt; a failed one is retried in the background.
-        await continuous.approval_withdrawn(approval)
-
-    return hook
 
 
 async def _audit_trail(
@@ -586,7 +576,9 @@ async def build_runtime(
         )
         continuous_readiness.attach(continuous)
         reloader.listen(continuous)
-        approvals.set_withdrawal_hook(_reevaluate_withdrawn(continuous))
+        # A used approval's re-evaluation is noted before its withdrawal is stored, and its
+        # credential decided once it is (waiting for the first attempt; retried after).
+        approvals.set_withdrawal_hook(ReevaluatingWithdrawals(continuous))
         metrics.watch_pending_approvals(approvals.pending_count)
         quarantines.attach(continuous)
         sweeper = RevocationSweeper(

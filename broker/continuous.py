@@ -60,10 +60,19 @@ killed) dies with the process. A policy or catalog change is picked up again at 
 (the digest differs), and every quarantine in force is applied again at each start
 (:meth:`ContinuousAuthorizer.reapply_quarantines`). A withdrawn approval has neither, so its
 change is noted durably (``core.ports.PendingScopeRecords``: the approval, run and task ids
-and the reason, on the ledger's Redis) *before* its first attempt, and the record is cleared
-only once an attempt covering it completed (its own, or a re-evaluation of every live lease
-that took it over). A record that cannot be stored is logged with an alert
-(``continuous.pending_unrecorded``) and stored again before each retry. At start-up
+and the reason, on the ledger's Redis) *before the withdrawal is stored*: the approvals code
+calls :meth:`ContinuousAuthorizer.note_withdrawal` (through :class:`ReevaluatingWithdrawals`)
+right before its compare-and-set of a used approval's withdrawal, and hands the note to
+:meth:`ContinuousAuthorizer.approval_withdrawn` once the withdrawal is stored; that job
+carries the same record and clears it only once an attempt covering it completed (its own,
+or a re-evaluation of every live lease that took it over). A broker killed at any point after
+the withdrawal was stored thus leaves the record to the next start. A withdrawal that then
+fails discards the record (:meth:`ContinuousAuthorizer.discard_withdrawal_note`) unless the
+store says it was withdrawn all the same (then the credential is decided at once); a record
+left over (the broker killed before storing the withdrawal, or the discard failed) is
+resumed harmlessly: the approval is still used, the credential kept, the record cleared. A
+record that cannot be stored never blocks the withdrawal: it is logged with an alert
+(``continuous.pending_unrecorded``) and stored again before each attempt. At start-up
 (:meth:`ContinuousAuthorizer.resume_pending`) every record is queued again, retried as any
 scope (``continuous.pending_resumed`` counts them). Reads are bounded
 (:data:`PENDING_READ_LIMIT`); more than :data:`RESUME_EACH_LIMIT` records, a read cut at its
@@ -76,10 +85,13 @@ Limits: a request decided under the old set that writes its lease ahead while th
 runs may or may not be read by it, and one written after it is not; such a credential lives at
 most its TTL under the old set. During a rolling change, a replica still running the old inputs
 keeps issuing under them after another replica stored the new digest; those credentials are not
-decided again at later starts (SIGHUP the replicas, or they end at their TTL). A broker killed
-between storing an approval's withdrawal and noting its re-evaluation (the approvals code
-records its audit event and queues its webhook in between) leaves that credential to its TTL,
-as does a note Redis lost (it is written like the withdrawal, without waiting for an fsync).
+decided again at later starts (SIGHUP the replicas, or they end at their TTL). A withdrawal's
+record is written to the same Redis as the withdrawal and before it, so a Redis that loses the
+record (neither waits for an fsync) has lost the withdrawal written after it too. Left to the
+credential's TTL: a withdrawal whose record Redis refused (alerted) by a broker killed before
+a later write of it succeeds; and a record another replica's start-up resumes and clears in
+the instant between its write and the withdrawal's, the withdrawing broker then killed before
+its own re-evaluation completed.
 """
 
 from __future__ import annotations
@@ -384,6 +396,17 @@ class PendingReevaluation:
     retry_in: float
 
 
+@dataclass(frozen=True, slots=True)
+class WithdrawalNote:
+    """A used approval's re-evaluation, noted before its withdrawal is stored
+    (:meth:`ContinuousAuthorizer.note_withdrawal`): the pending ``record`` (None without a
+    pending store) and whether it is ``stored`` (False: the store refused it; it is stored
+    again before each attempt)."""
+
+    record: PendingScopeRecord | None
+    stored: bool = False
+
+
 @dataclass(eq=False)
 class _Job:
     """One change to re-evaluate, waiting or running; carried over when coalesced."""
@@ -462,8 +485,9 @@ class ContinuousAuthorizer:
     Triggers (each queues its scope; see the module docstring for retries and coalescing):
     the policy reloader calls :meth:`policy_changed` and :meth:`targets_changed` (they return
     at once); :class:`ReevaluatingQuarantines` calls :meth:`quarantine_set` and the approvals
-    code :meth:`approval_withdrawn` (they wait for the first attempt); bootstrap calls
-    :meth:`reevaluate_if_inputs_changed`, :meth:`reapply_quarantines` and
+    code, through :class:`ReevaluatingWithdrawals`, :meth:`note_withdrawal` before it stores a
+    withdrawal and :meth:`approval_withdrawn` after (they wait for the first attempt);
+    bootstrap calls :meth:`reevaluate_if_inputs_changed`, :meth:`reapply_quarantines` and
     :meth:`resume_pending` at start-up. :meth:`reevaluate` is one attempt, without retry.
     """
 
@@ -581,24 +605,62 @@ class ContinuousAuthorizer:
             _log.info("continuous.quarantines_reapplied", quarantines=len(quarantines))
             return
 
-    async def approval_withdrawn(self, approval: Approval) -> ReevaluationReport | None:
-        """A used approval was withdrawn: the credential issued under it is decided again
-        without it. The change is first noted in the pending records (``pending``), so that a
-        broker stopping before a re-evaluation of it completed leaves it to the next start
-        (:meth:`resume_pending`). Waits for the first attempt; None when it failed (logged,
-        and retried in the background)."""
+    async def note_withdrawal(self, approval: Approval) -> WithdrawalNote:
+        """A used approval is about to be withdrawn (``approval`` is the withdrawn version,
+        not stored yet): note the re-evaluation its withdrawal owes in the pending records
+        (``pending``) now, so that a broker killed once the withdrawal is stored leaves it
+        to the next start (:meth:`resume_pending`). Never raises for a record that cannot be
+        stored (alerted: ``continuous.pending_unrecorded``): the withdrawal goes ahead, and
+        :meth:`approval_withdrawn` stores the same record again before each attempt."""
         subject = approval.subject
-        reason = f"approval {approval.id} was withdrawn by {approval.closed_by}"
-        record = self._pending_record(approval.id, subject.workflow_id, subject.task_id, reason)
+        record = self._pending_record(
+            approval.id, subject.workflow_id, subject.task_id, _withdrawal_reason(approval)
+        )
+        if record is None:
+            return WithdrawalNote(None)
+        return WithdrawalNote(record, stored=await self._note(record))
+
+    async def discard_withdrawal_note(self, note: WithdrawalNote) -> None:
+        """The withdrawal ``note`` was taken for was not stored (or withdrew no credential
+        after all): remove its record now. Best effort: a record left behind is resumed at
+        the next start, whose re-evaluation decides the credential under the approval as
+        stored (still used: kept) and then removes it."""
+        if note.record is None or self._pending is None:
+            return
+        # Removed even if its write seemed to fail: the write may have landed all the same.
+        try:
+            await self._pending.clear_pending([note.record.id])
+        except Exception as exc:  # noqa: BLE001 - only costs a re-evaluation at a start
+            _log.warning(
+                "continuous.pending_not_cleared",
+                records=1,
+                error=type(exc).__name__,
+                reason=exc.reason if isinstance(exc, TaskleaseError) else "",
+            )
+            return
+        _log.info("continuous.pending_discarded", key=note.record.key, id=note.record.id)
+
+    async def approval_withdrawn(
+        self, approval: Approval, note: WithdrawalNote | None = None
+    ) -> ReevaluationReport | None:
+        """A used approval was withdrawn: the credential issued under it is decided again
+        without it. ``note`` is what :meth:`note_withdrawal` returned before the withdrawal
+        was stored: its record is the one this re-evaluation carries and clears once an
+        attempt covering it completed (stored again before each attempt while it is not
+        stored). Without one, the change is noted now, before the first attempt. Waits for
+        the first attempt; None when it failed (logged, and retried in the background)."""
+        subject = approval.subject
+        if note is None:
+            note = await self.note_withdrawal(approval)
         owed: list[str] = []
         unstored: list[PendingScopeRecord] = []
-        if record is not None:
-            if await self._note(record):
-                owed.append(record.id)
+        if note.record is not None:
+            if note.stored:
+                owed.append(note.record.id)
             else:
-                unstored.append(record)
+                unstored.append(note.record)
         scope = _approval_scope(approval.id, subject.workflow_id, subject.task_id)
-        job = self._submit(scope, reason, owed=owed, unstored=unstored)
+        job = self._submit(scope, _withdrawal_reason(approval), owed=owed, unstored=unstored)
         try:
             return await self._first_attempt(job)
         except Exception:  # noqa: BLE001 - logged by the attempt; the retry is scheduled
@@ -1395,6 +1457,29 @@ class ReevaluatingQuarantines:
         return await self._store.quarantines(now)
 
 
+class ReevaluatingWithdrawals:
+    """The approvals code's withdrawal hook (satisfies
+    ``broker.approvals.WithdrawalHook[WithdrawalNote]``): a used approval's re-evaluation is
+    noted before its withdrawal is stored, its credential decided again once it is (waiting
+    for the first attempt, retried in the background), the note discarded when the
+    withdrawal did not happen."""
+
+    def __init__(self, authorizer: ContinuousAuthorizer) -> None:
+        self._authorizer = authorizer
+
+    async def before_withdrawal(self, approval: Approval) -> WithdrawalNote:
+        """Note the re-evaluation (never raises for a store that refuses it: alerted)."""
+        return await self._authorizer.note_withdrawal(approval)
+
+    async def withdrawn(self, approval: Approval, note: WithdrawalNote | None) -> None:
+        """Decide the credential again, carrying ``note``'s record."""
+        await self._authorizer.approval_withdrawn(approval, note)
+
+    async def not_withdrawn(self, note: WithdrawalNote) -> None:
+        """Remove ``note``'s record (best effort)."""
+        await self._authorizer.discard_withdrawal_note(note)
+
+
 _QUARANTINE_SELECTOR: Final = {
     QuarantineKind.IDENTITY: lambda value: LeaseSelector(holder=value),
     QuarantineKind.IDENTITY_PREFIX: lambda value: LeaseSelector(holder_prefix=value),
@@ -1416,6 +1501,10 @@ def _seconds(duration: timedelta) -> int:
 
 def _trigger(reason: str) -> str:
     return printable(reason, _REASON_LIMIT)
+
+
+def _withdrawal_reason(approval: Approval) -> str:
+    return f"approval {approval.id} was withdrawn by {approval.closed_by}"
 
 
 def _approval_scope(approval_id: str, workflow_id: str, task_id: str) -> ReevaluationScope:

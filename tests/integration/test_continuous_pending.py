@@ -9,6 +9,11 @@ which revokes the task token in OpenBao and records the revocation in the ledger
 
 And the wiring: a broker started through bootstrap resumes a record a stopped broker left in
 Redis, although the decision-inputs marker says nothing else needs deciding.
+
+And the window before the first attempt: the approvals use case notes the re-evaluation
+before it stores the withdrawal, so a broker killed right after the approval store's write
+(before the audit event, the webhook and the re-evaluation) leaves a note the next broker
+resumes, which revokes the real task token.
 """
 
 from __future__ import annotations
@@ -35,12 +40,22 @@ from broker.adapters.redis_reevaluation import (
     pending_key,
 )
 from broker.adapters.vault import VaultMinter
+from broker.approvals import Approvals
 from broker.config import RedisSettings
-from broker.continuous import APPROVAL, ApprovalStoreStates, ContinuousAuthorizer
-from broker.core.approvals import Approval, ApprovalSubject, Verdict
+from broker.continuous import (
+    APPROVAL,
+    ApprovalStoreStates,
+    ContinuousAuthorizer,
+    ReevaluatingWithdrawals,
+)
+from broker.core.approvals import Approval, ApprovalStatus, ApprovalSubject, Verdict
 from broker.core.audit import CredentialRevoked, EventType
+from broker.core.authn import Caller
+from broker.core.identity import AuthMethod, WorkloadIdentity
 from broker.core.model import LeaseState, Sensitivity, TargetKind, WorkflowRun
 from broker.core.ports import PENDING_APPROVAL, PendingScopeRecord
+from broker.core.roles import Role
+from broker.core.spiffe_id import SpiffeId
 from broker.devstack import DevStack
 from broker.policy_reload import LivePolicy
 from broker.revocation import Revoker
@@ -344,3 +359,141 @@ async def test_a_started_broker_resumes_a_withdrawal_a_stopped_broker_left_pendi
     assert stored is not None
     assert (stored.state, stored.revoke_reason) == (LeaseState.REVOKED, "continuous_authorization")
     assert (await pending.read_pending(limit=10)).records == ()
+
+
+# --------------------------------------------------------------------------- killed mid-withdrawal
+
+
+class Killed(BaseException):
+    """The broker process dies here: nothing after this point runs (not an ``Exception``, so
+    no handler of the code under test sees it)."""
+
+
+class DyingApprovalStore(RedisApprovalStore):
+    """The real approval store; the broker is killed right after it wrote a withdrawal."""
+
+    async def save_approval(self, approval: Approval, *, expected_version: int) -> bool:
+        saved = await super().save_approval(approval, expected_version=expected_version)
+        if saved and approval.state is ApprovalStatus.WITHDRAWN:
+            raise Killed
+        return saved
+
+
+async def used_approval(ledger: RedisLedger, credential_id: str, task_id: str) -> Approval:
+    """An approval for a demo-kv request, approved by bob and used for ``credential_id``,
+    each step stored in the real approval store."""
+    store = RedisApprovalStore(client=ledger.client, namespace=ledger.namespace)
+    now = SystemClock().now()
+    lease = demo_kv_lease(credential_id, workflow_id=RUN, task_id=task_id, holder=AGENT, now=now)
+    opened = Approval.open(
+        subject=ApprovalSubject(
+            workflow_id=RUN, task_id=task_id, target="demo-kv", ttl_seconds=300, holder=AGENT
+        ),
+        owner="alice@example.test",
+        chain=lease.chain,
+        now=now,
+        validity=timedelta(hours=1),
+        policy_ids=("restricted-needs-approval",),
+    )
+    assert await store.create_approval(opened, replaces=None)
+    approved = opened.decide(
+        approver="bob@example.test", display="Bob", verdict=Verdict.APPROVE, now=now
+    )
+    assert await store.save_approval(approved, expected_version=opened.version)
+    used = approved.consume(digest=opened.digest, credential_id=credential_id, now=now)
+    assert await store.save_approval(used, expected_version=approved.version)
+    return used
+
+
+async def test_a_broker_killed_right_after_storing_a_withdrawal_leaves_it_to_the_next(
+    stack: DevStack, parts: tuple[RedisLedger, VaultMinter]
+) -> None:
+    ledger, minter = parts
+    now = SystemClock().now()
+    assert await ledger.create_run(
+        WorkflowRun(
+            id=RUN,
+            owner="alice@example.test",
+            purpose="a withdrawal survives its broker being killed",
+            started_by=DEMO_ORCHESTRATOR,
+            created_at=now,
+            deadline=now + timedelta(hours=1),
+        )
+    )
+    approval = await used_approval(ledger, "cred_killed_001", "t-killed")
+    lease = await issue_recorded(
+        ledger,
+        minter,
+        dataclasses.replace(
+            demo_kv_lease(
+                "cred_killed_001", workflow_id=RUN, task_id="t-killed", holder=AGENT, now=now
+            ),
+            approval_id=approval.id,
+        ),
+    )
+    accessor = lease.token_accessor
+    assert await asyncio.to_thread(token_alive, stack, accessor)
+
+    # The first broker, wired as bootstrap wires it; killed once the withdrawal is written.
+    pending = RedisPendingScopeRecords(client=ledger.client, namespace=ledger.namespace)
+    first = authorizer(ledger, minter, MemoryAuditTrail(), pending, retry=timedelta(seconds=60))
+    approvals = Approvals(
+        store=DyingApprovalStore(client=ledger.client, namespace=ledger.namespace),
+        audit=MemoryAuditTrail(),
+        clock=SystemClock(),
+        withdrawal_hook=ReevaluatingWithdrawals(first),
+    )
+    admin = Caller(
+        WorkloadIdentity(
+            SpiffeId.parse("spiffe://tasklease.test/admin/demo"),
+            now + timedelta(hours=1),
+            AuthMethod.X509_SVID,
+        ),
+        frozenset({Role.ADMIN}),
+    )
+    try:
+        with pytest.raises(Killed):
+            await approvals.withdraw(admin, approval.id, comment="wrong ticket")
+    finally:
+        await first.close()  # the process is gone: nothing it queued runs
+
+    store = RedisApprovalStore(client=ledger.client, namespace=ledger.namespace)
+    stored = await store.get_approval(approval.id)
+    assert stored is not None and stored.state is ApprovalStatus.WITHDRAWN
+    (noted,) = (await pending.read_pending(limit=10)).records
+    assert (noted.key, noted.task_id) == (approval.id, "t-killed")
+    assert await asyncio.to_thread(token_alive, stack, accessor)  # nobody decided it yet
+
+    # The next broker: its own connections to the same Redis, the same OpenBao.
+    second_ledger = RedisLedger(
+        settings=RedisSettings(url=stack.endpoints.redis_url),  # type: ignore[union-attr]
+        namespace=ledger.namespace,
+    )
+    audit = MemoryAuditTrail()
+    second_pending = RedisPendingScopeRecords(
+        client=second_ledger.client, namespace=second_ledger.namespace
+    )
+    second = authorizer(
+        second_ledger, minter, audit, second_pending, retry=timedelta(milliseconds=200)
+    )
+    try:
+        second.resume_pending()
+        await asyncio.wait_for(second.drain(), timeout=60)
+        assert not await asyncio.to_thread(token_alive, stack, accessor)
+        revoked = await second_ledger.get_lease(lease.credential_id)
+        assert revoked is not None
+        assert (revoked.state, revoked.revoke_reason) == (
+            LeaseState.REVOKED,
+            "continuous_authorization",
+        )
+        (event,) = [e for e in audit.events if e.type is EventType.CREDENTIAL_REVOKED]
+        assert isinstance(event.payload, CredentialRevoked)
+        assert event.approval_id == approval.id
+        assert (
+            f"start-up: resumed: approval {approval.id} was withdrawn by "
+            "spiffe://tasklease.test/admin/demo" in event.payload.reason
+        )
+        assert await second_ledger.client.hlen(pending_key(ledger.namespace)) == 0
+    finally:
+        await second.close()
+        await second_ledger.close()

@@ -434,10 +434,17 @@ async def test_withdrawing_a_used_approval_calls_the_hook() -> None:
     issued = await world.ask(approval_id)
     seen: list[Approval] = []
 
-    async def hook(approval: Approval) -> None:
-        seen.append(approval)
+    class Hook:  # broker.approvals.WithdrawalHook[str]
+        async def before_withdrawal(self, approval: Approval) -> str:
+            return "note"
 
-    world.approvals.set_withdrawal_hook(hook)
+        async def withdrawn(self, approval: Approval, note: str | None) -> None:
+            seen.append(approval)
+
+        async def not_withdrawn(self, note: str) -> None:
+            raise AssertionError("the withdrawal was stored")
+
+    world.approvals.set_withdrawal_hook(Hook())
     await world.approvals.withdraw(BOB, approval_id)
     assert [(a.id, a.credential_id) for a in seen] == [(approval_id, issued.lease.credential_id)]
 
