@@ -153,6 +153,10 @@ def broker_env(stack: DevStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
         # production) are tested at fixed times in tests/unit/test_policy.py and the policy cases.
         "TASKLEASE_POLICY__WORKING_HOURS_START_UTC": "0",
         "TASKLEASE_POLICY__WORKING_HOURS_END_UTC": "24",
+        # The session's tests share the demo agent's identity for hundreds of credentials (about
+        # 700 in a full run), most left to their TTL; the limit itself is tested with its own
+        # identities and values (tests/integration/test_issuance_limits.py).
+        "TASKLEASE_ISSUANCE__LIVE_CREDENTIALS_PER_IDENTITY": "100000",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -262,6 +262,11 @@ class VaultReadiness:  # satisfies core.ports.ReadinessCheck
 
 
 _LEASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)+")
+# OpenBao answers a lookup of a token in the middle of its revocation with 403, for as long
+# as the revocation runs (longer when it takes leases with it: a certificate's CRL). A revoke's
+# confirmation asks again after these pauses (1.55 s in all) before it calls the token still
+# there; a 403 that lasts (the broker's policy changed) still fails the confirmation.
+_CONFIRM_RETRY_DELAYS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 def _is_wellformed_lease_id(lease_id: str) -> bool:
@@ -566,15 +571,21 @@ class VaultMinter:  # satisfies core.ports.SecretMinter and core.ports.TaskToken
         )
 
     async def _still_there(self, path: str, body: dict[str, str], gone_words: str) -> bool:
-        try:
-            await self._http.raw("PUT" if path.startswith("sys/") else "POST", path, body=body)
-        except VaultResponseError as exc:
-            if exc.status == 400 and exc.says(gone_words):
-                return False
-            raise translate(f"confirming at {path}", exc) from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise VaultUnavailableError(
-                f"confirming at {path}: OpenBao is unreachable ({type(exc).__name__})",
-                reason="vault.unreachable",
-            ) from exc
-        return True
+        method = "PUT" if path.startswith("sys/") else "POST"
+        for pause in (*_CONFIRM_RETRY_DELAYS, None):
+            try:
+                await self._http.raw(method, path, body=body)
+            except VaultResponseError as exc:
+                if exc.status == 400 and exc.says(gone_words):
+                    return False
+                if exc.status == 403 and pause is not None:
+                    await asyncio.sleep(pause)  # being revoked: ask again shortly
+                    continue
+                raise translate(f"confirming at {path}", exc) from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise VaultUnavailableError(
+                    f"confirming at {path}: OpenBao is unreachable ({type(exc).__name__})",
+                    reason="vault.unreachable",
+                ) from exc
+            return True
+        raise AssertionError("unreachable")  # pragma: no cover - the last pass returns or raises

@@ -128,8 +128,10 @@ async def test_live_credentials_are_capped_per_identity_and_per_target(
     status, again, _ = await _ask(broker, agent, run_id, "demo-kv", "t6")
     assert status == 201, again
 
-    # Another identity is not held back by this one's credentials.
-    demo_agent = client_context(stack, tmp_path, workload_id(stack, "agent"))
+    # Another identity is not held back by this one's credentials (a fresh one too: the demo
+    # agent may hold more than three live credentials of the session's other tests).
+    other_id = f"spiffe://{stack.trust_domain}/agent/uncapped-{secrets.token_hex(4)}"
+    other_agent = client_context(stack, tmp_path, other_id)
     status, other_run = await call(
         broker,
         orchestrator,
@@ -140,9 +142,9 @@ async def test_live_credentials_are_capped_per_identity_and_per_target(
             "owner": "alice@example.test",
             "purpose": "limits OPS-1",
             "ttl_seconds": 600,
-            "participants": [workload_id(stack, "agent")],
+            "participants": [other_id],
         },
     )
     assert status == 201, other_run
-    status, other, _ = await _ask(broker, demo_agent, other_run["id"], "demo-db", "t1")
+    status, other, _ = await _ask(broker, other_agent, other_run["id"], "demo-db", "t1")
     assert status == 201, other
