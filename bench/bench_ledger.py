@@ -20,7 +20,7 @@ this measures memory and sweep cost, not fsync latency.
    The leases are realistic: a 3-hop chain of SPIFFE IDs, a 24-character accessor and one
    database lease id, 50 leases per run.
 2. Bytes per lease, per population: MEMORY USAGE of every key of its namespace (lease records,
-   id → run hashes, indexes, due index, the holders' live sets) over its leases, and the
+   id → run hashes, indexes, due index, the holders' live counts) over its leases, and the
    growth of ``used_memory`` while it was filled. Goal: <= 1 KiB.
 3. Sweep cost, in rounds that alternate between the populations (so drift is shared), of
    ``DUE`` due leases among the active (not yet due) ones:
@@ -58,6 +58,7 @@ from broker.adapters.redis_ledger import (
     RedisLedger,
     _encode_lease,
     _Keys,
+    _live_minute,
     _micros,
 )
 from broker.config import RedisSettings
@@ -130,7 +131,7 @@ async def _write(client: aioredis.Redis, keys: _Keys, leases: Sequence[Lease]) -
     holders: dict[str, int] = {}
     due: dict[str, dict[str, int]] = defaultdict(dict)
     claims: dict[tuple[str, str], list[str]] = defaultdict(list)
-    live: dict[str, dict[str, int]] = defaultdict(dict)  # the holders' live sets
+    live: dict[str, dict[int, int]] = defaultdict(dict)  # the holders' live counts
     forget_at: dict[str, int] = {}
     for lease in leases:
         cid, wid = lease.credential_id, lease.workflow_id
@@ -145,7 +146,8 @@ async def _write(client: aioredis.Redis, keys: _Keys, leases: Sequence[Lease]) -
         claims[(in_flight, claimed)].append(cid)
         due[due_key][cid] = _micros(lease.expires_at)
         live_key = keys.live(lease.holder)
-        live[live_key][cid] = _micros(lease.expires_at)
+        minute = _live_minute(lease)
+        live[live_key][minute] = live[live_key].get(minute, 0) + 1
         gc_ms = _micros(lease.expires_at) // 1000 + _LIVE_SET_GRACE_MS
         forget_at[live_key] = max(forget_at.get(live_key, 0), gc_ms)
     async with client.pipeline(transaction=False) as pipe:
@@ -159,8 +161,9 @@ async def _write(client: aioredis.Redis, keys: _Keys, leases: Sequence[Lease]) -
             pipe.hdel(claimed, *ids)
         for key, scores in due.items():
             pipe.zadd(key, scores)
-        for key, scores in live.items():
-            pipe.zadd(key, scores)
+        for key, counts in live.items():
+            for minute, count in counts.items():
+                pipe.hincrby(key, str(minute), count)
             pipe.pexpireat(key, forget_at[key], nx=True)
             pipe.pexpireat(key, forget_at[key], gt=True)
         await pipe.execute()
@@ -261,7 +264,7 @@ def _family(key: str) -> str:
     if rest.startswith("idx:"):
         return "index " + rest.split(":")[1]
     if rest.startswith("live:"):
-        return "live sets (limits)"
+        return "live counts (limits)"
     return "meta"
 
 

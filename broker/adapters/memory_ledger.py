@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import AsyncGenerator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from broker.core.model import (
     Lease,
@@ -206,6 +206,17 @@ def key_reused_error() -> ConflictError:
     )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MINUTE = timedelta(minutes=1)
+
+
+def counted_until(lease: Lease) -> datetime:
+    """Until when a live lease counts against its holder's limits: the end of the minute its
+    expiry falls in (the Redis ledger counts per minute)."""
+    minutes = -(-(lease.expires_at - _EPOCH) // _MINUTE)
+    return _EPOCH + minutes * _MINUTE
+
+
 def live_limit_error(
     lease: Lease, *, per_target: bool, limit: int, earliest_expiry: datetime
 ) -> LimitExceededError:
@@ -332,7 +343,7 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
             for held in self._leases.values()
             if held.holder == lease.holder
             and held.state is not LeaseState.REVOKED
-            and held.expires_at > at
+            and counted_until(held) > at
         ]
         counted = self._counted_for_target.get((lease.holder, lease.target), set())
         for per_target, limit, scope in (
@@ -344,7 +355,7 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
                     lease,
                     per_target=per_target,
                     limit=limit,
-                    earliest_expiry=min(held.expires_at for held in scope),
+                    earliest_expiry=min(counted_until(held) for held in scope),
                 )
 
     async def discard(self, lease: Lease) -> bool:

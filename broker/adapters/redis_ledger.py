@@ -10,8 +10,8 @@ Key layout (``tl`` is the namespace; ``W`` a run id, ``C`` a credential id, ``T`
 ``b`` = CRC32(C) mod ``due_buckets``). Everything of one run shares the hash tag ``{wf:W}``
 and so one Cluster slot; each due bucket is its own tag, so every Lua script but
 ``write_ahead``, ``discard`` and the ``cas`` of a revocation touches one slot
-(``write_ahead`` spans the run, its indexes, a due bucket and the holder's live sets, as the
-MULTI/EXEC it replaced did; the other two also take the lease out of the live sets)::
+(``write_ahead`` spans the run, its indexes, a due bucket and the holder's live counts, as
+the MULTI/EXEC it replaced did; the other two also take the lease out of the live counts)::
 
     tl:meta                   hash    layout version, due_buckets (checked by every replica)
     tl:{wf:W}:run             string  the run (compact JSON)
@@ -27,9 +27,10 @@ MULTI/EXEC it replaced did; the other two also take the lease out of the live se
     tl:{due:b}:inflight       zset    C → visibility deadline (µs) while claimed
     tl:{due:b}:claimed        hash    C → the due time it was claimed at (while claimed)
     tl:idem:<sha256(key)>     string  [fingerprint, C], expires after the idempotency TTL
-    tl:live:<holder>          zset    C → expiry (µs): the holder's leases neither revoked
-                                      nor expired (what live-credential limits count)
-    tl:live:<holder>|<target> zset    the same, of one target, while it has a limit
+    tl:live:<holder>          hash    m → how many of the holder's leases, neither revoked
+                                      nor expired, expire in the minute ending at minute m
+                                      since the epoch (what live-credential limits count)
+    tl:live:<holder>|<target> hash    the same, of one target, while it has a limit
 
 Memory, not convenience, shaped this (goal: 1 KiB per lease with its index entries, measured
 by ``bench/bench_ledger.py``): a hash field costs about half of a key, so leases are fields of
@@ -41,30 +42,37 @@ small); a task id alone scans every lease, in bounded batches.
 
 Times are integers in microseconds (exact in JSON and, below 2^53, in sorted-set scores).
 Every time is the caller's ``now``: no script reads the Redis server clock (SECURITY 36). The
-only server-clock uses are the expiry of idempotency bindings and of idle live sets (a day
+only server-clock uses are the expiry of idempotency bindings and of idle live counts (a day
 after their newest lease expired), which are garbage collection.
+
+Live counts are kept per minute, not per lease, so limits cost a few bytes per holder and
+minute rather than per lease: a lease counts from its write-ahead until it is revoked,
+discarded, or the minute it expires in has ended (up to 59 s after its expiry: a limit errs on
+the side of refusing). A lease's minute is ``ceil(expires_at / 60 s)``.
 
 Lua scripts (each atomic; results are plain strings so no JSON is parsed in Lua):
 
 * ``write_ahead`` (the run's leases, the id → run hash, the holder, owner and target sets, the
-  holders, the due bucket's three keys, the holder's live sets, and the idempotency key when
-  the request has one; C, W, record, holder, due, binding, binding TTL, now, the limits):
-  everything a write-ahead writes, in one command; ``{bound, binding}`` when the idempotency
-  key is bound already and ``{limit, i, earliest expiry}`` when live set ``i`` is at its limit
-  (then nothing is written); ``ok`` when the record is new or exactly this one (a retry),
+  holders, the due bucket's three keys, the holder's live counts, and the idempotency key when
+  the request has one; C, W, record, holder, due, binding, binding TTL, now, N, the lease's
+  minute, when to forget the counts, the limits): everything a write-ahead writes, in one
+  command; ``{bound, binding}`` when the idempotency key is bound already and
+  ``{limit, i, earliest minute}`` when live count ``i`` is at its limit (then nothing is
+  written); ``ok`` when the record is new or exactly this one (a retry),
   ``exists`` when the id is taken (a record written into this run for an id of another run is
   taken back).
-* ``cas`` (run leases, and the live sets when the lease is saved revoked; C, expected, new):
-  set field C to ``new`` only if it holds exactly ``expected`` (and take C out of the live
-  sets); 1 or 0. ``save_lease`` reads, checks the rewrite in Python, then CASes.
+* ``cas`` (run leases, and the live counts when the lease is saved revoked for the first
+  time; C, expected, new, its minute): set field C to ``new`` only if it holds exactly
+  ``expected`` (and count the lease out of the live counts); 1 or 0. ``save_lease`` reads,
+  checks the rewrite in Python, then CASes.
 * ``activate`` (run leases, run tombstones; C, expected, task, issued_at, activated,
   refused): ``stale`` if the lease changed since it was read; ``tombstoned`` (after writing
   ``refused`` when given: issuing, Vault references recorded) if the task's tombstone is later
   than ``issued_at``; else writes ``activated`` and answers ``ok``.
 * ``tombstone`` (run tombstones; task, until): keep the later of the stored and the new until.
-* ``discard`` (run leases, the live sets; C, expected): delete field C (and take C out of the
-  live sets) only if it holds exactly ``expected`` (a write-ahead record whose mint was
-  definitely refused); 1 or 0.
+* ``discard`` (run leases, the live counts; C, expected, -, its minute): delete field C (and
+  count the lease out of the live counts) only if it holds exactly ``expected`` (a write-ahead
+  record whose mint was definitely refused); 1 or 0.
 * ``forget_idempotency`` (idempotency key; C): delete the binding only if it names C.
 * ``peek`` (due, in-flight, claimed; now, limit, cap): first return up to ``cap`` claims whose
   deadline is ≤ now to the due set at the due time they were claimed at (a crashed claimer's
@@ -205,8 +213,12 @@ _EXTEND: Final = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then"
     " return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 )
-# Redis forgets a holder's live set this long after its newest lease expired.
+# Redis forgets a holder's live counts this long after its newest lease expired.
 _LIVE_SET_GRACE_MS = 86_400_000
+_MINUTE_US = 60_000_000
+# Hex digits of a request's fingerprint an idempotency binding stores (128 bits: it is only
+# compared with the fingerprint of a request presenting the same key).
+_STORED_FINGERPRINT = 32
 _NO_LIMITS: Final = LiveLimits()
 
 
@@ -315,6 +327,12 @@ def _corrupt(what: str, exc: Exception) -> LedgerUnavailableError:
 
 def _micros(moment: datetime) -> int:
     return (moment - _EPOCH) // _MICROSECOND
+
+
+def _live_minute(lease: Lease) -> int:
+    """The minute (since the epoch) whose end the lease counts against live limits until: the
+    minute its expiry falls in, rounded up."""
+    return -(-_micros(lease.expires_at) // _MINUTE_US)
 
 
 def _moment(micros: int) -> datetime:
@@ -515,8 +533,8 @@ class _Keys:
         return f"{self.ns}:lock:{name}"
 
     def live(self, holder: str, target: str | None = None) -> str:
-        """The holder's live leases (C → expiry µs), all of them or one target's ('|' is in
-        neither a SPIFFE ID nor a target name)."""
+        """The holder's live counts per expiry minute, of all its leases or of one target's
+        ('|' is in neither a SPIFFE ID nor a target name)."""
         if target is None:
             return f"{self.ns}:live:{holder}"
         return f"{self.ns}:live:{holder}|{target}"
@@ -533,21 +551,20 @@ class _Keys:
 
 
 # One write-ahead, atomically and in one command (it was a MULTI of nine). KEYS: the nine of
-# the record, its indexes and due entry; then N live sets (the holder's, and the holder's for
-# this target when the target has a limit); then the idempotency key when there is a binding.
-# ARGV: credential id, run id, the lease record, its holder, its due time = expiry (µs), the
-# idempotency binding (or ''), its TTL (ms), now (µs), N, N limits (0: none), when the live
-# sets may be forgotten (ms, garbage collection only).
+# the record, its indexes and due entry; then N live counts (the holder's, and the holder's
+# for this target when the target has a limit); then the idempotency key when there is a
+# binding. ARGV: credential id, run id, the lease record, its holder, its due time = expiry
+# (µs), the idempotency binding (or ''), its TTL (ms), now (µs), N, the lease's minute, when
+# the live counts may be forgotten (ms, garbage collection only), N limits (0: none).
 # 1. A key bound already answers {'bound', <the binding>} and nothing is written.
-# 2. Unless this id is counted already (a retried call), each live set drops what expired by
-#    now; one at its limit answers {'limit', <its index>, <the earliest expiry>}, nothing
-#    written.
+# 2. Unless this very record is stored already (a retried call), each live count drops the
+#    minutes that ended by now and sums the rest; one at its limit answers
+#    {'limit', <its index>, <its earliest minute>}, nothing written.
 # 3. Everything is written as the MULTI wrote it, the index and due entries also when the id
 #    turns out to be taken (harmless: extra index members are filtered on read, and the due
-#    time can only move earlier, ZADD LT); then 'ok' when the record is new or exactly this one
-#    (a retried call), with the lease counted in the live sets and the key bound, else
-#    'exists' — after taking back the record just written into this run if the id belongs to
-#    another run.
+#    time can only move earlier, ZADD LT); then 'ok' when the record is new (counted in the
+#    live counts, the key bound) or exactly this one (a retried call), else 'exists' — after
+#    taking back the record just written into this run if the id belongs to another run.
 _WRITE_AHEAD = RedisScript(
     "write_ahead",
     """
@@ -557,14 +574,22 @@ if ARGV[6] ~= '' then
   local bound = redis.call('GET', idem)
   if bound then return {'bound', bound} end
 end
-if not redis.call('ZSCORE', KEYS[10], ARGV[1]) then
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then
+  local now = tonumber(ARGV[8])
   for i = 1, n do
-    redis.call('ZREMRANGEBYSCORE', KEYS[9 + i], '-inf', ARGV[8])
-    local limit = tonumber(ARGV[9 + i])
-    if limit > 0 and redis.call('ZCARD', KEYS[9 + i]) >= limit then
-      local first = redis.call('ZRANGE', KEYS[9 + i], 0, 0, 'WITHSCORES')
-      return {'limit', tostring(i), first[2]}
+    local limit = tonumber(ARGV[11 + i])
+    local counts = redis.call('HGETALL', KEYS[9 + i])
+    local live, earliest = 0, nil
+    for j = 1, #counts, 2 do
+      local minute = tonumber(counts[j])
+      if minute * 60000000 <= now then
+        redis.call('HDEL', KEYS[9 + i], counts[j])
+      else
+        live = live + tonumber(counts[j + 1])
+        if earliest == nil or minute < earliest then earliest = minute end
+      end
     end
+    if limit > 0 and live >= limit then return {'limit', tostring(i), tostring(earliest)} end
   end
 end
 local located = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
@@ -576,30 +601,47 @@ redis.call('ZADD', KEYS[6], 0, ARGV[4])
 redis.call('ZREM', KEYS[8], ARGV[1])
 redis.call('HDEL', KEYS[9], ARGV[1])
 redis.call('ZADD', KEYS[7], 'LT', ARGV[5], ARGV[1])
-if not (located == 1 and recorded == 1) then
-  if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
-    if recorded == 1 then redis.call('HDEL', KEYS[2], ARGV[1]) end
-    return 'exists'
+if located == 1 and recorded == 1 then
+  for i = 1, n do
+    redis.call('HINCRBY', KEYS[9 + i], ARGV[10], 1)
+    redis.call('PEXPIREAT', KEYS[9 + i], ARGV[11], 'NX')
+    redis.call('PEXPIREAT', KEYS[9 + i], ARGV[11], 'GT')
   end
-  if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then return 'exists' end
+  if ARGV[6] ~= '' then redis.call('SET', idem, ARGV[6], 'PX', ARGV[7]) end
+  return 'ok'
 end
-for i = 1, n do
-  redis.call('ZADD', KEYS[9 + i], ARGV[5], ARGV[1])
-  redis.call('PEXPIREAT', KEYS[9 + i], ARGV[10 + n], 'NX')
-  redis.call('PEXPIREAT', KEYS[9 + i], ARGV[10 + n], 'GT')
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  if recorded == 1 then redis.call('HDEL', KEYS[2], ARGV[1]) end
+  return 'exists'
 end
-if ARGV[6] ~= '' then redis.call('SET', idem, ARGV[6], 'PX', ARGV[7]) end
-return 'ok'
+if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[3] then return 'ok' end
+return 'exists'
 """,
 )
 
-# KEYS: the run's leases, then the live sets the lease leaves (when it is saved revoked).
+# Count a lease out of the live counts KEYS[2..] in its minute ARGV[4], if that minute is
+# still counted (a minute that ended was dropped with every lease in it).
+_UNCOUNT = """
+for i = 2, #KEYS do
+  local left = tonumber(redis.call('HGET', KEYS[i], ARGV[4]) or '0')
+  if left > 1 then
+    redis.call('HINCRBY', KEYS[i], ARGV[4], -1)
+  elseif left == 1 then
+    redis.call('HDEL', KEYS[i], ARGV[4])
+  end
+end
+"""
+
+# KEYS: the run's leases, then the live counts the lease leaves (saved revoked the first time);
+# ARGV: C, expected, new, the lease's minute.
 _CAS = RedisScript(
     "cas",
     """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+"""
+    + _UNCOUNT
+    + """
 return 1
 """,
 )
@@ -657,13 +699,16 @@ return items
 """,
 )
 
-# KEYS: the run's leases, then the live sets the lease leaves.
+# KEYS: the run's leases, then the live counts the lease leaves; ARGV: C, expected, (unused),
+# the lease's minute.
 _DISCARD = RedisScript(
     "discard",
     """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+"""
+    + _UNCOUNT
+    + """
 return 1
 """,
 )
@@ -1049,9 +1094,9 @@ class RedisLedger:  # satisfies core.ports.Ledger
         binding's TTL) with the record. A key bound to this very lease is a retried call:
         None, as written.
 
-        The lease is counted in its holder's live set (and, when ``limits.per_target`` is set,
-        in the holder's set for the target), whatever the limits; a set at its limit refuses
-        the lease with LimitExceededError before anything is written.
+        The lease is counted in its holder's live counts (and, when ``limits.per_target`` is
+        set, in the holder's counts for the target), whatever the limits; a count at its limit
+        refuses the lease with LimitExceededError before anything is written.
         """
         check_write_ahead(lease)
         await self._ensure_layout()
@@ -1079,7 +1124,8 @@ class RedisLedger:  # satisfies core.ports.Ledger
         binding_ms = 0
         if idempotency is not None:
             names.append(keys.idempotency(idempotency.key))
-            binding = json.dumps([idempotency.fingerprint, cid], separators=(",", ":"))
+            stored_fingerprint = idempotency.fingerprint[:_STORED_FINGERPRINT]
+            binding = json.dumps([stored_fingerprint, cid], separators=(",", ":"))
             binding_ms = max(1, idempotency.ttl // _MILLISECOND)
         expires_us = _micros(lease.expires_at)
         args: list[str | int] = [
@@ -1092,10 +1138,11 @@ class RedisLedger:  # satisfies core.ports.Ledger
             binding_ms,
             _micros(lease.issued_at),
             len(live),
-            *caps,
-            # The live sets are garbage-collected by Redis a day after their newest expiry
+            _live_minute(lease),
+            # The live counts are garbage-collected by Redis a day after their newest expiry
             # (the server clock only forgets; counting uses ``issued_at``).
             expires_us // 1000 + _LIVE_SET_GRACE_MS,
+            *caps,
         ]
         outcome = await self._script("write_ahead", _WRITE_AHEAD, names, args)
         if outcome == "ok":
@@ -1106,7 +1153,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
         if isinstance(outcome, list) and len(outcome) == 3 and outcome[0] == "limit":
             per_target = outcome[1] == "2"
             try:
-                earliest = _moment(int(float(outcome[2])))
+                earliest = _moment(int(outcome[2]) * _MINUTE_US)
             except (TypeError, ValueError) as exc:
                 raise _corrupt(live[-1 if per_target else 0], exc) from exc
             raise live_limit_error(
@@ -1128,7 +1175,8 @@ class RedisLedger:  # satisfies core.ports.Ledger
             bound_fingerprint, bound_id = json.loads(str(binding))
         except (TypeError, ValueError) as exc:
             raise _corrupt(name, exc) from exc
-        if bound_fingerprint != fingerprint:
+        # Stored shortened (a binding written before that holds the whole digest).
+        if bound_fingerprint not in (fingerprint[:_STORED_FINGERPRINT], fingerprint):
             raise key_reused_error()
         return str(bound_id)
 
@@ -1162,7 +1210,8 @@ class RedisLedger:  # satisfies core.ports.Ledger
         cid, wid = lease.credential_id, lease.workflow_id
         expected = _encode_lease(lease)
         live = [keys.live(lease.holder), keys.live(lease.holder, lease.target)]
-        if await self._script("discard", _DISCARD, [keys.leases(wid), *live], [cid, expected]) != 1:
+        args: list[str | int] = [cid, expected, "", _live_minute(lease)]
+        if await self._script("discard", _DISCARD, [keys.leases(wid), *live], args) != 1:
             return False
         bucket = keys.bucket(cid)
         due, in_flight, claimed = keys.due(bucket)
@@ -1306,15 +1355,18 @@ class RedisLedger:  # satisfies core.ports.Ledger
                     raise NotFoundError(f"no lease {cid}", reason="lease.not_found")
                 check_rewrite(stored, lease)
                 continue  # it was written meanwhile: read it again
-            check_rewrite(_decode_lease(str(raw), cid, lease.workflow_id, f"{key} {cid}"), lease)
+            stored = _decode_lease(str(raw), cid, lease.workflow_id, f"{key} {cid}")
+            check_rewrite(stored, lease)
             names = [key]
-            if lease.state is LeaseState.REVOKED:
-                # Revoked: no longer counted against its holder's live limits.
+            if lease.state is LeaseState.REVOKED and stored.state is not LeaseState.REVOKED:
+                # Revoked (by this write, a compare-and-set: once): no longer counted against
+                # its holder's live limits.
                 names += [
                     self._keys.live(lease.holder),
                     self._keys.live(lease.holder, lease.target),
                 ]
-            if await self._script("save_lease", _CAS, names, [cid, str(raw), new_raw]) == 1:
+            args: list[str | int] = [cid, str(raw), new_raw, _live_minute(lease)]
+            if await self._script("save_lease", _CAS, names, args) == 1:
                 return
         raise ConflictError(
             f"lease {cid} kept changing while it was being saved", reason="lease.contended"

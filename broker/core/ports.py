@@ -196,10 +196,10 @@ class IdempotencyBinding:
 
 @dataclass(frozen=True, slots=True)
 class LiveLimits:
-    """How many live credentials (written ahead, not revoked, not expired) the lease's holder
-    may hold with this one included: ``per_identity`` in all, ``per_target`` of its target;
-    0 means no limit. A write-ahead over a limit writes nothing and raises
-    :class:`~broker.errors.LimitExceededError`."""
+    """How many live credentials (written ahead, neither revoked nor past the end of the
+    minute they expire in) the lease's holder may hold with this one included:
+    ``per_identity`` in all, ``per_target`` of its target; 0 means no limit. A write-ahead
+    over a limit writes nothing and raises :class:`~broker.errors.LimitExceededError`."""
 
     per_identity: int = 0
     per_target: int = 0
@@ -244,8 +244,9 @@ class Ledger(Protocol):
         ``issued_at``) are counted, and a lease over a limit writes nothing and raises
         LimitExceededError (``limit.live_per_identity``, ``limit.live_per_target``). A key bound
         already answers its credential before any limit is looked at. A lease leaves the count
-        when it expires, is revoked or is discarded. Per-target counts cover the leases
-        written while that target had a limit."""
+        when it is revoked or discarded, or once the minute it expires in has ended (counts
+        are kept per expiry minute: a lease may count up to 59 s past its expiry). Per-target
+        counts cover the leases written while that target had a limit."""
         ...
 
     async def activate(

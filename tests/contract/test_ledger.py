@@ -787,6 +787,20 @@ async def test_an_expired_or_discarded_lease_frees_its_slot(ledger: Ledger) -> N
     await ledger.write_ahead(make_lease("cred_c", issued_at=second.expires_at), limits=one)
 
 
+async def test_a_lease_counts_until_the_end_of_the_minute_it_expires_in(ledger: Ledger) -> None:
+    """Counts are kept per expiry minute: a limit errs on the side of refusing, by < 60 s."""
+    one = LiveLimits(per_identity=1)
+    first = make_lease("cred_a", expires_at=NOW + timedelta(minutes=15, seconds=30))
+    await ledger.write_ahead(first, limits=one)
+    after_expiry = first.expires_at + timedelta(seconds=10)
+    with pytest.raises(LimitExceededError) as caught:
+        await ledger.write_ahead(make_lease("cred_b", issued_at=after_expiry), limits=one)
+    assert caught.value.retry_after == 20  # the minute ends at NOW + 16 min
+    await ledger.write_ahead(
+        make_lease("cred_b", issued_at=NOW + timedelta(minutes=16)), limits=one
+    )
+
+
 async def test_a_target_limit_counts_that_target_only(ledger: Ledger) -> None:
     per_target = LiveLimits(per_identity=10, per_target=1)
     await ledger.write_ahead(make_lease("cred_a"), limits=per_target)

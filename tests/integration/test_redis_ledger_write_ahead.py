@@ -3,7 +3,7 @@ Redis exactly as the MULTI of nine commands it replaced did, in every case: a ne
 retried write, an id taken in the same run or in another run, a claimed lease written again,
 a record left without its id → run pointer. The previous implementation is kept here as the
 reference (``_write_ahead_by_multi``, followed, for a lease it wrote, by what the script has
-added since: the holder's live set) and both run side by side on the stack's real Redis,
+added since: the holder's live count) and both run side by side on the stack's real Redis,
 each in its own namespace; their replies and their keys (namespace aside) must be equal.
 """
 
@@ -22,6 +22,7 @@ from broker.adapters.redis_ledger import (
     RedisLedger,
     _encode_lease,
     _Keys,
+    _live_minute,
     _micros,
 )
 from broker.config import RedisSettings
@@ -140,18 +141,16 @@ async def _write_ahead_by_multi(client: aioredis.Redis, keys: _Keys, lease: Leas
     stored = None if owner is None else await client.hget(keys.leases(str(owner)), cid)
     if results[1] and (stored is None or owner != wid):
         await client.hdel(keys.leases(wid), cid)
-    if stored == raw and owner == wid:
-        return await _counted_live(client, keys, lease)
-    return "exists"
+    return "ok" if stored == raw and owner == wid else "exists"  # a retry: counted already
 
 
 async def _counted_live(client: aioredis.Redis, keys: _Keys, lease: Lease) -> str:
-    """What the script added since it replaced the MULTI, for a lease it wrote: the lease in
-    its holder's live set (limits), the set forgotten a day after its newest expiry."""
+    """What the script added since it replaced the MULTI, for a lease it wrote: the lease
+    counted in its holder's live counts (limits), forgotten a day after its newest expiry."""
     live = keys.live(lease.holder)
     forget_at = _micros(lease.expires_at) // 1000 + _LIVE_SET_GRACE_MS
     async with client.pipeline(transaction=True) as pipe:
-        pipe.zadd(live, {lease.credential_id: _micros(lease.expires_at)})
+        pipe.hincrby(live, str(_live_minute(lease)), 1)
         pipe.pexpireat(live, forget_at, nx=True)
         pipe.pexpireat(live, forget_at, gt=True)
         await pipe.execute()
