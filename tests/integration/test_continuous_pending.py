@@ -131,65 +131,18 @@ def authorizer(
     )
 
 
-async def withdrawn_approval(
-    ledger: RedisLedger, credential_id: str, task_id: str, *, target: str = "demo-kv"
-) -> Approval:
-    """An approval for the credential's request, approved by bob, used for the credential and
-    withdrawn by carol, each step stored in the real approval store."""
-    store = RedisApprovalStore(client=ledger.client, namespace=ledger.namespace)
-    now = SystemClock().now()
-    lease = demo_kv_lease("cred_x", workflow_id=RUN, task_id=task_id, holder=AGENT, now=now)
-    opened = Approval.open(
-        subject=ApprovalSubject(
-            workflow_id=RUN, task_id=task_id, target=target, ttl_seconds=300, holder=AGENT
-        ),
-        owner="alice@example.test",
-        chain=lease.chain,
-        now=now,
-        validity=timedelta(hours=1),
-        policy_ids=("restricted-needs-approval",),
-    )
-    assert await store.create_approval(opened, replaces=None)
-    approved = opened.decide(
-        approver="bob@example.test", display="Bob", verdict=Verdict.APPROVE, now=now
-    )
-    used = approved.consume(digest=opened.digest, credential_id=credential_id, now=now)
-    withdrawn = used.withdraw(by="carol@example.test", now=now, comment="no longer needed")
-    current = opened
-    for step in (approved, used, withdrawn):
-        assert await store.save_approval(step, expected_version=current.version)
-        current = step
-    return withdrawn
-
-
 async def test_a_withdrawal_cut_short_by_a_stop_is_revoked_by_the_next_broker(
     stack: DevStack, parts: tuple[RedisLedger, VaultMinter]
 ) -> None:
     ledger, minter = parts
-    now = SystemClock().now()
-    assert await ledger.create_run(
-        WorkflowRun(
-            id=RUN,
-            owner="alice@example.test",
-            purpose="a withdrawn approval survives a stop",
-            started_by=DEMO_ORCHESTRATOR,
-            created_at=now,
-            deadline=now + timedelta(hours=1),
-        )
+    approval, accessor = await credential_under(
+        stack,
+        parts,
+        lambda: withdrawn_approval(ledger, "cred_pending_001", "t-approved"),
+        credential_id="cred_pending_001",
+        task_id="t-approved",
+        purpose="a withdrawn approval survives a stop",
     )
-    approval = await withdrawn_approval(ledger, "cred_pending_001", "t-approved")
-    lease = await issue_recorded(
-        ledger,
-        minter,
-        dataclasses.replace(
-            demo_kv_lease(
-                "cred_pending_001", workflow_id=RUN, task_id="t-approved", holder=AGENT, now=now
-            ),
-            approval_id=approval.id,
-        ),
-    )
-    accessor = lease.token_accessor
-    assert await asyncio.to_thread(token_alive, stack, accessor)
 
     # The first broker: notes the re-evaluation, then Redis goes down under its first attempt.
     stopping = RedisStoppingRecords(stack, ledger)
@@ -225,7 +178,7 @@ async def test_a_withdrawal_cut_short_by_a_stop_is_revoked_by_the_next_broker(
         assert not await asyncio.to_thread(token_alive, stack, accessor)
         (resumed,) = [e for e in logs if e["event"] == "continuous.pending_resumed"]
         assert (resumed["count"], resumed["each_scope"]) == (1, True)
-        stored = await second_ledger.get_lease(lease.credential_id)
+        stored = await second_ledger.get_lease("cred_pending_001")
         assert stored is not None
         assert (stored.state, stored.revoke_reason) == (
             LeaseState.REVOKED,
@@ -379,15 +332,17 @@ class DyingApprovalStore(RedisApprovalStore):
         return saved
 
 
-async def used_approval(ledger: RedisLedger, credential_id: str, task_id: str) -> Approval:
-    """An approval for a demo-kv request, approved by bob and used for ``credential_id``,
-    each step stored in the real approval store."""
+async def used_approval(
+    ledger: RedisLedger, credential_id: str, task_id: str, *, target: str = "demo-kv"
+) -> Approval:
+    """An approval for the credential's request, approved by bob and used for
+    ``credential_id``, each step stored in the real approval store."""
     store = RedisApprovalStore(client=ledger.client, namespace=ledger.namespace)
     now = SystemClock().now()
     lease = demo_kv_lease(credential_id, workflow_id=RUN, task_id=task_id, holder=AGENT, now=now)
     opened = Approval.open(
         subject=ApprovalSubject(
-            workflow_id=RUN, task_id=task_id, target="demo-kv", ttl_seconds=300, holder=AGENT
+            workflow_id=RUN, task_id=task_id, target=target, ttl_seconds=300, holder=AGENT
         ),
         owner="alice@example.test",
         chain=lease.chain,
@@ -405,34 +360,67 @@ async def used_approval(ledger: RedisLedger, credential_id: str, task_id: str) -
     return used
 
 
-async def test_a_broker_killed_right_after_storing_a_withdrawal_leaves_it_to_the_next(
-    stack: DevStack, parts: tuple[RedisLedger, VaultMinter]
-) -> None:
+async def withdrawn_approval(
+    ledger: RedisLedger, credential_id: str, task_id: str, *, target: str = "demo-kv"
+) -> Approval:
+    """:func:`used_approval`, then withdrawn by carol (stored)."""
+    used = await used_approval(ledger, credential_id, task_id, target=target)
+    store = RedisApprovalStore(client=ledger.client, namespace=ledger.namespace)
+    withdrawn = used.withdraw(
+        by="carol@example.test", now=SystemClock().now(), comment="no longer needed"
+    )
+    assert await store.save_approval(withdrawn, expected_version=used.version)
+    return withdrawn
+
+
+async def credential_under(
+    stack: DevStack,
+    parts: tuple[RedisLedger, VaultMinter],
+    approval: Callable[[], Awaitable[Approval]],
+    *,
+    credential_id: str,
+    task_id: str,
+    purpose: str,
+) -> tuple[Approval, str]:
+    """A run, the approval ``approval`` makes for ``credential_id``, and a demo-kv credential
+    issued under it (a real, live OpenBao task token): the approval and the token's accessor."""
     ledger, minter = parts
     now = SystemClock().now()
     assert await ledger.create_run(
         WorkflowRun(
             id=RUN,
             owner="alice@example.test",
-            purpose="a withdrawal survives its broker being killed",
+            purpose=purpose,
             started_by=DEMO_ORCHESTRATOR,
             created_at=now,
             deadline=now + timedelta(hours=1),
         )
     )
-    approval = await used_approval(ledger, "cred_killed_001", "t-killed")
+    made = await approval()
     lease = await issue_recorded(
         ledger,
         minter,
         dataclasses.replace(
-            demo_kv_lease(
-                "cred_killed_001", workflow_id=RUN, task_id="t-killed", holder=AGENT, now=now
-            ),
-            approval_id=approval.id,
+            demo_kv_lease(credential_id, workflow_id=RUN, task_id=task_id, holder=AGENT, now=now),
+            approval_id=made.id,
         ),
     )
-    accessor = lease.token_accessor
-    assert await asyncio.to_thread(token_alive, stack, accessor)
+    assert await asyncio.to_thread(token_alive, stack, lease.token_accessor)
+    return made, lease.token_accessor
+
+
+async def test_a_broker_killed_right_after_storing_a_withdrawal_leaves_it_to_the_next(
+    stack: DevStack, parts: tuple[RedisLedger, VaultMinter]
+) -> None:
+    ledger, minter = parts
+    approval, accessor = await credential_under(
+        stack,
+        parts,
+        lambda: used_approval(ledger, "cred_killed_001", "t-killed"),
+        credential_id="cred_killed_001",
+        task_id="t-killed",
+        purpose="a withdrawal survives its broker being killed",
+    )
 
     # The first broker, wired as bootstrap wires it; killed once the withdrawal is written.
     pending = RedisPendingScopeRecords(client=ledger.client, namespace=ledger.namespace)
@@ -446,7 +434,7 @@ async def test_a_broker_killed_right_after_storing_a_withdrawal_leaves_it_to_the
     admin = Caller(
         WorkloadIdentity(
             SpiffeId.parse("spiffe://tasklease.test/admin/demo"),
-            now + timedelta(hours=1),
+            SystemClock().now() + timedelta(hours=1),
             AuthMethod.X509_SVID,
         ),
         frozenset({Role.ADMIN}),
@@ -480,7 +468,7 @@ async def test_a_broker_killed_right_after_storing_a_withdrawal_leaves_it_to_the
         second.resume_pending()
         await asyncio.wait_for(second.drain(), timeout=60)
         assert not await asyncio.to_thread(token_alive, stack, accessor)
-        revoked = await second_ledger.get_lease(lease.credential_id)
+        revoked = await second_ledger.get_lease("cred_killed_001")
         assert revoked is not None
         assert (revoked.state, revoked.revoke_reason) == (
             LeaseState.REVOKED,
