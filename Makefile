@@ -44,6 +44,9 @@ lint: install
 	$(BIN)/ruff format --check broker tests $(wildcard bench)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	cd deploy/k8scheck && unformatted=$$("$$(go env GOROOT)/bin/gofmt" -l .) \
+	  && { [ -z "$$unformatted" ] || { echo "gofmt needed: $$unformatted"; exit 1; }; } \
+	  && go vet ./...
 
 bench: install spire
 	@for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
