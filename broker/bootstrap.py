@@ -514,6 +514,7 @@ async def build_runtime(
             approvals=approvals,
             audit=audit_trail,
             live_limit_per_identity=settings.issuance.live_credentials_per_identity,
+            issuance_rate_per_identity=settings.issuance.credentials_per_identity_per_minute,
         )
         app = create_app(
             readiness=readiness,

@@ -236,6 +236,10 @@ class IssuanceSettings(_Section):
     # limit_exceeded. 0 turns the limit off. A target may set a lower cap of its own
     # (max_live_per_identity in targets.toml).
     live_credentials_per_identity: int = Field(default=500, ge=0, le=MAX_LIVE_LIMIT)
+    # At most this many credentials issued per workload identity per minute: a token bucket
+    # that holds this many and refills at this rate (bursts up to it, then a steady pace). It
+    # keeps one runaway or compromised agent from flooding OpenBao. 0 turns it off.
+    credentials_per_identity_per_minute: int = Field(default=600, ge=0, le=MAX_LIVE_LIMIT)
 
 
 class PolicySettings(_Section):

@@ -33,8 +33,9 @@ expected, and never contain a secret; untrusted values in them are escaped and t
     │   ├── IdempotentReplayError          409 idempotency_replayed (carries credential_id)
     │   └── ApprovalStateError             409 approval_state (approval.expired, .used, …)
     ├── LimitExceededError                 429 limit_exceeded (limit.live_per_identity,
-    │                                      limit.live_per_target; carries limit and
-    │                                      retry_after_seconds, sent as Retry-After)
+    │                                      limit.live_per_target, limit.rate_per_identity;
+    │                                      carries limit and retry_after_seconds, sent as
+    │                                      Retry-After)
     └── UnavailableError                   503 unavailable
         ├── BundleUnavailableError         503 bundle_unavailable
         ├── VaultUnavailableError          503 vault_unavailable
@@ -223,8 +224,9 @@ class ApprovalStateError(ConflictError):
 
 class LimitExceededError(TaskleaseError):
     """A quota is full: the caller holds as many live credentials as it may (per identity, or
-    per identity and target). Nothing was minted; a slot frees when one of them expires or is
-    released, and ``retry_after`` says when the earliest expires."""
+    per identity and target), or was issued credentials faster than it may. Nothing was
+    minted; ``retry_after`` says when a slot frees by itself (a live credential may also be
+    released)."""
 
     status = 429
     code = "limit_exceeded"
@@ -236,7 +238,7 @@ class LimitExceededError(TaskleaseError):
         self.retry_after = max(1, retry_after)
 
     def extra(self) -> dict[str, object]:
-        """The limit and the seconds until the earliest live credential expires."""
+        """The limit and the seconds until a slot frees by itself."""
         return {"limit": self.limit, "retry_after_seconds": self.retry_after}
 
 

@@ -50,9 +50,9 @@ from broker.core.ports import (
     CheckResult,
     Clock,
     IdempotencyBinding,
+    IssuanceLimits,
     LeaseSelector,
     Ledger,
-    LiveLimits,
     MintSpec,
     PolicyEngine,
     PolicyRequest,
@@ -150,6 +150,7 @@ class CredentialBroker:
         approvals: Approvals | None = None,
         audit: AuditTrail | None = None,
         live_limit_per_identity: int = 0,
+        issuance_rate_per_identity: int = 0,
     ) -> None:
         # The audit trail (bootstrap always wires one). None only in unit set-ups.
         self._audit = audit
@@ -166,6 +167,8 @@ class CredentialBroker:
         self._idempotency_ttl = idempotency_ttl
         # At most this many live credentials per identity (0: none); a target may cap its own.
         self._live_limit = live_limit_per_identity
+        # At most this many issuances per identity per minute (a token bucket; 0: none).
+        self._rate_limit = issuance_rate_per_identity
 
     @property
     def targets(self) -> Mapping[str, Target]:
@@ -541,7 +544,9 @@ class CredentialBroker:
                     )
                     if request.idempotency_key is not None
                     else None,
-                    limits=LiveLimits(self._live_limit, target.max_live_per_identity),
+                    limits=IssuanceLimits(
+                        self._live_limit, target.max_live_per_identity, self._rate_limit
+                    ),
                 )
             except (ConflictError, LimitExceededError):
                 raise  # the key is another request's, the id is taken, a limit: nothing bound

@@ -154,9 +154,10 @@ def broker_env(stack: DevStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
         "TASKLEASE_POLICY__WORKING_HOURS_START_UTC": "0",
         "TASKLEASE_POLICY__WORKING_HOURS_END_UTC": "24",
         # The session's tests share the demo agent's identity for hundreds of credentials (about
-        # 700 in a full run), most left to their TTL; the limit itself is tested with its own
-        # identities and values (tests/integration/test_issuance_limits.py).
+        # 700 in a full run, in bursts), most left to their TTL; the limits themselves are
+        # tested with their own identities and values (tests/integration/test_issuance_limits.py).
         "TASKLEASE_ISSUANCE__LIVE_CREDENTIALS_PER_IDENTITY": "100000",
+        "TASKLEASE_ISSUANCE__CREDENTIALS_PER_IDENTITY_PER_MINUTE": "0",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

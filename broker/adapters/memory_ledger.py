@@ -26,7 +26,7 @@ from broker.core.model import (
     WorkflowRun,
     check_id,
 )
-from broker.core.ports import IdempotencyBinding, LeaseSelector, LiveLimits
+from broker.core.ports import IdempotencyBinding, IssuanceLimits, LeaseSelector
 from broker.errors import BadRequestError, ConflictError, LimitExceededError, NotFoundError
 
 MAX_FIND_LIMIT = 10_000
@@ -210,6 +210,19 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MINUTE = timedelta(minutes=1)
 
 
+def rate_limit_error(lease: Lease, per_minute: int, *, wait: float) -> LimitExceededError:
+    """The holder of ``lease`` was issued ``per_minute`` credentials in the last minute (its
+    token bucket is empty); the next token comes in ``wait`` seconds."""
+    seconds = math.ceil(wait)
+    return LimitExceededError(
+        f"{lease.holder} was issued credentials faster than the {per_minute} per minute "
+        f"allowed per identity; ask again in {max(1, seconds)} s",
+        reason="limit.rate_per_identity",
+        limit=per_minute,
+        retry_after=seconds,
+    )
+
+
 def counted_until(lease: Lease) -> datetime:
     """Until when a live lease counts against its holder's limits: the end of the minute its
     expiry falls in (the Redis ledger counts per minute)."""
@@ -265,6 +278,8 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         self._idempotency: dict[str, tuple[str, str]] = {}
         # (holder, target) → the ids written while the target had a per-identity limit
         self._counted_for_target: dict[tuple[str, str], set[str]] = {}
+        # holder → its issuance token bucket: (tokens, refilled at)
+        self._buckets: dict[str, tuple[float, datetime]] = {}
         self._due: dict[str, datetime] = {}
         # credential id → (visibility deadline, the due time it was claimed at)
         self._in_flight: dict[str, tuple[datetime, datetime]] = {}
@@ -302,7 +317,7 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         lease: Lease,
         *,
         idempotency: IdempotencyBinding | None = None,
-        limits: LiveLimits | None = None,
+        limits: IssuanceLimits | None = None,
     ) -> str | None:
         """Record an issuing lease, indexed and due at its expiry. Writing the same lease
         again is a no-op (a retried call); another lease with the same id is a conflict.
@@ -319,14 +334,18 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
                     return bound[1]
                 # Bound to this very lease: a retried call (the record was written with it).
         stored = self._leases.get(lease.credential_id)
+        tokens: tuple[float, datetime] | None = None
         if limits is not None and stored is None:
             self._check_limits(lease, limits)
+            tokens = self._take_token(lease, limits.per_minute)
         if stored is not None and stored != lease:
             raise ConflictError(
                 f"credential id {lease.credential_id} is taken by another lease",
                 reason="lease.exists",
             )
         self._leases[lease.credential_id] = lease
+        if tokens is not None:
+            self._buckets[lease.holder] = tokens
         if limits is not None and limits.per_target:
             counted = self._counted_for_target.setdefault((lease.holder, lease.target), set())
             counted.add(lease.credential_id)
@@ -335,7 +354,21 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         await self.schedule(lease.credential_id, lease.expires_at)
         return None
 
-    def _check_limits(self, lease: Lease, limits: LiveLimits) -> None:
+    def _take_token(self, lease: Lease, per_minute: int) -> tuple[float, datetime] | None:
+        """The holder's token bucket after this issuance takes a token (stored once the lease
+        is written); LimitExceededError when it has none; None without a rate limit."""
+        if not per_minute:
+            return None
+        at = lease.issued_at
+        tokens, refilled = self._buckets.get(lease.holder, (float(per_minute), at))
+        if at > refilled:
+            gained = (at - refilled).total_seconds() * per_minute / 60
+            tokens, refilled = min(float(per_minute), tokens + gained), at
+        if tokens < 1:
+            raise rate_limit_error(lease, per_minute, wait=(1 - tokens) * 60 / per_minute)
+        return tokens - 1, refilled
+
+    def _check_limits(self, lease: Lease, limits: IssuanceLimits) -> None:
         """Raise LimitExceededError if ``lease`` would exceed one of ``limits``."""
         at = lease.issued_at
         live = [

@@ -31,6 +31,8 @@ the MULTI/EXEC it replaced did; the other two also take the lease out of the liv
                                       nor expired, expire in the minute ending at minute m
                                       since the epoch (what live-credential limits count)
     tl:live:<holder>|<target> hash    the same, of one target, while it has a limit
+    tl:rate:<holder>          hash    t → tokens, at → when last refilled (µs): the holder's
+                                      issuance token bucket (expires 2 min after its last use)
 
 Memory, not convenience, shaped this (goal: 1 KiB per lease with its index entries, measured
 by ``bench/bench_ledger.py``): a hash field costs about half of a key, so leases are fields of
@@ -134,6 +136,7 @@ from broker.adapters.memory_ledger import (
     key_reused_error,
     lease_order,
     live_limit_error,
+    rate_limit_error,
     refused_by_tombstone,
     tombstoned_error,
 )
@@ -153,7 +156,7 @@ from broker.core.model import (
     WorkflowRun,
     check_id,
 )
-from broker.core.ports import CheckResult, IdempotencyBinding, LeaseSelector, LiveLimits
+from broker.core.ports import CheckResult, IdempotencyBinding, IssuanceLimits, LeaseSelector
 from broker.errors import ConflictError, LedgerUnavailableError, NotFoundError
 
 _log = structlog.get_logger("broker.ledger")
@@ -219,7 +222,7 @@ _MINUTE_US = 60_000_000
 # Hex digits of a request's fingerprint an idempotency binding stores (128 bits: it is only
 # compared with the fingerprint of a request presenting the same key).
 _STORED_FINGERPRINT = 32
-_NO_LIMITS: Final = LiveLimits()
+_NO_LIMITS: Final = IssuanceLimits()
 
 
 # --------------------------------------------------------------------------- durability
@@ -532,6 +535,10 @@ class _Keys:
     def lock(self, name: str) -> str:
         return f"{self.ns}:lock:{name}"
 
+    def rate(self, holder: str) -> str:
+        """The holder's issuance token bucket."""
+        return f"{self.ns}:rate:{holder}"
+
     def live(self, holder: str, target: str | None = None) -> str:
         """The holder's live counts per expiry minute, of all its leases or of one target's
         ('|' is in neither a SPIFFE ID nor a target name)."""
@@ -552,24 +559,31 @@ class _Keys:
 
 # One write-ahead, atomically and in one command (it was a MULTI of nine). KEYS: the nine of
 # the record, its indexes and due entry; then N live counts (the holder's, and the holder's
-# for this target when the target has a limit); then the idempotency key when there is a
-# binding. ARGV: credential id, run id, the lease record, its holder, its due time = expiry
-# (µs), the idempotency binding (or ''), its TTL (ms), now (µs), N, the lease's minute, when
-# the live counts may be forgotten (ms, garbage collection only), N limits (0: none).
+# for this target when the target has a limit); the holder's issuance token bucket; then the
+# idempotency key when there is a binding. ARGV: credential id, run id, the lease record, its
+# holder, its due time = expiry (µs), the idempotency binding (or ''), its TTL (ms), now (µs),
+# N, the lease's minute, when the live counts may be forgotten (ms, garbage collection only),
+# N limits (0: none), the issuances per minute (0: none).
 # 1. A key bound already answers {'bound', <the binding>} and nothing is written.
 # 2. Unless this very record is stored already (a retried call), each live count drops the
 #    minutes that ended by now and sums the rest; one at its limit answers
-#    {'limit', <its index>, <its earliest minute>}, nothing written.
+#    {'limit', <its index>, <its earliest minute>}; then the bucket is refilled for the time
+#    since it last was (a token per 60/rate s, at most rate) and, without a whole token,
+#    answers {'rate', <µs until the next>}: in both cases nothing is written.
 # 3. Everything is written as the MULTI wrote it, the index and due entries also when the id
 #    turns out to be taken (harmless: extra index members are filtered on read, and the due
 #    time can only move earlier, ZADD LT); then 'ok' when the record is new (counted in the
-#    live counts, the key bound) or exactly this one (a retried call), else 'exists' — after
-#    taking back the record just written into this run if the id belongs to another run.
+#    live counts, a token taken, the key bound) or exactly this one (a retried call), else
+#    'exists' — after taking back the record just written into this run if the id belongs to
+#    another run.
 _WRITE_AHEAD = RedisScript(
     "write_ahead",
     """
 local n = tonumber(ARGV[9])
-local idem = KEYS[10 + n]
+local bucket = KEYS[10 + n]
+local idem = KEYS[11 + n]
+local rate = tonumber(ARGV[12 + n])
+local tokens, refilled = 0, 0
 if ARGV[6] ~= '' then
   local bound = redis.call('GET', idem)
   if bound then return {'bound', bound} end
@@ -591,6 +605,18 @@ if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then
     end
     if limit > 0 and live >= limit then return {'limit', tostring(i), tostring(earliest)} end
   end
+  if rate > 0 then
+    local held = redis.call('HMGET', bucket, 't', 'at')
+    tokens = tonumber(held[1]) or rate
+    refilled = tonumber(held[2]) or now
+    if now > refilled then
+      tokens = math.min(rate, tokens + (now - refilled) * rate / 60000000)
+      refilled = now
+    end
+    if tokens < 1 then
+      return {'rate', tostring(math.ceil((1 - tokens) * 60000000 / rate))}
+    end
+  end
 end
 local located = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 local recorded = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[3])
@@ -606,6 +632,10 @@ if located == 1 and recorded == 1 then
     redis.call('HINCRBY', KEYS[9 + i], ARGV[10], 1)
     redis.call('PEXPIREAT', KEYS[9 + i], ARGV[11], 'NX')
     redis.call('PEXPIREAT', KEYS[9 + i], ARGV[11], 'GT')
+  end
+  if rate > 0 then
+    redis.call('HSET', bucket, 't', tostring(tokens - 1), 'at', tostring(refilled))
+    redis.call('PEXPIRE', bucket, 120000)
   end
   if ARGV[6] ~= '' then redis.call('SET', idem, ARGV[6], 'PX', ARGV[7]) end
   return 'ok'
@@ -1080,7 +1110,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
         lease: Lease,
         *,
         idempotency: IdempotencyBinding | None = None,
-        limits: LiveLimits | None = None,
+        limits: IssuanceLimits | None = None,
     ) -> str | None:
         """Record an issuing lease, indexed and due at its expiry, atomically in one command
         (the ``write_ahead`` script). Writing the same lease again is a no-op (a retried call
@@ -1119,6 +1149,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
             keys.holders,
             *keys.due(bucket),
             *live,
+            keys.rate(lease.holder),
         ]
         binding = ""
         binding_ms = 0
@@ -1143,6 +1174,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
             # (the server clock only forgets; counting uses ``issued_at``).
             expires_us // 1000 + _LIVE_SET_GRACE_MS,
             *caps,
+            limits.per_minute,
         ]
         outcome = await self._script("write_ahead", _WRITE_AHEAD, names, args)
         if outcome == "ok":
@@ -1162,6 +1194,12 @@ class RedisLedger:  # satisfies core.ports.Ledger
                 limit=limits.per_target if per_target else limits.per_identity,
                 earliest_expiry=earliest,
             )
+        if isinstance(outcome, list) and len(outcome) == 2 and outcome[0] == "rate":
+            try:
+                wait = int(outcome[1]) / 1_000_000
+            except (TypeError, ValueError) as exc:
+                raise _corrupt(keys.rate(lease.holder), exc) from exc
+            raise rate_limit_error(lease, limits.per_minute, wait=wait)
         # Taken: a record that is unreadable is reported as such (ledger.corrupt), not as
         # a conflict.
         await self._read_lease(cid)

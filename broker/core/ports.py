@@ -195,17 +195,22 @@ class IdempotencyBinding:
 
 
 @dataclass(frozen=True, slots=True)
-class LiveLimits:
-    """How many live credentials (written ahead, neither revoked nor past the end of the
-    minute they expire in) the lease's holder may hold with this one included:
-    ``per_identity`` in all, ``per_target`` of its target; 0 means no limit. A write-ahead
-    over a limit writes nothing and raises :class:`~broker.errors.LimitExceededError`."""
+class IssuanceLimits:
+    """What the lease's holder may do, whatever the policy allows; 0 means no limit.
+
+    ``per_identity``: live credentials (written ahead, neither revoked nor past the end of the
+    minute they expire in) it may hold with this one included, in all; ``per_target``: the
+    same, of the lease's target; ``per_minute``: credentials it may be issued per minute (a
+    token bucket of that many, refilled at that rate: bursts up to it, then a steady rate).
+    A write-ahead over a limit writes nothing and raises
+    :class:`~broker.errors.LimitExceededError`."""
 
     per_identity: int = 0
     per_target: int = 0
+    per_minute: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("per_identity", "per_target"):
+        for name in ("per_identity", "per_target", "per_minute"):
             if not 0 <= getattr(self, name) <= MAX_LIVE_LIMIT:
                 raise ValueError(f"{name} must be 0..{MAX_LIVE_LIMIT}")
 
@@ -230,7 +235,7 @@ class Ledger(Protocol):
         lease: Lease,
         *,
         idempotency: IdempotencyBinding | None = None,
-        limits: LiveLimits | None = None,
+        limits: IssuanceLimits | None = None,
     ) -> str | None:
         """Record a lease in state issuing *before* minting, indexed and due at its expiry,
         so that even a mint whose answer is lost is found and revoked.
@@ -240,9 +245,10 @@ class Ledger(Protocol):
         credential id is returned (ConflictError ``idempotency.key_reused`` if bound with
         another fingerprint). None when the lease was written.
 
-        With ``limits``, also atomically: the holder's live credentials (at the lease's
-        ``issued_at``) are counted, and a lease over a limit writes nothing and raises
-        LimitExceededError (``limit.live_per_identity``, ``limit.live_per_target``). A key bound
+        With ``limits``, also atomically: the holder's live credentials and its issuance rate
+        (at the lease's ``issued_at``) are counted, and a lease over a limit writes nothing and
+        raises LimitExceededError (``limit.live_per_identity``, ``limit.live_per_target``,
+        ``limit.rate_per_identity``). A key bound
         already answers its credential before any limit is looked at. A lease leaves the count
         when it is revoked or discarded, or once the minute it expires in has ended (counts
         are kept per expiry minute: a lease may count up to 59 s past its expiry). Per-target

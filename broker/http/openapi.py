@@ -131,9 +131,10 @@ _PROBLEMS: Final[Mapping[int, tuple[str, str]]] = {
     429: (
         "LimitExceeded",
         "The caller holds as many live credentials as it may (``limit.live_per_identity``, "
-        "``limit.live_per_target``, with ``limit`` and ``retry_after_seconds``); nothing was "
-        "issued. ``Retry-After`` says when the earliest of them expires; releasing one frees a "
-        "slot at once.",
+        "``limit.live_per_target``) or was issued them faster than it may "
+        "(``limit.rate_per_identity``), with ``limit`` and ``retry_after_seconds``; nothing "
+        "was issued. ``Retry-After`` says when a slot frees by itself; releasing a live "
+        "credential frees one at once.",
     ),
     503: (
         "Unavailable",

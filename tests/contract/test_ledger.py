@@ -27,7 +27,7 @@ from broker.core.model import (
     TargetKind,
     WorkflowRun,
 )
-from broker.core.ports import IdempotencyBinding, LeaseSelector, Ledger, LiveLimits
+from broker.core.ports import IdempotencyBinding, IssuanceLimits, LeaseSelector, Ledger
 from broker.errors import BadRequestError, ConflictError, LimitExceededError, NotFoundError
 from tests.contract.conftest import Ledgers
 
@@ -738,7 +738,7 @@ def test_an_idempotency_binding_needs_a_positive_ttl() -> None:
 
 # --------------------------------------------------------------------------- live limits
 
-_TWO = LiveLimits(per_identity=2)
+_TWO = IssuanceLimits(per_identity=2)
 
 
 async def test_a_holder_at_its_live_limit_gets_nothing_written(ledger: Ledger) -> None:
@@ -761,23 +761,23 @@ async def test_a_holder_at_its_live_limit_gets_nothing_written(ledger: Ledger) -
 
 async def test_a_revoked_lease_frees_its_slot(ledger: Ledger) -> None:
     first = make_lease("cred_a")
-    await ledger.write_ahead(first, limits=LiveLimits(per_identity=1))
+    await ledger.write_ahead(first, limits=IssuanceLimits(per_identity=1))
     with pytest.raises(LimitExceededError):
-        await ledger.write_ahead(make_lease("cred_b"), limits=LiveLimits(per_identity=1))
+        await ledger.write_ahead(make_lease("cred_b"), limits=IssuanceLimits(per_identity=1))
     active = await ledger.activate("cred_a", token_accessor="acc-a", vault_lease_ids=())
     await ledger.save_lease(
         dataclasses.replace(active, state=LeaseState.REVOKING, revoke_reason="released")
     )
     with pytest.raises(LimitExceededError):  # revoking is still live
-        await ledger.write_ahead(make_lease("cred_b"), limits=LiveLimits(per_identity=1))
+        await ledger.write_ahead(make_lease("cred_b"), limits=IssuanceLimits(per_identity=1))
     revoking = await ledger.get_lease("cred_a")
     assert revoking is not None
     await ledger.save_lease(dataclasses.replace(revoking, state=LeaseState.REVOKED, revoked_at=NOW))
-    await ledger.write_ahead(make_lease("cred_b"), limits=LiveLimits(per_identity=1))
+    await ledger.write_ahead(make_lease("cred_b"), limits=IssuanceLimits(per_identity=1))
 
 
 async def test_an_expired_or_discarded_lease_frees_its_slot(ledger: Ledger) -> None:
-    one = LiveLimits(per_identity=1)
+    one = IssuanceLimits(per_identity=1)
     first = make_lease("cred_a")
     await ledger.write_ahead(first, limits=one)
     assert await ledger.discard(first) is True
@@ -789,7 +789,7 @@ async def test_an_expired_or_discarded_lease_frees_its_slot(ledger: Ledger) -> N
 
 async def test_a_lease_counts_until_the_end_of_the_minute_it_expires_in(ledger: Ledger) -> None:
     """Counts are kept per expiry minute: a limit errs on the side of refusing, by < 60 s."""
-    one = LiveLimits(per_identity=1)
+    one = IssuanceLimits(per_identity=1)
     first = make_lease("cred_a", expires_at=NOW + timedelta(minutes=15, seconds=30))
     await ledger.write_ahead(first, limits=one)
     after_expiry = first.expires_at + timedelta(seconds=10)
@@ -802,7 +802,7 @@ async def test_a_lease_counts_until_the_end_of_the_minute_it_expires_in(ledger: 
 
 
 async def test_a_target_limit_counts_that_target_only(ledger: Ledger) -> None:
-    per_target = LiveLimits(per_identity=10, per_target=1)
+    per_target = IssuanceLimits(per_identity=10, per_target=1)
     await ledger.write_ahead(make_lease("cred_a"), limits=per_target)
     with pytest.raises(LimitExceededError) as caught:
         await ledger.write_ahead(make_lease("cred_b"), limits=per_target)
@@ -816,7 +816,7 @@ async def test_a_target_limit_counts_that_target_only(ledger: Ledger) -> None:
 
 
 async def test_a_retry_or_a_replay_at_the_limit_is_not_refused(ledger: Ledger) -> None:
-    one = LiveLimits(per_identity=1)
+    one = IssuanceLimits(per_identity=1)
     lease = make_lease("cred_a")
     assert await ledger.write_ahead(lease, idempotency=_bind("agent|k1"), limits=one) is None
     # The same write again (its answer was lost) is no second credential.
@@ -832,11 +832,46 @@ async def test_a_retry_or_a_replay_at_the_limit_is_not_refused(ledger: Ledger) -
     assert await ledger.write_ahead(replay, idempotency=_bind("agent|k2"), limits=one) is None
 
 
+async def test_an_identity_is_issued_at_most_its_rate(ledger: Ledger) -> None:
+    """A token bucket of ``per_minute`` tokens, one more every 60/per_minute s."""
+    two = IssuanceLimits(per_minute=2)
+    await ledger.write_ahead(make_lease("cred_a"), limits=two)
+    await ledger.write_ahead(make_lease("cred_b"), limits=two)
+    with pytest.raises(LimitExceededError) as caught:
+        await ledger.write_ahead(make_lease("cred_c"), limits=two)
+    assert (caught.value.reason, caught.value.limit, caught.value.retry_after) == (
+        "limit.rate_per_identity",
+        2,
+        30,
+    )
+    assert await ledger.get_lease("cred_c") is None
+    # Another identity has a bucket of its own; a retried write takes no token.
+    await ledger.write_ahead(make_lease("cred_d", holder=f"{AGENT}-2"), limits=two)
+    await ledger.write_ahead(make_lease("cred_a"), limits=two)
+    with pytest.raises(LimitExceededError):
+        await ledger.write_ahead(
+            make_lease("cred_c", issued_at=NOW + timedelta(seconds=29)), limits=two
+        )
+    # 30 s later one token is back, and only one.
+    later = NOW + timedelta(seconds=30)
+    await ledger.write_ahead(make_lease("cred_c", issued_at=later), limits=two)
+    with pytest.raises(LimitExceededError):
+        await ledger.write_ahead(make_lease("cred_e", issued_at=later), limits=two)
+    # A request a live limit refuses takes no token.
+    full = IssuanceLimits(per_identity=3, per_minute=2)
+    much_later = NOW + timedelta(minutes=5)
+    with pytest.raises(LimitExceededError) as caught:
+        await ledger.write_ahead(make_lease("cred_f", issued_at=much_later), limits=full)
+    assert caught.value.reason == "limit.live_per_identity"
+    await ledger.write_ahead(make_lease("cred_f", issued_at=much_later), limits=two)
+    await ledger.write_ahead(make_lease("cred_g", issued_at=much_later), limits=two)
+
+
 def test_live_limits_are_bounded() -> None:
     with pytest.raises(ValueError, match="per_identity"):
-        LiveLimits(per_identity=-1)
+        IssuanceLimits(per_identity=-1)
     with pytest.raises(ValueError, match="per_target"):
-        LiveLimits(per_target=10**7)
+        IssuanceLimits(per_target=10**7)
 
 
 # --------------------------------------------------------------------------- due index

@@ -149,3 +149,43 @@ async def test_live_credentials_are_capped_per_identity_and_per_target(
     assert status == 201, other_run
     status, other, _ = await _ask(broker, other_agent, other_run["id"], "demo-db", "t1")
     assert status == 201, other
+
+
+async def test_an_identity_is_issued_at_most_its_rate(
+    stack: DevStack, start: StartBroker, tmp_path: Path
+) -> None:
+    broker = await start(TASKLEASE_ISSUANCE__CREDENTIALS_PER_IDENTITY_PER_MINUTE="2")
+    agent_id = f"spiffe://{stack.trust_domain}/agent/paced-{secrets.token_hex(4)}"
+    agent = client_context(stack, tmp_path, agent_id)
+    orchestrator = client_context(stack, tmp_path, workload_id(stack, "orchestrator"))
+    run_id = f"wf-{secrets.token_hex(4)}"
+    status, run = await call(
+        broker,
+        orchestrator,
+        "POST",
+        "/v1/workflows",
+        json_body={
+            "id": run_id,
+            "owner": "alice@example.test",
+            "purpose": "rate OPS-2",
+            "ttl_seconds": 600,
+            "participants": [agent_id],
+        },
+    )
+    assert status == 201, run
+    for task in ("t1", "t2"):  # the bucket holds two
+        status, issued, _ = await _ask(broker, agent, run_id, "demo-kv", task)
+        assert status == 201, issued
+    status, refused, retry_after = await _ask(broker, agent, run_id, "demo-kv", "t3")
+    assert (status, refused["code"], refused["reason"], refused["limit"]) == (
+        429,
+        "limit_exceeded",
+        "limit.rate_per_identity",
+        2,
+    )
+    # One token every 30 s; the two were taken a moment ago.
+    assert retry_after is not None
+    assert 20 <= int(retry_after) <= 30
+    status, view = await call(broker, orchestrator, "GET", f"/v1/workflows/{run_id}")
+    assert status == 200, view
+    assert len(view["credentials"]) == 2

@@ -25,7 +25,7 @@ from broker.core.model import CredentialRequest, Lease
 from broker.core.policy import CedarPolicyEngine
 from broker.core.ports import (
     IdempotencyBinding,
-    LiveLimits,
+    IssuanceLimits,
     MintedCredential,
     MintSpec,
     RevokeOutcome,
@@ -129,7 +129,7 @@ class FlakyLedger(InMemoryLedger):
         lease: Lease,
         *,
         idempotency: IdempotencyBinding | None = None,
-        limits: LiveLimits | None = None,
+        limits: IssuanceLimits | None = None,
     ) -> str | None:
         if self.fail_write_ahead:
             raise LedgerUnavailableError("redis is down (test)", reason="ledger.unreachable")

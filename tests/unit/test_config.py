@@ -106,6 +106,7 @@ def test_the_live_credential_limit_is_on_by_default_and_bounded(
     config_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert load_settings().issuance.live_credentials_per_identity == 500
+    assert load_settings().issuance.credentials_per_identity_per_minute == 600
     monkeypatch.setenv("TASKLEASE_ISSUANCE__LIVE_CREDENTIALS_PER_IDENTITY", "0")
     assert load_settings().issuance.live_credentials_per_identity == 0  # off
     monkeypatch.setenv("TASKLEASE_ISSUANCE__LIVE_CREDENTIALS_PER_IDENTITY", "-1")

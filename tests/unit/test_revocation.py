@@ -33,8 +33,8 @@ from broker.core.model import (
 )
 from broker.core.ports import (
     IdempotencyBinding,
+    IssuanceLimits,
     LeaseSelector,
-    LiveLimits,
     MintedCredential,
     MintSpec,
     RevokeOutcome,
@@ -724,7 +724,7 @@ class GatedWriteAheadLedger(InMemoryLedger):
         lease: Lease,
         *,
         idempotency: IdempotencyBinding | None = None,
-        limits: LiveLimits | None = None,
+        limits: IssuanceLimits | None = None,
     ) -> str | None:
         self.waiting.set()
         await self.gate.wait()

@@ -16,7 +16,7 @@ from broker.core.identity import AuthMethod, HumanIdentity, WorkloadIdentity
 from broker.core.model import CredentialRequest, Lease, LeaseState
 from broker.core.ports import (
     IdempotencyBinding,
-    LiveLimits,
+    IssuanceLimits,
     MintedCredential,
     MintSpec,
     RevokeOutcome,
@@ -292,7 +292,7 @@ class WriteAheadAnswerLostOnce(InMemoryLedger):
         lease: Lease,
         *,
         idempotency: IdempotencyBinding | None = None,
-        limits: LiveLimits | None = None,
+        limits: IssuanceLimits | None = None,
     ) -> str | None:
         written = await super().write_ahead(lease, idempotency=idempotency, limits=limits)
         if self.failures:
