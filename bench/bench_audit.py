@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -219,6 +220,7 @@ async def main(requests: int, rounds: int, clients: int, target: str) -> None:
         for handle in logs.values():
             handle.close()
         stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # the SVIDs' private keys, the logs
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -409,6 +410,7 @@ async def main(count: int) -> None:
         except subprocess.TimeoutExpired:
             broker.kill()
         stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # the SVIDs' private keys
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 import tempfile
 import time
@@ -306,6 +307,7 @@ async def main(requests_per_cell: int) -> None:
         for broker in brokers:
             broker.wait(timeout=10)
         stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # the SVIDs' private keys
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import shutil
 import signal
 import ssl
 import tempfile
@@ -240,6 +241,7 @@ async def main(expiring: int) -> None:
         broker.send_signal(signal.SIGINT)
         broker.wait(timeout=20)
         stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # the SVIDs' private keys
 
 
 if __name__ == "__main__":
