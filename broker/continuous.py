@@ -106,7 +106,7 @@ import secrets
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -154,6 +154,7 @@ from broker.revocation import (
 )
 
 _log = structlog.get_logger("broker.continuous")
+_Read = TypeVar("_Read")
 
 CAUSE: Final = RevokeReason.CONTINUOUS_AUTHORIZATION.value
 # Leases decided again: live ones not already being revoked.
@@ -580,30 +581,41 @@ class ContinuousAuthorizer:
         if self._quarantines is not None:
             self.in_background(self._reapply_quarantines(), "continuous:quarantines")
 
-    async def _reapply_quarantines(self) -> None:
-        assert self._quarantines is not None  # noqa: S101 - checked by the caller
+    async def _read_until_read(
+        self, read: Callable[[], Coroutine[Any, Any, _Read]], unreadable: str
+    ) -> _Read | None:
+        """``read()`` until it answers, after a jittered backoff between failures (logged as
+        ``unreadable``); None when the authorizer closed first."""
         failures = 0
         while not self._closed:
             try:
-                quarantines = await self._quarantines.quarantines(self._clock.now())
+                return await read()
             except Exception as exc:  # noqa: BLE001 - read again after a backoff
                 failures += 1
                 delay = min(self._retry_cap, self._retry_base * 2 ** min(failures - 1, 32))
                 _log.warning(
-                    "continuous.quarantines_unreadable",
+                    unreadable,
                     error=type(exc).__name__,
                     reason=exc.reason if isinstance(exc, TaskleaseError) else "",
                     retry_in_seconds=delay,
                 )
                 await asyncio.sleep(self._rng.uniform(delay / 2, delay))
-                continue
-            for quarantine in quarantines:
-                self._submit(
-                    _quarantine_scope(quarantine),
-                    f"start-up: quarantine in force: {_quarantine_text(quarantine)}",
-                )
-            _log.info("continuous.quarantines_reapplied", quarantines=len(quarantines))
+        return None
+
+    async def _reapply_quarantines(self) -> None:
+        store = self._quarantines
+        assert store is not None  # noqa: S101 - checked by the caller
+        quarantines = await self._read_until_read(
+            lambda: store.quarantines(self._clock.now()), "continuous.quarantines_unreadable"
+        )
+        if quarantines is None:
             return
+        for quarantine in quarantines:
+            self._submit(
+                _quarantine_scope(quarantine),
+                f"start-up: quarantine in force: {_quarantine_text(quarantine)}",
+            )
+        _log.info("continuous.quarantines_reapplied", quarantines=len(quarantines))
 
     async def note_withdrawal(self, approval: Approval) -> WithdrawalNote:
         """A used approval is about to be withdrawn (``approval`` is the withdrawn version,
@@ -674,24 +686,14 @@ class ContinuousAuthorizer:
             self.in_background(self._resume_pending(), "continuous:pending")
 
     async def _resume_pending(self) -> None:
-        assert self._pending is not None  # noqa: S101 - checked by the caller
-        failures = 0
-        while not self._closed:
-            try:
-                read = await self._pending.read_pending(limit=self._resume_limit)
-            except Exception as exc:  # noqa: BLE001 - read again after a backoff
-                failures += 1
-                delay = min(self._retry_cap, self._retry_base * 2 ** min(failures - 1, 32))
-                _log.warning(
-                    "continuous.pending_unreadable",
-                    error=type(exc).__name__,
-                    reason=exc.reason if isinstance(exc, TaskleaseError) else "",
-                    retry_in_seconds=delay,
-                )
-                await asyncio.sleep(self._rng.uniform(delay / 2, delay))
-                continue
+        pending = self._pending
+        assert pending is not None  # noqa: S101 - checked by the caller
+        read = await self._read_until_read(
+            lambda: pending.read_pending(limit=self._resume_limit),
+            "continuous.pending_unreadable",
+        )
+        if read is not None:
             self._resume(read)
-            return
 
     def _resume(self, read: PendingScopesRead) -> None:
         """Queue what ``read`` found: each record as its own scope when they are few, all
