@@ -262,11 +262,14 @@ class VaultReadiness:  # satisfies core.ports.ReadinessCheck
 
 
 _LEASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)+")
-# OpenBao answers a lookup of a token in the middle of its revocation with 403, for as long
-# as the revocation runs (longer when it takes leases with it: a certificate's CRL). A revoke's
-# confirmation asks again after these pauses (1.55 s in all) before it calls the token still
-# there; a 403 that lasts (the broker's policy changed) still fails the confirmation.
+# A revocation can still be visible for a moment after OpenBao answered it: a lookup still
+# finds the thing, or answers 403 for a token in the middle of its revocation (longer when it
+# takes leases with it: a certificate's CRL, a database role). A revoke's confirmation asks
+# again after these pauses (1.55 s in all) before it calls something still live; a 403 that
+# lasts (the broker's policy changed) still fails the confirmation.
 _CONFIRM_RETRY_DELAYS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.8)
+# One confirming lookup: what it names in a report, its path and body, the words of "gone".
+_Lookup = tuple[str, str, dict[str, str], str]
 
 
 def _is_wellformed_lease_id(lease_id: str) -> bool:
@@ -557,35 +560,59 @@ class VaultMinter:  # satisfies core.ports.SecretMinter and core.ports.TaskToken
             )
         # Confirm: Vault says "success" for unknown ids, so only a lookup failure that says
         # the thing is gone counts.
-        if token_accessor and await self._still_there(
-            "auth/token/lookup-accessor", {"accessor": token_accessor}, "invalid accessor"
-        ):
-            still_live.append(f"token:{token_accessor}")
-        for lease_id in vault_lease_ids:
-            if _is_wellformed_lease_id(lease_id) and await self._still_there(
-                "sys/leases/lookup", {"lease_id": lease_id}, "invalid lease"
-            ):
-                still_live.append(lease_id)
+        lookups: list[_Lookup] = []
+        if token_accessor:
+            lookups.append(
+                (
+                    f"token:{token_accessor}",
+                    "auth/token/lookup-accessor",
+                    {"accessor": token_accessor},
+                    "invalid accessor",
+                )
+            )
+        lookups += [
+            (lease_id, "sys/leases/lookup", {"lease_id": lease_id}, "invalid lease")
+            for lease_id in vault_lease_ids
+            if _is_wellformed_lease_id(lease_id)
+        ]
+        still_live += await self._still_there(lookups)
         return RevokeOutcome(
             confirmed=not still_live, still_live=tuple(still_live), error="; ".join(errors)
         )
 
-    async def _still_there(self, path: str, body: dict[str, str], gone_words: str) -> bool:
-        method = "PUT" if path.startswith("sys/") else "POST"
+    async def _still_there(self, lookups: list[_Lookup]) -> list[str]:
+        """The labels of the ``(label, path, body, gone words)`` lookups whose thing OpenBao
+        still knows. A revocation may still be visible for a moment after it was answered, so
+        what is not gone is asked again after each of the pauses; then what is still found
+        counts as still live, and a lasting 403 fails the confirmation."""
+        pending = lookups
         for pause in (*_CONFIRM_RETRY_DELAYS, None):
-            try:
-                await self._http.raw(method, path, body=body)
-            except VaultResponseError as exc:
-                if exc.status == 400 and exc.says(gone_words):
-                    return False
-                if exc.status == 403 and pause is not None:
-                    await asyncio.sleep(pause)  # being revoked: ask again shortly
-                    continue
-                raise translate(f"confirming at {path}", exc) from exc
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise VaultUnavailableError(
-                    f"confirming at {path}: OpenBao is unreachable ({type(exc).__name__})",
-                    reason="vault.unreachable",
-                ) from exc
-            return True
-        raise AssertionError("unreachable")  # pragma: no cover - the last pass returns or raises
+            found: list[_Lookup] = []
+            refused: tuple[str, VaultResponseError] | None = None
+            for lookup in pending:
+                _, path, body, gone_words = lookup
+                method = "PUT" if path.startswith("sys/") else "POST"
+                try:
+                    await self._http.raw(method, path, body=body)
+                except VaultResponseError as exc:
+                    if exc.status == 400 and exc.says(gone_words):
+                        continue
+                    if exc.status != 403:
+                        raise translate(f"confirming at {path}", exc) from exc
+                    refused = (path, exc)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise VaultUnavailableError(
+                        f"confirming at {path}: OpenBao is unreachable ({type(exc).__name__})",
+                        reason="vault.unreachable",
+                    ) from exc
+                found.append(lookup)
+            if not found:
+                return []
+            if pause is None:
+                if refused is not None:
+                    where, answer = refused
+                    raise translate(f"confirming at {where}", answer) from answer
+                return [label for label, *_ in found]
+            await asyncio.sleep(pause)  # a revocation in progress: ask again shortly
+            pending = found
+        raise AssertionError("unreachable")  # pragma: no cover - the last pass returns

@@ -1,8 +1,8 @@
 """The reconciler's inventory of task tokens (``VaultMinter.task_tokens``) against a scripted
 OpenBao HTTP layer: tokens revoked while the inventory reads (OpenBao then answers 400, or 403
 for a token being revoked) are skipped; a policy that denies every lookup is an error, never an
-empty inventory. A revoke's confirmation waits out such a 403 briefly before it calls the token
-still there."""
+empty inventory. A revoke's confirmation waits out such a 403, or a token still found, briefly
+before it calls the token still there."""
 
 from __future__ import annotations
 
@@ -118,6 +118,13 @@ async def test_a_revocation_still_running_is_confirmed_once_it_ends() -> None:
     minter, http = _revoking([_REVOKING, _REVOKING, _GONE])
     outcome = await minter.revoke(token_accessor="acc-1", vault_lease_ids=())
     assert (outcome.confirmed, outcome.still_live, http.asked) == (True, (), 3)
+
+
+@pytest.mark.usefixtures("no_pauses")
+async def test_a_token_still_found_a_moment_after_its_revocation_is_confirmed_once_gone() -> None:
+    minter, http = _revoking([_token(_TASK), _token(_TASK), _GONE])
+    outcome = await minter.revoke(token_accessor="acc-1", vault_lease_ids=())
+    assert (outcome.confirmed, http.asked) == (True, 3)
 
 
 @pytest.mark.usefixtures("no_pauses")
