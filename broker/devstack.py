@@ -107,12 +107,27 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+# util-linux's setpriv (Debian's essential util-linux) sets the parent-death signal and execs
+# the server: nothing runs in the forked child but the C code of subprocess. Without it, a
+# preexec function calls prctl through a libc handle resolved here, in the parent: dlopen in
+# the child of a process with threads (gRPC's, the executors') can deadlock or crash.
+_SETPRIV = shutil.which("setpriv")
+_LIBC = None if _SETPRIV else ctypes.CDLL(None, use_errno=True)
+
+
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the parent process dies (Linux)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    os.setsid()
+    """In the child before exec (only without setpriv): get SIGKILL when the parent process
+    dies (Linux)."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _dying_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run so that the server gets SIGKILL when its parent process dies (after the
+    switch to its user: a credential change clears the parent-death signal)."""
+    if _SETPRIV is None:
+        return argv
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 
 def spire_bin_dir() -> Path:
@@ -192,7 +207,7 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(
-                self.argv,
+                _dying_with_parent(self.argv),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -203,7 +218,9 @@ class ManagedProcess:
                 user=self.user,
                 group=self.user,
                 extra_groups=[] if self.user is not None else None,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - fixed argv, no threads touched
+                start_new_session=True,
+                # Only without setpriv (then it runs nothing that takes a lock).
+                preexec_fn=None if _SETPRIV else _die_with_parent,  # noqa: PLW1509
             )
 
     @property

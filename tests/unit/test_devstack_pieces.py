@@ -1,6 +1,15 @@
-"""The pure pieces of the dev stack: placeholder filling and durations."""
+"""Pieces of the dev stack: placeholder filling, durations, free ports, and how a server
+process is started (its own session; it dies with the process that started it)."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from broker.devstack import _fill, _seconds, free_port
 
@@ -30,3 +39,53 @@ def test_durations() -> None:
 def test_free_port_with_a_free_neighbour() -> None:
     port = free_port(also_next=True)
     assert 1024 < port < 65535
+
+
+def test_a_server_runs_in_its_own_session_and_dies_with_the_process_that_started_it(
+    tmp_path: Path,
+) -> None:
+    """A stack server gets SIGKILL when the process that started it dies (killed, so no
+    clean-up runs): nothing of a crashed test session or `make dev` is left behind."""
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from broker.devstack import ManagedProcess\n"
+            "server = ManagedProcess('sleeper', ['sleep', '60'], Path(sys.argv[1]))\n"
+            "server.start()\n"
+            "print(server.popen.pid, flush=True)\n"
+            "time.sleep(60)\n",
+            str(tmp_path / "sleeper.log"),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert starter.stdout is not None
+    pid = int(starter.stdout.readline())
+    try:
+        assert os.getsid(pid) == pid  # its own session (and process group)
+        comm = Path(f"/proc/{pid}/comm")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and comm.read_text().strip() != "sleep":
+            time.sleep(0.02)  # setpriv (if used) execs the server under the same pid
+        assert comm.read_text().strip() == "sleep"
+        starter.kill()
+        starter.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.05)
+        assert not _running(pid)
+    finally:
+        starter.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its (dead) parent's reaper."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
