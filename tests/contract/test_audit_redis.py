@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from broker.adapters.audit_redis import RedisAuditReader, RedisStreamAuditSink
 from broker.adapters.audit_trail import ChainingAuditTrail
@@ -243,7 +245,11 @@ async def test_a_stream_key_of_another_type_fails_writes_and_readiness(streams: 
 
 
 async def test_an_unreachable_redis_is_audit_unavailable() -> None:
-    client = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    # No retries: redis-py's default (10, jittered backoff up to 1 s) can outlast the trail's
+    # record timeout on a loaded machine, which then answers audit.timeout instead.
+    client = aioredis.Redis(
+        host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
     sink = RedisStreamAuditSink(client=client, stream="tlt:audit:none")
     trail = ChainingAuditTrail(sinks=[sink], writer_id="w-down")
     with pytest.raises(AuditUnavailableError) as failed:
