@@ -42,6 +42,28 @@ def _targets_with_kv_cap(tmp_path: Path, cap: int) -> Path:
     return path
 
 
+async def _start_run(
+    broker: RunningBroker, orchestrator: ssl.SSLContext, participant: str, purpose: str
+) -> str:
+    """A run of alice's with ``participant`` as its one agent; its id."""
+    run_id = f"wf-{secrets.token_hex(4)}"
+    status, run = await call(
+        broker,
+        orchestrator,
+        "POST",
+        "/v1/workflows",
+        json_body={
+            "id": run_id,
+            "owner": "alice@example.test",
+            "purpose": purpose,
+            "ttl_seconds": 600,
+            "participants": [participant],
+        },
+    )
+    assert status == 201, run
+    return run_id
+
+
 async def _ask(
     broker: RunningBroker, agent: ssl.SSLContext, run_id: str, target: str, task: str
 ) -> tuple[int, dict[str, Any], str | None]:
@@ -75,21 +97,7 @@ async def test_live_credentials_are_capped_per_identity_and_per_target(
     agent_id = f"spiffe://{stack.trust_domain}/agent/capped-{secrets.token_hex(4)}"
     agent = client_context(stack, tmp_path, agent_id)
     orchestrator = client_context(stack, tmp_path, workload_id(stack, "orchestrator"))
-    run_id = f"wf-{secrets.token_hex(4)}"
-    status, run = await call(
-        broker,
-        orchestrator,
-        "POST",
-        "/v1/workflows",
-        json_body={
-            "id": run_id,
-            "owner": "alice@example.test",
-            "purpose": "limits OPS-1",
-            "ttl_seconds": 600,
-            "participants": [agent_id],
-        },
-    )
-    assert status == 201, run
+    run_id = await _start_run(broker, orchestrator, agent_id, "limits OPS-1")
 
     # demo-kv is capped at one live credential per identity.
     status, first, _ = await _ask(broker, agent, run_id, "demo-kv", "t1")
@@ -133,21 +141,8 @@ async def test_live_credentials_are_capped_per_identity_and_per_target(
     # agent may hold more than three live credentials of the session's other tests).
     other_id = f"spiffe://{stack.trust_domain}/agent/uncapped-{secrets.token_hex(4)}"
     other_agent = client_context(stack, tmp_path, other_id)
-    status, other_run = await call(
-        broker,
-        orchestrator,
-        "POST",
-        "/v1/workflows",
-        json_body={
-            "id": f"wf-{secrets.token_hex(4)}",
-            "owner": "alice@example.test",
-            "purpose": "limits OPS-1",
-            "ttl_seconds": 600,
-            "participants": [other_id],
-        },
-    )
-    assert status == 201, other_run
-    status, other, _ = await _ask(broker, other_agent, other_run["id"], "demo-db", "t1")
+    other_run_id = await _start_run(broker, orchestrator, other_id, "limits OPS-1")
+    status, other, _ = await _ask(broker, other_agent, other_run_id, "demo-db", "t1")
     assert status == 201, other
 
 
@@ -158,21 +153,7 @@ async def test_an_identity_is_issued_at_most_its_rate(
     agent_id = f"spiffe://{stack.trust_domain}/agent/paced-{secrets.token_hex(4)}"
     agent = client_context(stack, tmp_path, agent_id)
     orchestrator = client_context(stack, tmp_path, workload_id(stack, "orchestrator"))
-    run_id = f"wf-{secrets.token_hex(4)}"
-    status, run = await call(
-        broker,
-        orchestrator,
-        "POST",
-        "/v1/workflows",
-        json_body={
-            "id": run_id,
-            "owner": "alice@example.test",
-            "purpose": "rate OPS-2",
-            "ttl_seconds": 600,
-            "participants": [agent_id],
-        },
-    )
-    assert status == 201, run
+    run_id = await _start_run(broker, orchestrator, agent_id, "rate OPS-2")
     for task in ("t1", "t2"):  # the bucket holds two
         status, issued, _ = await _ask(broker, agent, run_id, "demo-kv", task)
         assert status == 201, issued
