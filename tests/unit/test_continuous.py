@@ -23,6 +23,7 @@ from broker.continuous import (
     ContinuousAuthorizer,
     ReevaluatingQuarantines,
 )
+from broker.core.approvals import Approval, ApprovalSubject
 from broker.core.audit import CredentialRevoked, EventType
 from broker.core.authn import Caller
 from broker.core.identity import AuthMethod, WorkloadIdentity
@@ -109,6 +110,31 @@ def caller(spiffe_id: str, *roles: Role) -> Caller:
     return Caller(identity, frozenset(roles))
 
 
+def restrict(world: World, target: str = "demo-db") -> None:
+    """Make ``target`` restricted in ``world``'s catalog in force (it then needs approvals)."""
+    catalog = dict(world.targets)
+    catalog[target] = dataclasses.replace(catalog[target], sensitivity=Sensitivity.RESTRICTED)
+    world.targets.replace(catalog)
+
+
+def opened_approval(lease: Lease, *, target: str = "demo-db") -> Approval:
+    """An approval opened (at NOW, for an hour) for the request ``lease`` was issued for."""
+    return Approval.open(
+        subject=ApprovalSubject(
+            workflow_id=lease.workflow_id,
+            task_id=lease.task_id,
+            target=target,
+            ttl_seconds=300,
+            holder=lease.holder,
+        ),
+        owner="alice@example.test",
+        chain=lease.chain,
+        now=NOW,
+        validity=timedelta(hours=1),
+        policy_ids=("restricted-needs-approval",),
+    )
+
+
 def engine_with(extra: str = "") -> CedarPolicyEngine:
     policies = dict(POLICY_FILES.policies)
     if extra:
@@ -153,7 +179,7 @@ class World:
             clock=self.clock,
             audit=self.audit,
             quarantines=options.pop("quarantines", self.ledger),
-            approvals=self,
+            approvals=options.pop("approvals", self),
             actor="spiffe://tasklease.test/broker",
             batch=batch,
             **options,

@@ -19,9 +19,9 @@ from broker.adapters.memory_reevaluation import (
     InMemoryReevaluationMarkers,
 )
 from broker.continuous import APPROVAL, EVERYTHING
-from broker.core.approvals import Approval, ApprovalSubject
+from broker.core.approvals import Approval
 from broker.core.audit import CredentialRevoked, EventType
-from broker.core.model import Lease, LeaseState, Sensitivity
+from broker.core.model import Lease, LeaseState
 from broker.core.ports import (
     PENDING_APPROVAL,
     LeaseSelector,
@@ -30,7 +30,7 @@ from broker.core.ports import (
     ReevaluationMarker,
 )
 from broker.errors import LedgerUnavailableError
-from tests.unit.test_continuous import NOW, World, engine_with
+from tests.unit.test_continuous import NOW, World, engine_with, opened_approval, restrict
 from tests.unit.test_continuous_retry import FAST, SLOW, FlakyLedger, failures, ledger, until
 
 APPROVAL_ID = "apr_" + "1" * 24
@@ -66,25 +66,10 @@ async def withdrawn_world(
     world.continuous = world.authorizer(batch=2, pending=store, writer="broker-a", **options)
     world.policy.replace(engine_with())  # nothing denied but the withdrawn approval's lease
     (lease,) = [x for x in world.ledger._leases.values() if x.target == "demo-db"]
-    catalog = dict(world.targets)
-    catalog["demo-db"] = replace(catalog["demo-db"], sensitivity=Sensitivity.RESTRICTED)
-    world.targets.replace(catalog)
+    restrict(world)
     lease = replace(lease, approval_id=APPROVAL_ID)
     world.ledger._leases[lease.credential_id] = lease
-    approval = Approval.open(
-        subject=ApprovalSubject(
-            workflow_id="wf-1",
-            task_id=lease.task_id,
-            target="demo-db",
-            ttl_seconds=300,
-            holder=lease.holder,
-        ),
-        owner="alice@example.test",
-        chain=lease.chain,
-        now=NOW,
-        validity=timedelta(hours=1),
-        policy_ids=("restricted-needs-approval",),
-    )
+    approval = opened_approval(lease)
     return world, lease, replace(approval, id=APPROVAL_ID, closed_by="bob@example.test")
 
 

@@ -28,15 +28,22 @@ from broker.continuous import (
     DecisionInputs,
     decision_inputs_digest,
 )
-from broker.core.approvals import Approval, ApprovalSubject
 from broker.core.audit import CredentialRevoked, EventType
-from broker.core.model import Lease, LeaseState, Quarantine, QuarantineKind, Sensitivity
+from broker.core.model import Lease, LeaseState, Quarantine, QuarantineKind
 from broker.core.policy import WorkingHours
 from broker.core.ports import LeaseSelector, ReevaluationMarker
 from broker.core.roles import parse_role_map
 from broker.errors import LedgerUnavailableError
 from broker.policy_reload import PolicyReloader
-from tests.unit.test_continuous import DENY_DEMO_DB, NOW, ROLES, World, engine_with
+from tests.unit.test_continuous import (
+    DENY_DEMO_DB,
+    NOW,
+    ROLES,
+    World,
+    engine_with,
+    opened_approval,
+    restrict,
+)
 
 FAST: dict[str, Any] = {
     "retry_base": timedelta(milliseconds=1),
@@ -306,25 +313,9 @@ async def test_a_withdrawn_approval_whose_attempt_failed_is_revoked_by_the_retry
     world = await flaky_world(0, leases=1, **FAST)
     world.policy.replace(engine_with())  # nothing denied but the withdrawn approval's lease
     (lease,) = [x for x in world.ledger._leases.values() if x.target == "demo-db"]
-    catalog = dict(world.targets)
-    catalog["demo-db"] = replace(catalog["demo-db"], sensitivity=Sensitivity.RESTRICTED)
-    world.targets.replace(catalog)
+    restrict(world)
     world.ledger._leases[lease.credential_id] = replace(lease, approval_id="apr_" + "1" * 24)
-    approval = Approval.open(
-        subject=ApprovalSubject(
-            workflow_id="wf-1",
-            task_id=lease.task_id,
-            target="demo-db",
-            ttl_seconds=300,
-            holder=lease.holder,
-        ),
-        owner="alice@example.test",
-        chain=lease.chain,
-        now=NOW,
-        validity=timedelta(hours=1),
-        policy_ids=("restricted-needs-approval",),
-    )
-    approval = replace(approval, id="apr_" + "1" * 24, closed_by="bob")
+    approval = replace(opened_approval(lease), id="apr_" + "1" * 24, closed_by="bob")
     ledger(world).failures = 1
 
     with capture_logs() as logs:

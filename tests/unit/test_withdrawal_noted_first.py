@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -29,8 +28,8 @@ from broker.continuous import (
     ReevaluatingWithdrawals,
     WithdrawalNote,
 )
-from broker.core.approvals import Approval, ApprovalStatus, ApprovalSubject, Verdict
-from broker.core.model import Lease, LeaseState, Sensitivity
+from broker.core.approvals import Approval, ApprovalStatus, Verdict
+from broker.core.model import Lease, LeaseState
 from broker.core.ports import PendingScopeRecord
 from broker.core.roles import Role
 from broker.errors import (
@@ -39,7 +38,15 @@ from broker.errors import (
     ConflictError,
     LedgerUnavailableError,
 )
-from tests.unit.test_continuous import ADMIN, NOW, ROLES, World, caller, engine_with
+from tests.unit.test_continuous import (
+    ADMIN,
+    NOW,
+    World,
+    caller,
+    engine_with,
+    opened_approval,
+    restrict,
+)
 from tests.unit.test_continuous_pending import DownLedger, events
 from tests.unit.test_continuous_retry import FAST, SLOW
 
@@ -135,25 +142,10 @@ async def setup(*, records: Records | None = None, used: bool = True, **options:
     issued = await world.issue("demo-db", task="db-0")
     await world.issue("demo-kv", task="kv-0")
     world.policy.replace(engine_with())
-    catalog = dict(world.targets)
-    catalog["demo-db"] = replace(catalog["demo-db"], sensitivity=Sensitivity.RESTRICTED)
-    world.targets.replace(catalog)
+    restrict(world)
 
     store = Store()
-    opened = Approval.open(
-        subject=ApprovalSubject(
-            workflow_id="wf-1",
-            task_id=issued.task_id,
-            target="demo-db",
-            ttl_seconds=300,
-            holder=issued.holder,
-        ),
-        owner="alice@example.test",
-        chain=issued.chain,
-        now=NOW,
-        validity=timedelta(hours=1),
-        policy_ids=("restricted-needs-approval",),
-    )
+    opened = opened_approval(issued)
     assert await store.create_approval(opened, replaces=None)
     approved = opened.decide(
         approver="bob@example.test", display="Bob", verdict=Verdict.APPROVE, now=NOW
@@ -185,18 +177,9 @@ def authorizer(
 ) -> ContinuousAuthorizer:
     """An authorizer over ``world`` that reads approvals from ``store`` (as bootstrap wires
     it), with ``records`` as its pending records."""
-    return ContinuousAuthorizer(
-        ledger=world.ledger,
-        policy=world.policy,
-        targets=world.targets,
-        roles=ROLES,
-        revoker=world.revoker,
-        clock=world.clock,
-        audit=world.audit,
-        quarantines=world.ledger,
-        approvals=ApprovalStoreStates(store),
-        actor="spiffe://tasklease.test/broker",
+    return world.authorizer(
         batch=2,
+        approvals=ApprovalStoreStates(store),
         pending=records,
         writer=writer,
         **options,
