@@ -42,6 +42,43 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """Busy CPU time of the whole machine so far, every core summed (``/proc/stat``: user,
+    nice, system, irq and softirq; idle, I/O wait and time stolen by the hypervisor are not
+    this machine's work)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(value) for value in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU time spent during a measurement: the whole machine's and named processes'.
+
+    ``start()`` then ``stop()``; ``spent`` maps ``"machine"`` and every name given to the
+    seconds used in between (a process's children that are still running are not counted in
+    its own figure: PostgreSQL's backends, for instance, are in ``machine`` only)."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self._pids = pids
+        self._before: dict[str, float] = {}
+        self.spent: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        now = {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in self._pids.items()}
+        now["machine"] = machine_busy_seconds()
+        return now
+
+    def start(self) -> None:
+        """Take the starting readings."""
+        self._before = self._now()
+
+    def stop(self) -> dict[str, float]:
+        """Take the final readings; ``spent`` (also returned) holds the differences."""
+        after = self._now()
+        self.spent = {name: after[name] - self._before[name] for name in after}
+        return self.spent
+
+
 def broker_env(endpoints: StackEndpoints, **settings: str) -> dict[str, str]:
     """This process's environment plus the settings that point a broker at the stack."""
     return {

@@ -19,6 +19,13 @@ the broker's own CPU time per issuance (from /proc), this process's CPU time per
 the floor path (what the mandated calls alone cost a Python client with aiohttp and
 redis-py), the bytes a lease takes in Redis, and what one task token creation costs OpenBao
 back to back against with the machine idle in between (how one client at a time is paid).
+
+A second table gives each path's CPU per issuance over the whole machine (``/proc/stat``: both
+cores, every process and the kernel, during that path's cell) and, for the broker path, the
+broker's, OpenBao's, Redis's and this client's own. When a path keeps the machine busy its
+throughput is about cores ÷ machine CPU per issuance, so ``direct ÷ floor`` is about the
+throughput ratio the design's mandated calls alone allow (made from a Python client, with no
+broker in between), and ``direct ÷ broker path`` what the broker reaches at most.
 Bounded: a fixed number of requests per cell. Asserts nothing.
 
     .venv/bin/python bench/bench_issuance.py [--requests N]
@@ -41,7 +48,15 @@ from typing import Any
 import aiohttp
 import redis
 import redis.asyncio
-from _common import broker_env, cpu_seconds, percentile, start_broker, svid_context, wait_ready
+from _common import (
+    CpuMeter,
+    broker_env,
+    cpu_seconds,
+    percentile,
+    start_broker,
+    svid_context,
+    wait_ready,
+)
 
 from broker.devstack import DevStack, free_port
 
@@ -76,6 +91,30 @@ async def _drive(
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies, time.perf_counter() - started
+
+
+def _cpu_row(
+    kind: str,
+    clients: int,
+    spent: tuple[dict[str, float], dict[str, float], dict[str, float]],
+    requests: int,
+) -> str:
+    """One row of the CPU table (milliseconds per issuance) from the direct, floor and broker
+    cells' :class:`CpuMeter` readings."""
+    direct, floor, broker = spent
+
+    def ms(reading: dict[str, float], name: str) -> str:
+        return f"{reading.get(name, 0.0) / requests * 1e3:.2f}"
+
+    def share(reading: dict[str, float]) -> str:
+        return f"{direct['machine'] / reading['machine']:.2f}" if reading["machine"] else "-"
+
+    return (
+        f"| {kind} | {clients} | {ms(direct, 'machine')} | {ms(direct, 'openbao')} | "
+        f"{ms(floor, 'machine')} | {ms(broker, 'machine')} | {ms(broker, 'broker')} | "
+        f"{ms(broker, 'openbao')} | {ms(broker, 'redis')} | {ms(broker, 'client')} | "
+        f"{share(floor)} | {share(broker)} |"
+    )
 
 
 async def _openbao_idle_cost(
@@ -250,25 +289,50 @@ async def main(requests_per_cell: int) -> None:
                 "broker/floor p50 | broker CPU/issuance | floor CPU/issuance |"
             )
             print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            pids = {
+                "client": [os.getpid()],
+                "broker": [broker.pid for broker in brokers],
+                **{
+                    name: [process.popen.pid]
+                    for name in ("openbao", "redis")
+                    if (process := stack.processes[name]).popen is not None
+                },
+            }
+            cpu_rows: list[str] = []
             for kind, target, read_creds in (
                 ("database", "demo-db", True),
                 ("vault-token", "demo-kv", False),
             ):
                 for clients in CONCURRENCY:
                     await _drive(clients, min(clients * 2, 32), direct_call(read_creds))  # warm
+                    direct_meter = CpuMeter(pids)
+                    direct_meter.start()
                     d_lat, d_wall = await _drive(
                         clients, requests_per_cell, direct_call(read_creds)
                     )
+                    direct_cpu = direct_meter.stop()
                     await _drive(clients, min(clients * 2, 32), floor_call(read_creds))  # warm
+                    floor_meter = CpuMeter(pids)
+                    floor_meter.start()
                     floor_cpu_before = time.process_time()
                     f_lat, _ = await _drive(clients, requests_per_cell, floor_call(read_creds))
                     floor_cpu = (time.process_time() - floor_cpu_before) / requests_per_cell
+                    floor_machine = floor_meter.stop()
                     await floor_redis.delete(floor_key)
                     await _drive(clients, min(clients * 2, 32), broker_call(target))  # warm
-                    cpu_before = sum(cpu_seconds(broker.pid) for broker in brokers)
+                    broker_meter = CpuMeter(pids)
+                    broker_meter.start()
                     b_lat, b_wall = await _drive(clients, requests_per_cell, broker_call(target))
-                    cpu_after = sum(cpu_seconds(broker.pid) for broker in brokers)
-                    cpu = (cpu_after - cpu_before) / requests_per_cell
+                    broker_cpu = broker_meter.stop()
+                    cpu = broker_cpu["broker"] / requests_per_cell
+                    cpu_rows.append(
+                        _cpu_row(
+                            kind,
+                            clients,
+                            (direct_cpu, floor_machine, broker_cpu),
+                            requests_per_cell,
+                        )
+                    )
                     d50, d99 = percentile(d_lat, 0.5) * 1e3, percentile(d_lat, 0.99) * 1e3
                     f50 = percentile(f_lat, 0.5) * 1e3
                     b50, b99 = percentile(b_lat, 0.5) * 1e3, percentile(b_lat, 0.99) * 1e3
@@ -279,6 +343,20 @@ async def main(requests_per_cell: int) -> None:
                         f"{b_rps / d_rps:.2f} | {b50 / f50:.2f} | {cpu * 1e3:.2f} ms | "
                         f"{floor_cpu * 1e3:.2f} ms |"
                     )
+            print(
+                "\nCPU per issuance (ms): the whole machine's busy time during each path's cell "
+                "(both cores: every process and the kernel), and some processes' own. On a "
+                "machine a path keeps busy, its throughput is about cores ÷ machine CPU per "
+                "issuance, so throughput ÷ direct can reach at most direct ÷ that path's "
+                "machine CPU (for the floor: what the mandated calls alone allow)"
+            )
+            print(
+                "| kind | clients | direct: machine | direct: OpenBao | floor: machine | "
+                "broker path: machine | broker | OpenBao | Redis | client | direct ÷ floor | "
+                "direct ÷ broker path |"
+            )
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            print("\n".join(cpu_rows))
             await floor_redis.delete(f"{floor_key}:run")
             await floor_redis.aclose()
             await _openbao_idle_cost(session, endpoints.openbao_addr, broker_token, stack)
