@@ -362,11 +362,7 @@ class CredentialBroker:
     ) -> None:
         for quarantine in quarantines:
             if quarantine.blocks(principal=principal, workflow_id=workflow_id, target=target):
-                raise ForbiddenError(
-                    f"issuance is quarantined: {quarantine.kind.value} {quarantine.value!r} "
-                    f"until {quarantine.expires_at.isoformat()} ({quarantine.reason})",
-                    reason="quarantine.active",
-                )
+                raise quarantine.refusal()
 
     # ---- issuance
 
@@ -414,7 +410,10 @@ class CredentialBroker:
         identity = caller.identity
         now = self._clock.now()
         # The run and the quarantines in force, read concurrently (two Redis round trips in
-        # the time of one).
+        # the time of one). Refusing here spares the policy engine and never opens an
+        # approval for a quarantined request; the write-ahead checks the quarantines again in
+        # its atomic command, so one stored after this read still blocks the credential (and
+        # one stored after the write-ahead finds its lease when it re-evaluates).
         run, quarantines = await asyncio.gather(
             self._ledger.get_run(request.workflow_id), self._active_quarantines(now)
         )
@@ -548,8 +547,10 @@ class CredentialBroker:
                         self._live_limit, target.max_live_per_identity, self._rate_limit
                     ),
                 )
-            except (ConflictError, LimitExceededError):
-                raise  # the key is another request's, the id is taken, a limit: nothing bound
+            except (ConflictError, ForbiddenError, LimitExceededError):
+                # The key is another request's, the id is taken, a limit, a quarantine stored
+                # since the read above: nothing written, nothing bound.
+                raise
             except Exception:
                 # The command may have run with its answer lost: nothing will be minted, so
                 # the key must not stay bound to this credential (a retry with it would get a

@@ -322,8 +322,10 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         """Record an issuing lease, indexed and due at its expiry. Writing the same lease
         again is a no-op (a retried call); another lease with the same id is a conflict.
         With ``idempotency``, a key bound already writes nothing and answers the bound
-        credential id (the fake keeps bindings forever: it has no clock). With ``limits``, a
-        lease over the holder's live-credential limits writes nothing (LimitExceededError)."""
+        credential id (the fake keeps bindings forever: it has no clock). A lease a quarantine
+        in force at its ``issued_at`` covers writes nothing (ForbiddenError
+        ``quarantine.active``). With ``limits``, a lease over the holder's live-credential
+        limits writes nothing (LimitExceededError)."""
         check_write_ahead(lease)
         if idempotency is not None:
             bound = self._idempotency.get(idempotency.key)
@@ -334,6 +336,8 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
                     return bound[1]
                 # Bound to this very lease: a retried call (the record was written with it).
         stored = self._leases.get(lease.credential_id)
+        if stored is None:
+            self._refuse_quarantined(lease)
         tokens: tuple[float, datetime] | None = None
         if limits is not None and stored is None:
             self._check_limits(lease, limits)
@@ -353,6 +357,14 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
             self._idempotency[idempotency.key] = (idempotency.fingerprint, lease.credential_id)
         await self.schedule(lease.credential_id, lease.expires_at)
         return None
+
+    def _refuse_quarantined(self, lease: Lease) -> None:
+        """Raise the refusal of a quarantine in force at ``lease.issued_at`` covering it."""
+        for quarantine in self._quarantines.values():
+            if quarantine.is_active(lease.issued_at) and quarantine.blocks(
+                principal=lease.holder, workflow_id=lease.workflow_id, target=lease.target
+            ):
+                raise quarantine.refusal()
 
     def _take_token(self, lease: Lease, per_minute: int) -> tuple[float, datetime] | None:
         """The holder's token bucket after this issuance takes a token (stored once the lease

@@ -157,7 +157,12 @@ from broker.core.model import (
     check_id,
 )
 from broker.core.ports import CheckResult, IdempotencyBinding, IssuanceLimits, LeaseSelector
-from broker.errors import ConflictError, LedgerUnavailableError, NotFoundError
+from broker.errors import (
+    BadRequestError,
+    ConflictError,
+    LedgerUnavailableError,
+    NotFoundError,
+)
 
 _log = structlog.get_logger("broker.ledger")
 
@@ -409,6 +414,26 @@ def _encode_lease(lease: Lease) -> str:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 
 
+def _decode_quarantine(text: str) -> Quarantine:
+    """A quarantine as :meth:`RedisLedger.set_quarantine` stored it (``ledger.corrupt`` when
+    it is unreadable)."""
+    try:
+        doc = json.loads(text)
+        return Quarantine(
+            kind=QuarantineKind(doc["kind"]),
+            value=doc["value"],
+            reason=doc["reason"],
+            created_by=doc["by"],
+            created_at=_moment(doc["at"]),
+            expires_at=_moment(doc["until"]),
+        )
+    except (ValueError, KeyError, TypeError, BadRequestError) as exc:
+        raise LedgerUnavailableError(
+            f"a stored quarantine is unreadable ({type(exc).__name__})",
+            reason="ledger.corrupt",
+        ) from exc
+
+
 def _decode_lease(raw: str, credential_id: str, workflow_id: str, where: str) -> Lease:
     try:
         doc = json.loads(raw)
@@ -559,17 +584,20 @@ class _Keys:
 
 # One write-ahead, atomically and in one command (it was a MULTI of nine). KEYS: the nine of
 # the record, its indexes and due entry; then N live counts (the holder's, and the holder's
-# for this target when the target has a limit); the holder's issuance token bucket; then the
-# idempotency key when there is a binding. ARGV: credential id, run id, the lease record, its
-# holder, its due time = expiry (µs), the idempotency binding (or ''), its TTL (ms), now (µs),
-# N, the lease's minute, when the live counts may be forgotten (ms, garbage collection only),
-# N limits (0: none), the issuances per minute (0: none).
+# for this target when the target has a limit); the holder's issuance token bucket; the
+# quarantines hash; then the idempotency key when there is a binding. ARGV: credential id, run
+# id, the lease record, its holder, its due time = expiry (µs), the idempotency binding (or
+# ''), its TTL (ms), now (µs), N, the lease's minute, when the live counts may be forgotten
+# (ms, garbage collection only), N limits (0: none), the issuances per minute (0: none), the
+# lease's target.
 # 1. A key bound already answers {'bound', <the binding>} and nothing is written.
-# 2. Unless this very record is stored already (a retried call), each live count drops the
-#    minutes that ended by now and sums the rest; one at its limit answers
+# 2. Unless this very record is stored already (a retried call): a quarantine in force now
+#    that covers the holder (or a prefix of it), the run or the target answers
+#    {'quarantined', <its stored text>} (so does an unreadable one: fail closed); each live
+#    count drops the minutes that ended by now and sums the rest; one at its limit answers
 #    {'limit', <its index>, <its earliest minute>}; then the bucket is refilled for the time
 #    since it last was (a token per 60/rate s, at most rate) and, without a whole token,
-#    answers {'rate', <µs until the next>}: in both cases nothing is written.
+#    answers {'rate', <µs until the next>}: in all three cases nothing is written.
 # 3. Everything is written as the MULTI wrote it, the index and due entries also when the id
 #    turns out to be taken (harmless: extra index members are filtered on read, and the due
 #    time can only move earlier, ZADD LT); then 'ok' when the record is new (counted in the
@@ -581,7 +609,8 @@ _WRITE_AHEAD = RedisScript(
     """
 local n = tonumber(ARGV[9])
 local bucket = KEYS[10 + n]
-local idem = KEYS[11 + n]
+local quarantines = KEYS[11 + n]
+local idem = KEYS[12 + n]
 local rate = tonumber(ARGV[12 + n])
 local tokens, refilled = 0, 0
 if ARGV[6] ~= '' then
@@ -590,6 +619,21 @@ if ARGV[6] ~= '' then
 end
 if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then
   local now = tonumber(ARGV[8])
+  local held = redis.call('HGETALL', quarantines)
+  for j = 2, #held, 2 do
+    local ok, q = pcall(cjson.decode, held[j])
+    if not ok or type(q) ~= 'table' or type(q['kind']) ~= 'string'
+        or type(q['value']) ~= 'string' or type(q['until']) ~= 'number' then
+      return {'quarantined', held[j]}
+    end
+    local kind, value = q['kind'], q['value']
+    if now < q['until'] and ((kind == 'identity' and value == ARGV[4])
+        or (kind == 'identity_prefix' and string.sub(ARGV[4], 1, #value) == value)
+        or (kind == 'workflow' and value == ARGV[2])
+        or (kind == 'target' and value == ARGV[13 + n])) then
+      return {'quarantined', held[j]}
+    end
+  end
   for i = 1, n do
     local limit = tonumber(ARGV[11 + i])
     local counts = redis.call('HGETALL', KEYS[9 + i])
@@ -983,21 +1027,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
         active: list[Quarantine] = []
         expired: list[str] = []
         for field, text in raw.items():
-            try:
-                doc = json.loads(text)
-                quarantine = Quarantine(
-                    kind=QuarantineKind(doc["kind"]),
-                    value=doc["value"],
-                    reason=doc["reason"],
-                    created_by=doc["by"],
-                    created_at=_moment(doc["at"]),
-                    expires_at=_moment(doc["until"]),
-                )
-            except (ValueError, KeyError, TypeError) as exc:
-                raise LedgerUnavailableError(
-                    f"a stored quarantine is unreadable ({type(exc).__name__})",
-                    reason="ledger.corrupt",
-                ) from exc
+            quarantine = _decode_quarantine(text)
             if quarantine.is_active(now):
                 active.append(quarantine)
             else:
@@ -1150,6 +1180,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
             *keys.due(bucket),
             *live,
             keys.rate(lease.holder),
+            keys.quarantines,
         ]
         binding = ""
         binding_ms = 0
@@ -1175,6 +1206,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
             expires_us // 1000 + _LIVE_SET_GRACE_MS,
             *caps,
             limits.per_minute,
+            lease.target,
         ]
         outcome = await self._script("write_ahead", _WRITE_AHEAD, names, args)
         if outcome == "ok":
@@ -1194,6 +1226,8 @@ class RedisLedger:  # satisfies core.ports.Ledger
                 limit=limits.per_target if per_target else limits.per_identity,
                 earliest_expiry=earliest,
             )
+        if isinstance(outcome, list) and len(outcome) == 2 and outcome[0] == "quarantined":
+            raise _decode_quarantine(str(outcome[1])).refusal()
         if isinstance(outcome, list) and len(outcome) == 2 and outcome[0] == "rate":
             try:
                 wait = int(outcome[1]) / 1_000_000

@@ -14,7 +14,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
-from broker.errors import BadRequestError
+from broker.errors import BadRequestError, ForbiddenError
 
 # Identifiers chosen by callers (run ids, task ids, target names, idempotency keys): short,
 # printable, no separators that could confuse a Redis key or a Vault path.
@@ -415,3 +415,11 @@ class Quarantine:
         if self.kind is QuarantineKind.WORKFLOW:
             return workflow_id == self.value
         return target == self.value
+
+    def refusal(self) -> ForbiddenError:
+        """The error a request this quarantine blocks gets (403 ``quarantine.active``)."""
+        return ForbiddenError(
+            f"issuance is quarantined: {self.kind.value} {self.value!r} until "
+            f"{self.expires_at.isoformat()} ({self.reason})",
+            reason="quarantine.active",
+        )

@@ -252,7 +252,12 @@ class Ledger(Protocol):
         already answers its credential before any limit is looked at. A lease leaves the count
         when it is revoked or discarded, or once the minute it expires in has ended (counts
         are kept per expiry minute: a lease may count up to 59 s past its expiry). Per-target
-        counts cover the leases written while that target had a limit."""
+        counts cover the leases written while that target had a limit.
+
+        Atomically too, unless this very lease is written already: a quarantine in force at
+        the lease's ``issued_at`` that covers its holder (or a prefix of it), its run or its
+        target writes nothing and raises its refusal (ForbiddenError ``quarantine.active``),
+        so a quarantine stored after the caller last read them still blocks the credential."""
         ...
 
     async def activate(

@@ -20,8 +20,14 @@ from broker.audit import AuditService, ReportedEvent
 from broker.core.audit import REQUEST_ID, AuditEvent, AuditPage, AuditQuery, EventType
 from broker.core.authn import Caller
 from broker.core.identity import AuthMethod, WorkloadIdentity
-from broker.core.model import CredentialRequest, LeaseState, QuarantineKind
-from broker.core.ports import LeaseSelector, MintedCredential, MintSpec, RevokeOutcome
+from broker.core.model import CredentialRequest, LeaseState, Quarantine, QuarantineKind
+from broker.core.ports import (
+    LeaseSelector,
+    MintedCredential,
+    MintSpec,
+    QuarantineStore,
+    RevokeOutcome,
+)
 from broker.core.roles import Role
 from broker.core.spiffe_id import SpiffeId
 from broker.errors import (
@@ -94,7 +100,14 @@ ADMIN_CALLER = caller(ADMIN, Role.ADMIN)
 
 
 class World:
-    def __init__(self, *, max_attempts: int = 8, confirm: bool = True, live_limit: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        max_attempts: int = 8,
+        confirm: bool = True,
+        live_limit: int = 0,
+        quarantines: QuarantineStore | None = None,
+    ) -> None:
         self.clock = Clock()
         self.ledger = InMemoryLedger()
         self.minter = Minter(confirm=confirm)
@@ -105,7 +118,7 @@ class World:
             ledger=self.ledger,
             targets=TARGETS,
             clock=self.clock,
-            quarantines=self.ledger,
+            quarantines=quarantines or self.ledger,
             audit=self.audit,
             live_limit_per_identity=live_limit,
         )
@@ -262,6 +275,42 @@ async def test_refusals_before_a_decision_are_recorded(case: str, reason: str) -
     assert refused.type is T.CREDENTIAL_DENIED
     assert refused.as_dict()["payload"]["reason"] == reason
     assert T.POLICY_DECISION not in [e.type for e in world.audit.events]
+
+
+class _ReadJustBefore:
+    """The quarantines as the broker read them just before a security team stored one."""
+
+    async def quarantines(self, now: datetime) -> list[Quarantine]:
+        return []
+
+    async def set_quarantine(self, quarantine: Quarantine) -> None:
+        raise AssertionError("not stored through this store")
+
+    async def lift_quarantine(self, kind: QuarantineKind, value: str) -> bool:
+        raise AssertionError("not lifted through this store")
+
+
+async def test_a_quarantine_stored_after_the_request_read_them_still_blocks_it() -> None:
+    world = World(quarantines=_ReadJustBefore())
+    await world.start()
+    await world.ledger.set_quarantine(
+        Quarantine(
+            kind=QuarantineKind.IDENTITY,
+            value=AGENT,
+            reason="INC-9",
+            created_by=ADMIN,
+            created_at=NOW,
+            expires_at=NOW + timedelta(hours=1),
+        )
+    )
+    with pytest.raises(ForbiddenError) as refused:
+        await world.issue()
+    assert refused.value.reason == "quarantine.active"
+    assert world.minter.count == 0
+    assert await world.ledger.find_leases(LeaseSelector(workflow_id="wf-1")) == []
+    # Policy allowed it; the quarantine, checked again by the write-ahead, refused it.
+    assert world.types()[-2:] == ["policy.decision", "credential.denied"]
+    assert world.audit.events[-1].as_dict()["payload"]["reason"] == "quarantine.active"
 
 
 async def test_a_trail_that_cannot_take_the_issuance_revokes_the_credential_and_fails() -> None:
