@@ -413,7 +413,8 @@ class CredentialBroker:
         # the time of one). Refusing here spares the policy engine and never opens an
         # approval for a quarantined request; the write-ahead checks the quarantines again in
         # its atomic command, so one stored after this read still blocks the credential (and
-        # one stored after the write-ahead finds its lease when it re-evaluates).
+        # one stored after the write-ahead finds its lease when it re-evaluates). It checks
+        # the run's state the same way: a run that ended since this read refuses it.
         run, quarantines = await asyncio.gather(
             self._ledger.get_run(request.workflow_id), self._active_quarantines(now)
         )
@@ -422,11 +423,7 @@ class CredentialBroker:
                 f"no workflow run {request.workflow_id!r}", reason="workflow.not_found"
             )
         if not run.is_active(now):
-            raise ConflictError(
-                f"workflow run {run.id!r} is not active (state {run.state.value}, deadline "
-                f"{run.deadline.isoformat()})",
-                reason="workflow.not_active",
-            )
+            raise run.inactive_error()
         target = self._targets.get(request.target)
         if target is None:
             raise NotFoundError(
@@ -548,8 +545,8 @@ class CredentialBroker:
                     ),
                 )
             except (ConflictError, ForbiddenError, LimitExceededError):
-                # The key is another request's, the id is taken, a limit, a quarantine stored
-                # since the read above: nothing written, nothing bound.
+                # The key is another request's, the id is taken, a limit, or since the reads
+                # above the run ended or a quarantine was stored: nothing written or bound.
                 raise
             except Exception:
                 # The command may have run with its answer lost: nothing will be minted, so

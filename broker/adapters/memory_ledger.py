@@ -322,10 +322,11 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         """Record an issuing lease, indexed and due at its expiry. Writing the same lease
         again is a no-op (a retried call); another lease with the same id is a conflict.
         With ``idempotency``, a key bound already writes nothing and answers the bound
-        credential id (the fake keeps bindings forever: it has no clock). A lease a quarantine
-        in force at its ``issued_at`` covers writes nothing (ForbiddenError
-        ``quarantine.active``). With ``limits``, a lease over the holder's live-credential
-        limits writes nothing (LimitExceededError)."""
+        credential id (the fake keeps bindings forever: it has no clock). A lease of a stored run
+        that is not active at its ``issued_at`` writes nothing (ConflictError
+        ``workflow.not_active``), nor does one a quarantine in force then covers
+        (ForbiddenError ``quarantine.active``). With ``limits``, a lease over the holder's
+        live-credential limits writes nothing (LimitExceededError)."""
         check_write_ahead(lease)
         if idempotency is not None:
             bound = self._idempotency.get(idempotency.key)
@@ -337,6 +338,9 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
                 # Bound to this very lease: a retried call (the record was written with it).
         stored = self._leases.get(lease.credential_id)
         if stored is None:
+            run = self._runs.get(lease.workflow_id)
+            if run is not None and not run.is_active(lease.issued_at):
+                raise run.inactive_error()
             self._refuse_quarantined(lease)
         tokens: tuple[float, datetime] | None = None
         if limits is not None and stored is None:

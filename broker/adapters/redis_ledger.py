@@ -33,6 +33,7 @@ the MULTI/EXEC it replaced did; the other two also take the lease out of the liv
     tl:live:<holder>|<target> hash    the same, of one target, while it has a limit
     tl:rate:<holder>          hash    t → tokens, at → when last refilled (µs): the holder's
                                       issuance token bucket (expires 2 min after its last use)
+    tl:quarantines            hash    <kind>|<value> → the quarantine (compact JSON)
 
 Memory, not convenience, shaped this (goal: 1 KiB per lease with its index entries, measured
 by ``bench/bench_ledger.py``): a hash field costs about half of a key, so leases are fields of
@@ -52,15 +53,20 @@ minute rather than per lease: a lease counts from its write-ahead until it is re
 discarded, or the minute it expires in has ended (up to 59 s after its expiry: a limit errs on
 the side of refusing). A lease's minute is ``ceil(expires_at / 60 s)``.
 
-Lua scripts (each atomic; results are plain strings so no JSON is parsed in Lua):
+Lua scripts (each atomic; results are plain strings; only ``write_ahead`` parses JSON, the
+run's and the quarantines', with Redis's cjson):
 
 * ``write_ahead`` (the run's leases, the id → run hash, the holder, owner and target sets, the
-  holders, the due bucket's three keys, the holder's live counts, and the idempotency key when
-  the request has one; C, W, record, holder, due, binding, binding TTL, now, N, the lease's
-  minute, when to forget the counts, the limits): everything a write-ahead writes, in one
-  command; ``{bound, binding}`` when the idempotency key is bound already and
-  ``{limit, i, earliest minute}`` when live count ``i`` is at its limit (then nothing is
-  written); ``ok`` when the record is new or exactly this one (a retry),
+  holders, the due bucket's three keys, the holder's live counts and token bucket, the
+  quarantines, the run, and the idempotency key when the request has one; C, W, record,
+  holder, due, binding, binding TTL, now, N, the lease's minute, when to forget the counts,
+  the limits, the target): everything a write-ahead writes, in one command; ``{bound,
+  binding}`` when the idempotency key is bound already, and, for a new record, ``{run, the
+  run}`` when its run is no longer active, ``{quarantined, the quarantine}`` when one in
+  force covers it, ``{limit, i, earliest minute}`` when live count ``i`` is at its limit and
+  ``{rate, µs}`` without a token (then nothing is written, so a run ended or a quarantine
+  stored after the request read them still refuses it); ``ok`` when the record is new or
+  exactly this one (a retry),
   ``exists`` when the id is taken (a record written into this run for an id of another run is
   taken back).
 * ``cas`` (run leases, and the live counts when the lease is saved revoked for the first
@@ -585,19 +591,20 @@ class _Keys:
 # One write-ahead, atomically and in one command (it was a MULTI of nine). KEYS: the nine of
 # the record, its indexes and due entry; then N live counts (the holder's, and the holder's
 # for this target when the target has a limit); the holder's issuance token bucket; the
-# quarantines hash; then the idempotency key when there is a binding. ARGV: credential id, run
-# id, the lease record, its holder, its due time = expiry (µs), the idempotency binding (or
-# ''), its TTL (ms), now (µs), N, the lease's minute, when the live counts may be forgotten
-# (ms, garbage collection only), N limits (0: none), the issuances per minute (0: none), the
-# lease's target.
+# quarantines hash; the run; then the idempotency key when there is a binding. ARGV:
+# credential id, run id, the lease record, its holder, its due time = expiry (µs), the
+# idempotency binding (or ''), its TTL (ms), now (µs), N, the lease's minute, when the live
+# counts may be forgotten (ms, garbage collection only), N limits (0: none), the issuances per
+# minute (0: none), the lease's target.
 # 1. A key bound already answers {'bound', <the binding>} and nothing is written.
-# 2. Unless this very record is stored already (a retried call): a quarantine in force now
-#    that covers the holder (or a prefix of it), the run or the target answers
-#    {'quarantined', <its stored text>} (so does an unreadable one: fail closed); each live
+# 2. Unless this very record is stored already (a retried call): a stored run that is not
+#    active now (ended, or past its deadline) answers {'run', <its stored text>}; a quarantine
+#    in force now that covers the holder (or a prefix of it), the run or the target answers
+#    {'quarantined', <its stored text>} (unreadable ones answer too: fail closed); each live
 #    count drops the minutes that ended by now and sums the rest; one at its limit answers
 #    {'limit', <its index>, <its earliest minute>}; then the bucket is refilled for the time
 #    since it last was (a token per 60/rate s, at most rate) and, without a whole token,
-#    answers {'rate', <µs until the next>}: in all three cases nothing is written.
+#    answers {'rate', <µs until the next>}: in all these cases nothing is written.
 # 3. Everything is written as the MULTI wrote it, the index and due entries also when the id
 #    turns out to be taken (harmless: extra index members are filtered on read, and the due
 #    time can only move earlier, ZADD LT); then 'ok' when the record is new (counted in the
@@ -610,7 +617,7 @@ _WRITE_AHEAD = RedisScript(
 local n = tonumber(ARGV[9])
 local bucket = KEYS[10 + n]
 local quarantines = KEYS[11 + n]
-local idem = KEYS[12 + n]
+local idem = KEYS[13 + n]
 local rate = tonumber(ARGV[12 + n])
 local tokens, refilled = 0, 0
 if ARGV[6] ~= '' then
@@ -619,6 +626,14 @@ if ARGV[6] ~= '' then
 end
 if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then
   local now = tonumber(ARGV[8])
+  local run = redis.call('GET', KEYS[12 + n])
+  if run then
+    local ok, r = pcall(cjson.decode, run)
+    if not ok or type(r) ~= 'table' or r['st'] ~= 'active' or type(r['dl']) ~= 'number'
+        or now >= r['dl'] then
+      return {'run', run}
+    end
+  end
   local held = redis.call('HGETALL', quarantines)
   for j = 2, #held, 2 do
     local ok, q = pcall(cjson.decode, held[j])
@@ -1181,6 +1196,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
             *live,
             keys.rate(lease.holder),
             keys.quarantines,
+            keys.run(wid),
         ]
         binding = ""
         binding_ms = 0
@@ -1226,6 +1242,8 @@ class RedisLedger:  # satisfies core.ports.Ledger
                 limit=limits.per_target if per_target else limits.per_identity,
                 earliest_expiry=earliest,
             )
+        if isinstance(outcome, list) and len(outcome) == 2 and outcome[0] == "run":
+            raise _decode_run(str(outcome[1]), keys.run(wid)).inactive_error()
         if isinstance(outcome, list) and len(outcome) == 2 and outcome[0] == "quarantined":
             raise _decode_quarantine(str(outcome[1])).refusal()
         if isinstance(outcome, list) and len(outcome) == 2 and outcome[0] == "rate":

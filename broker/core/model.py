@@ -14,7 +14,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
-from broker.errors import BadRequestError, ForbiddenError
+from broker.errors import BadRequestError, ConflictError, ForbiddenError
 
 # Identifiers chosen by callers (run ids, task ids, target names, idempotency keys): short,
 # printable, no separators that could confuse a Redis key or a Vault path.
@@ -208,6 +208,15 @@ class WorkflowRun:
     def is_active(self, now: datetime) -> bool:
         """Active and before its deadline."""
         return self.state is RunState.ACTIVE and now < self.deadline
+
+    def inactive_error(self) -> ConflictError:
+        """The error a credential request in this run gets when it is not active (409
+        ``workflow.not_active``)."""
+        return ConflictError(
+            f"workflow run {self.id!r} is not active (state {self.state.value}, deadline "
+            f"{self.deadline.isoformat()})",
+            reason="workflow.not_active",
+        )
 
     @property
     def chain(self) -> DelegationChain:

@@ -1112,3 +1112,32 @@ async def test_claims_acks_and_schedules_agree_with_the_model(
             case ("ack", str(cid)):
                 model.ack(cid)
                 await ledger.ack(cid)
+
+
+# --------------------------------------------------------------------------- the run at write-ahead
+# The write-ahead looks at the stored run in its own atomic step: a run that ended (or passed
+# its deadline) after the request read it refuses the lease, so completion never misses one.
+
+
+async def test_a_run_no_longer_active_refuses_the_write_ahead(ledger: Ledger) -> None:
+    run = make_run()
+    await ledger.create_run(run)
+    assert await ledger.write_ahead(make_lease("cred_a")) is None
+    # At its deadline (not marked expired yet): refused, nothing written, the key not bound.
+    late = make_lease("cred_b", issued_at=run.deadline)
+    with pytest.raises(ConflictError) as caught:
+        await ledger.write_ahead(late, idempotency=_bind("agent|k1"), limits=_TWO)
+    assert caught.value.reason == "workflow.not_active"
+    assert await ledger.get_lease("cred_b") is None
+    # Ended: refused; the same write of a lease written before the end is a retry, not refused.
+    ended = dataclasses.replace(
+        run, state=RunState.COMPLETED, ended_at=NOW + timedelta(minutes=1), outcome="completed"
+    )
+    await ledger.save_run(ended)
+    with pytest.raises(ConflictError) as caught:
+        await ledger.write_ahead(make_lease("cred_c", issued_at=NOW + timedelta(minutes=2)))
+    assert caught.value.reason == "workflow.not_active"
+    assert await ledger.write_ahead(make_lease("cred_a")) is None
+    # A run the ledger does not hold is the caller's to check; the refused key is free.
+    other = make_lease("cred_d", workflow_id="wf-2")
+    assert await ledger.write_ahead(other, idempotency=_bind("agent|k1"), limits=_TWO) is None

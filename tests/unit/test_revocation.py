@@ -731,10 +731,55 @@ class GatedWriteAheadLedger(InMemoryLedger):
         return await super().write_ahead(lease, idempotency=idempotency, limits=limits)
 
 
+async def test_a_request_whose_run_ended_while_it_was_decided_is_refused_at_write_ahead() -> None:
+    """A request read the run as active, then completion ran: the write-ahead sees the ended
+    run in its own atomic step and refuses; nothing is written or minted."""
+    ledger, minter, clock = GatedWriteAheadLedger(), FakeMinter(), Clock()
+    await start_run(ledger)
+    service = _broker(ledger, minter, clock)
+    engine = revoker(ledger, minter, clock)
+    request = CredentialRequest(
+        workflow_id="wf-1", task_id="t-new", target="demo-db", ttl=timedelta(minutes=5)
+    )
+    issuing = asyncio.create_task(service.request_credential(AGENT_CALLER, request, params={}))
+    await ledger.waiting.wait()
+    await engine.complete_workflow(ORCH_CALLER, "wf-1", RunOutcome.COMPLETED, wait=True)
+    ledger.gate.set()
+    with pytest.raises(ConflictError) as refused:
+        await issuing
+    assert refused.value.reason == "workflow.not_active"
+    assert minter.minted == []
+    assert await ledger.find_leases(LeaseSelector(workflow_id="wf-1")) == []
+
+
+class BlindWriteAheadLedger(GatedWriteAheadLedger):
+    """Its write-ahead does not see that the run ended (as after a Redis failover that lost
+    the completion's write, or on a replica of an older version)."""
+
+    async def write_ahead(
+        self,
+        lease: Lease,
+        *,
+        idempotency: IdempotencyBinding | None = None,
+        limits: IssuanceLimits | None = None,
+    ) -> str | None:
+        self.waiting.set()
+        await self.gate.wait()
+        ended = self._runs[lease.workflow_id]
+        self._runs[lease.workflow_id] = dataclasses.replace(ended, state=RunState.ACTIVE)
+        try:
+            return await InMemoryLedger.write_ahead(
+                self, lease, idempotency=idempotency, limits=limits
+            )
+        finally:
+            self._runs[lease.workflow_id] = ended
+
+
 async def test_a_lease_written_ahead_after_completion_listed_the_run_is_revoked() -> None:
     """A request read the run as active, then completion ran, then its lease (for a task not
-    seen before, so not tombstoned) was written and activated: the next sweep finds it."""
-    ledger, minter, clock = GatedWriteAheadLedger(), FakeMinter(), Clock()
+    seen before, so not tombstoned) was written, blind to the ended run, and activated: the
+    completing replica's watch finds it at the next sweep."""
+    ledger, minter, clock = BlindWriteAheadLedger(), FakeMinter(), Clock()
     await start_run(ledger)
     service = _broker(ledger, minter, clock)
     engine = revoker(ledger, minter, clock)
