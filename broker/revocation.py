@@ -39,11 +39,14 @@ runs without leases (those stay ``active`` in the ledger, and refuse issuance al
 Late mints: completion and force tombstone the tasks of the leases they find (the ledger then
 refuses to activate a lease of such a task written ahead before the tombstone, SECURITY 29),
 and the refused lease is due at once. A request that read its run as active just before the
-completion and writes ahead just after the completion listed the run's leases, *for a task
-id not seen before*, is not covered by any task tombstone. For that window the replica that
-completed the run lists it again a few times (after 1 s, then at doubling intervals, within
-``late_mint_window``) and revokes such strays. The watch lives in memory: if that replica
-dies, a stray ends by its TTL, which never passes the run's deadline.
+completion and writes ahead after it, *for a task id not seen before*, is not covered by any
+task tombstone: the write-ahead refuses it, as it checks the stored run in its own atomic
+step (a write-ahead before the completion stored the run is among the leases it lists). In
+case a write-ahead did not see the ended run (a Redis failover that lost the completion's
+write, a replica of an older version), the replica that completed the run lists it again a
+few times (after 1 s, then at doubling intervals, within ``late_mint_window``) and revokes
+such strays. That watch lives in memory: if that replica dies, a stray ends by its TTL, which
+never passes the run's deadline.
 """
 
 from __future__ import annotations
