@@ -427,6 +427,13 @@ class Revoker:
         # Single flight: one settle per credential at a time in this process, so a completion
         # and a sweep racing on one lease make one Vault call and count it once.
         self._settling: dict[str, asyncio.Future[LeaseResult]] = {}
+        # Leases a request in this process has marked (due now) and settles itself next (a
+        # completion with wait, a forced revocation, a release): id → how many such requests.
+        # A sweep of this process that claims one in between leaves it to the request: the
+        # revocation is then recorded on the requester's account and after the request's own
+        # event (workflow.completed), which a sweeper tick landing in that gap changed
+        # (seen as a load flake). Reserved only inside try/finally: never left behind.
+        self._inline: dict[str, int] = {}
         # Runs this replica completed and re-lists for late mints: run id → the watch.
         self._ended: dict[str, _EndedRun] = {}
 
@@ -452,9 +459,8 @@ class Revoker:
             want = min(settings.concurrency, settings.sweep_batch - claimed)
             ids = await self._ledger.claim_due(now, limit=want, visibility=settings.visibility)
             claimed += len(ids)
-            results.extend(
-                await asyncio.gather(*(self._settle_claimed(cid, now, runs) for cid in ids))
-            )
+            settled = await asyncio.gather(*(self._settle_claimed(cid, now, runs) for cid in ids))
+            results.extend(result for result in settled if result is not None)
             if len(ids) < want:
                 break
         report = SweepReport(
@@ -485,8 +491,16 @@ class Revoker:
 
     async def _settle_claimed(
         self, credential_id: str, now: datetime, runs: dict[str, WorkflowRun | None]
-    ) -> LeaseResult:
+    ) -> LeaseResult | None:
+        """Settle a claimed lease; None when it is left to a request of this process that
+        marked it and settles it itself (its claim ended, due again shortly in case that
+        request stops before settling it)."""
         try:
+            if credential_id in self._inline and credential_id not in self._settling:
+                await self._ledger.schedule(
+                    credential_id, self._clock.now() + self._settings.backoff_base
+                )
+                return None
             return await self._settle(credential_id, now, reason=None, claimed=True, runs=runs)
         except TaskleaseError as exc:
             # The ledger is unreachable (or refused): the claim stays and comes back after the
@@ -565,6 +579,7 @@ class Revoker:
         settle: list[str] = []
         due: list[str] = []
         truncated = False
+        reserved: list[str] = []  # the listed ones, settled below (``wait``): see _inline
         # The run is watched for late mints only once its listed leases are marked: a recheck
         # during a long marking took the leases not marked yet for late mints, and marking
         # them again moved them out from under another replica's claim (a second revocation;
@@ -576,6 +591,8 @@ class Revoker:
                 async for leases in batches:
                     # No lease of an ended run may ever activate: tombstone its tasks.
                     await self._tombstone(leases, until=until)
+                    if wait:
+                        self._reserve(leases[: MAX_ADDRESSED - len(listed)], reserved)
                     marked = await self._bounded(
                         [lease for lease in leases if lease.is_live],
                         lambda lease: self._mark(lease, reason, now),
@@ -586,6 +603,9 @@ class Revoker:
                     shown = {lease.credential_id for lease in leases[:room]}
                     listed.extend(leases[:room])
                     settle.extend(x.credential_id for x in marked if x.credential_id in shown)
+        except BaseException:
+            self._unreserve(reserved)
+            raise
         finally:
             if len(self._ended) >= _MAX_WATCHED_RUNS:
                 self._ended.pop(next(iter(self._ended)))
@@ -593,24 +613,27 @@ class Revoker:
                 reason=reason, ended=after, next_check=after + _FIRST_RECHECK
             )
         scheduled = tuple(due)
-        if ended_now:
-            await self._record(
-                _run_event(
-                    run,
-                    caller.principal_id,
-                    WorkflowCompleted(
-                        state=run.state.value, outcome=outcome.value, leases_due=len(scheduled)
-                    ),
-                    now,
-                )
-            )
-        if not wait:
-            return CompletionResult(run=run, scheduled=scheduled)
-        initiated = _INITIATED.set((caller.principal_id, ""))
         try:
-            settled = await self._settle_many(settle, now=now, reason=reason)
+            if ended_now:
+                await self._record(
+                    _run_event(
+                        run,
+                        caller.principal_id,
+                        WorkflowCompleted(
+                            state=run.state.value, outcome=outcome.value, leases_due=len(scheduled)
+                        ),
+                        now,
+                    )
+                )
+            if not wait:
+                return CompletionResult(run=run, scheduled=scheduled)
+            initiated = _INITIATED.set((caller.principal_id, ""))
+            try:
+                settled = await self._settle_many(settle, now=now, reason=reason)
+            finally:
+                _INITIATED.reset(initiated)
         finally:
-            _INITIATED.reset(initiated)
+            self._unreserve(reserved)
         done = [
             LeaseResult(lease.credential_id, SettleOutcome.ALREADY_REVOKED, lease)
             for lease in listed
@@ -640,15 +663,18 @@ class Revoker:
                 "the credential is still being minted; release it once it is issued",
             )
         elif lease.is_live:
-            if lease.state is not LeaseState.ISSUING:
-                await self._mark(lease, RevokeReason.RELEASED, now)
+            reserved: list[str] = []  # see _inline
+            self._reserve([lease], reserved)
             initiated = _INITIATED.set((caller.principal_id, ""))
             try:
+                if lease.state is not LeaseState.ISSUING:
+                    await self._mark(lease, RevokeReason.RELEASED, now)
                 result = await self._settle_single_flight(
                     credential_id, now, reason=RevokeReason.RELEASED
                 )
             finally:
                 _INITIATED.reset(initiated)
+                self._unreserve(reserved)
         else:
             result = LeaseResult(credential_id, SettleOutcome.ALREADY_REVOKED, lease)
         _log.info(
@@ -695,41 +721,51 @@ class Revoker:
         credential_ids: list[str] = []  # the audit event's first _AUDITED_CREDENTIALS
         workflow_ids: list[str] = []  # the audit event's smallest _AUDITED_RUNS, sorted
         latest = now + margin
-        # The ledger refuses a selector that names nothing (``selector.unbounded``) on the
-        # first iteration, before anything is tombstoned or marked.
-        async with contextlib.aclosing(
-            self._ledger.iter_leases(
-                dataclasses.replace(selector, states=LIVE_STATES), batch=_RUN_BATCH
-            )
-        ) as batches:
-            async for leases in batches:
-                # Past every lease's issued_at even if another replica's clock runs ahead: a
-                # tombstone that failed to cover a lease marked below would let its
-                # activation fail without recording the token.
-                until = max([self._clock.now(), *(lease.issued_at for lease in leases)]) + margin
-                latest = max(latest, until)
-                await self._tombstone(leases, until=until)
-                marked = await self._bounded(
-                    leases, lambda lease: self._mark(lease, RevokeReason.FORCED, now)
-                )
-                scheduled += sum(1 for lease in marked if lease.revocable)
-                settle.extend(x.credential_id for x in marked[: MAX_ADDRESSED - len(settle)])
-                credential_ids.extend(
-                    x.credential_id for x in leases[: _AUDITED_CREDENTIALS - len(credential_ids)]
-                )
-                workflow_ids = sorted({*workflow_ids, *(x.workflow_id for x in leases)})[
-                    :_AUDITED_RUNS
-                ]
-                matched += len(leases)
-        if selector.workflow_id is not None and selector.task_id is not None:
-            # A mint of this task may have been written ahead after the search: block it too.
-            until = max(latest, self._clock.now() + margin)
-            await self._ledger.tombstone_task(selector.workflow_id, selector.task_id, until=until)
-        initiated = _INITIATED.set((caller.principal_id, why))
+        reserved: list[str] = []  # the ones in ``settle``: see _inline
         try:
-            results = await self._settle_many(settle, now=now, reason=RevokeReason.FORCED)
+            # The ledger refuses a selector that names nothing (``selector.unbounded``) on the
+            # first iteration, before anything is tombstoned or marked.
+            async with contextlib.aclosing(
+                self._ledger.iter_leases(
+                    dataclasses.replace(selector, states=LIVE_STATES), batch=_RUN_BATCH
+                )
+            ) as batches:
+                async for leases in batches:
+                    # Past every lease's issued_at even if another replica's clock runs ahead: a
+                    # tombstone that failed to cover a lease marked below would let its
+                    # activation fail without recording the token.
+                    until = (
+                        max([self._clock.now(), *(lease.issued_at for lease in leases)]) + margin
+                    )
+                    latest = max(latest, until)
+                    await self._tombstone(leases, until=until)
+                    self._reserve(leases[: MAX_ADDRESSED - len(settle)], reserved)
+                    marked = await self._bounded(
+                        leases, lambda lease: self._mark(lease, RevokeReason.FORCED, now)
+                    )
+                    scheduled += sum(1 for lease in marked if lease.revocable)
+                    settle.extend(x.credential_id for x in marked[: MAX_ADDRESSED - len(settle)])
+                    credential_ids.extend(
+                        x.credential_id
+                        for x in leases[: _AUDITED_CREDENTIALS - len(credential_ids)]
+                    )
+                    workflow_ids = sorted({*workflow_ids, *(x.workflow_id for x in leases)})[
+                        :_AUDITED_RUNS
+                    ]
+                    matched += len(leases)
+            if selector.workflow_id is not None and selector.task_id is not None:
+                # A mint of this task may have been written ahead after the search: block it too.
+                until = max(latest, self._clock.now() + margin)
+                await self._ledger.tombstone_task(
+                    selector.workflow_id, selector.task_id, until=until
+                )
+            initiated = _INITIATED.set((caller.principal_id, why))
+            try:
+                results = await self._settle_many(settle, now=now, reason=RevokeReason.FORCED)
+            finally:
+                _INITIATED.reset(initiated)
         finally:
-            _INITIATED.reset(initiated)
+            self._unreserve(reserved)
         report = RevocationReport(
             results=tuple(results), truncated=matched > len(settle), scheduled=scheduled
         )
@@ -804,6 +840,20 @@ class Revoker:
                 return await work(item)
 
         return list(await asyncio.gather(*(one(item) for item in items)))
+
+    def _reserve(self, leases: Iterable[Lease], reserved: list[str]) -> None:
+        """Keep this process's sweeps off ``leases`` (see ``_inline``) until
+        :meth:`_unreserve` of ``reserved``, which each id is added to."""
+        for lease in leases:
+            self._inline[lease.credential_id] = self._inline.get(lease.credential_id, 0) + 1
+            reserved.append(lease.credential_id)
+
+    def _unreserve(self, reserved: list[str]) -> None:
+        for credential_id in reserved:
+            left = self._inline.pop(credential_id, 0) - 1
+            if left > 0:
+                self._inline[credential_id] = left
+        reserved.clear()
 
     async def _tombstone(self, leases: Iterable[Lease], *, until: datetime) -> None:
         tasks = sorted({(x.workflow_id, x.task_id) for x in leases})

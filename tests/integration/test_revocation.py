@@ -49,6 +49,10 @@ pytestmark = pytest.mark.stack
 # Redis logical database of this module: isolated from the other modules' leases (db 0).
 _REDIS_DB = 5
 SWEEP_INTERVAL = 0.5
+# How long a test waits for something the engine does eventually (a sweep finishing a
+# revocation, a retry once a backend is back). Generous on purpose: CI runs the whole suite on
+# a 2-core VM; a bound on *when* is asserted separately where it is the point of the test.
+EVENTUALLY = 30.0
 FAST = {
     "backoff_base": timedelta(milliseconds=200),
     "backoff_cap": timedelta(seconds=1),
@@ -317,7 +321,7 @@ async def test_completion_without_wait_is_finished_by_the_sweeper(
     async def revoked() -> bool:
         return bool((await actors.credential(engine, kv["credential_id"]))[1]["state"] == "revoked")
 
-    await _until(revoked, within=SWEEP_INTERVAL + 3)
+    await _until(revoked, within=EVENTUALLY)
     assert not _token_alive(stack, kv["token_accessor"])
 
 
@@ -353,11 +357,14 @@ async def test_a_credential_is_revoked_within_one_sweep_of_its_ttl(
         status, lease = await actors.credential(engine, db["credential_id"])
         return status == 200 and lease["state"] == "revoked"
 
-    lag = await _until(revoked, within=5, interval=0.05)
-    # One sweep interval, plus the revocation itself (token, lease, lookups: tens of ms).
-    assert lag <= SWEEP_INTERVAL + 1.0, lag
+    await _until(revoked, within=EVENTUALLY, interval=0.05)
     _, lease = await actors.credential(engine, db["credential_id"])
     assert lease["revoke_reason"] == "ttl_expired"
+    # Taken by the first sweep after its expiry: revoked_at is that sweep's own time (the
+    # tick's clock reading), so neither the revocation in OpenBao and PostgreSQL nor this
+    # test's polling (all slow on a loaded machine) counts; one interval plus tick latency.
+    picked_up = datetime.fromisoformat(lease["revoked_at"]) - expires_at
+    assert timedelta(0) <= picked_up <= timedelta(seconds=SWEEP_INTERVAL + 1.0), picked_up
     assert await _pg_login_fails(stack, db["secret"])
     (lease_id,) = (await engine.lease(db["credential_id"])).vault_lease_ids
     assert not _lease_alive(stack, lease_id)
@@ -482,7 +489,7 @@ async def test_openbao_down_during_a_sweep_is_retried_and_completed_when_it_is_b
         async def retried() -> bool:
             return (await engine.lease(cid)).attempts >= 2
 
-        await _until(retried, within=5)
+        await _until(retried, within=EVENTUALLY)
         assert (await engine.lease(cid)).state.value == "revoking"
     finally:
         stack.start_openbao_again()
@@ -490,7 +497,7 @@ async def test_openbao_down_during_a_sweep_is_retried_and_completed_when_it_is_b
     async def revoked() -> bool:
         return (await engine.lease(cid)).state.value == "revoked"
 
-    await _until(revoked, within=10)
+    await _until(revoked, within=EVENTUALLY)
     assert not _token_alive(stack, db["token_accessor"])
     assert await _pg_login_fails(stack, db["secret"])
 
@@ -518,7 +525,7 @@ async def test_postgres_down_during_revocation_is_revoke_failed_then_recovered(
                 _, metadata = await actors.credential(engine, cid)
                 return bool(metadata["state"] == "revoke_failed")
 
-            await _until(failed, within=15)
+            await _until(failed, within=EVENTUALLY)
         alerts = [e for e in logs if e["event"] == "credential.revoke_failed"]
         # At least one alert, each for this credential (a loaded machine may reach the slow
         # retry, which alerts again, before the state is polled).
@@ -533,7 +540,7 @@ async def test_postgres_down_during_revocation_is_revoke_failed_then_recovered(
         _, metadata = await actors.credential(engine, cid)
         return bool(metadata["state"] == "revoked")
 
-    await _until(revoked, within=30)
+    await _until(revoked, within=EVENTUALLY)
     assert not _lease_alive(stack, lease_id)
     assert await _pg_login_fails(stack, db["secret"])
     _, metadata = await actors.credential(engine, cid)
