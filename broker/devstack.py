@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -122,12 +123,30 @@ def _die_with_parent() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _dying_with_parent(argv: list[str]) -> list[str]:
-    """``argv`` run so that the server gets SIGKILL when its parent process dies (after the
-    switch to its user: a credential change clears the parent-death signal)."""
+def _dying_with_parent(argv: list[str], user: str | None = None) -> list[str]:
+    """``argv`` run so that the server gets SIGKILL when its parent process dies (setpriv sets
+    it after the switch to ``user``: a credential change clears the parent-death signal)."""
     if _SETPRIV is None:
         return argv
-    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+    return [*_as_user_prefix(user), "--pdeathsig", "KILL", "--", *argv]
+
+
+def _as_user_prefix(user: str | None) -> list[str]:
+    """setpriv's arguments to run as ``user`` (its own group, no supplementary groups)."""
+    assert _SETPRIV is not None  # noqa: S101 - callers check
+    if user is None:
+        return [_SETPRIV]
+    entry = pwd.getpwnam(user)
+    return [_SETPRIV, f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups"]
+
+
+def _user_switch(user: str | None) -> dict[str, Any]:
+    """``subprocess`` keywords that drop to ``user`` in the child, when setpriv cannot do it
+    in the command line. With them Python forks without vfork, so fork handlers of the test
+    process's threads (gRPC's among them) run in the child: setpriv is preferred."""
+    if user is None or _SETPRIV is not None:
+        return {}
+    return {"user": user, "group": user, "extra_groups": []}
 
 
 def spire_bin_dir() -> Path:
@@ -207,17 +226,16 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(
-                _dying_with_parent(self.argv),
+                # Dropped to the service user by setpriv, which execs the server (not
+                # runuser, which would stay in between and leave the server behind if it
+                # were killed); without setpriv, in the child by subprocess.
+                _dying_with_parent(self.argv, self.user),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.env,
                 cwd=self.cwd,
-                # Drop to the service user in the child itself (not through runuser, which
-                # would stay in between and leave the server behind if it were killed).
-                user=self.user,
-                group=self.user,
-                extra_groups=[] if self.user is not None else None,
+                **_user_switch(self.user),
                 start_new_session=True,
                 # Only without setpriv (then it runs nothing that takes a lock).
                 preexec_fn=None if _SETPRIV else _die_with_parent,  # noqa: PLW1509
@@ -291,17 +309,15 @@ def _run(
     input_text: str | None = None,
     timeout: float = 60,
 ) -> str:
-    result = subprocess.run(
-        argv,
+    result: subprocess.CompletedProcess[str] = subprocess.run(
+        [*_as_user_prefix(user), "--", *argv] if user is not None and _SETPRIV else argv,
         capture_output=True,
         text=True,
         env=env,
         input=input_text,
         timeout=timeout,
         check=False,
-        user=user,
-        group=user,
-        extra_groups=[] if user is not None else None,
+        **_user_switch(user),
     )
     if result.returncode != 0:
         raise StackError(

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from broker import devstack
 from broker.devstack import _fill, _seconds, free_port
 
 
@@ -89,3 +90,32 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_a_service_user_is_taken_on_through_setpriv_when_there_is_one() -> None:
+    """Dropping to a service user in ``subprocess`` itself makes Python fork without vfork,
+    which runs the fork handlers of the test process's threads in the child (a PostgreSQL
+    start crashed that way under load); setpriv does it in the command line instead."""
+    argv = devstack._dying_with_parent(["postgres", "-D", "data"], "root")
+    if devstack._SETPRIV is not None:
+        assert argv == [
+            devstack._SETPRIV,
+            "--reuid=0",
+            "--regid=0",
+            "--clear-groups",
+            "--pdeathsig",
+            "KILL",
+            "--",
+            "postgres",
+            "-D",
+            "data",
+        ]
+        assert devstack._user_switch("root") == {}
+    else:
+        assert argv == ["postgres", "-D", "data"]
+        assert devstack._user_switch("root") == {
+            "user": "root",
+            "group": "root",
+            "extra_groups": [],
+        }
+    assert devstack._user_switch(None) == {}
