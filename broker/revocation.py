@@ -819,14 +819,21 @@ class Revoker:
         if in_flight:
             until = max(lease.issued_at for lease in in_flight) + _JUST_PAST
             await self._tombstone(in_flight, until=until)
-        marked = await self._bounded(leases, lambda lease: self._mark(lease, reason, now))
-        recorded_by_caller = _CALLER_RECORDS_REVOKED.set(True)
+        # Left to this call by this process's sweeps (see _inline): a sweep in between would
+        # record a credential.revoked of its own beside the caller's.
+        reserved: list[str] = []
+        self._reserve(leases, reserved)
         try:
-            results = await self._settle_many(
-                [lease.credential_id for lease in marked], now=now, reason=reason
-            )
+            marked = await self._bounded(leases, lambda lease: self._mark(lease, reason, now))
+            recorded_by_caller = _CALLER_RECORDS_REVOKED.set(True)
+            try:
+                results = await self._settle_many(
+                    [lease.credential_id for lease in marked], now=now, reason=reason
+                )
+            finally:
+                _CALLER_RECORDS_REVOKED.reset(recorded_by_caller)
         finally:
-            _CALLER_RECORDS_REVOKED.reset(recorded_by_caller)
+            self._unreserve(reserved)
         return RevocationReport(results=tuple(results))
 
     # ---- shared steps

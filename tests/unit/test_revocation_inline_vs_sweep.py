@@ -13,7 +13,13 @@ import pytest
 
 from broker.core.model import Lease
 from broker.core.ports import LeaseSelector
-from broker.revocation import RevocationReport, RunOutcome, SettleOutcome, SweepReport
+from broker.revocation import (
+    RevocationReport,
+    RevokeReason,
+    RunOutcome,
+    SettleOutcome,
+    SweepReport,
+)
 from tests.unit.test_audit_emission import (
     ADMIN,
     ADMIN_CALLER,
@@ -124,3 +130,27 @@ async def test_a_request_that_fails_before_settling_leaves_the_lease_to_the_swee
     swept = await world.revoker.revoke_due(world.clock.now())
     assert swept.revoked == (issued,)
     assert world.minter.revoked == ["acc-1"]
+
+
+async def test_a_sweep_between_marking_and_settling_leaves_a_broker_decided_revocation_alone() -> (
+    None
+):
+    """``revoke_leases`` (continuous authorization: its caller records credential.revoked):
+    a sweep landing in between would have recorded a second event of its own."""
+    world = World()
+    await world.start()
+    credential_id = await world.issue()
+    (lease,) = await world.ledger.find_leases(LeaseSelector(workflow_id="wf-1"))
+    sweeps: list[SweepReport] = []
+    _sweep_after_marking(world, sweeps)
+
+    report = await world.revoker.revoke_leases([lease], RevokeReason.CONTINUOUS_AUTHORIZATION)
+
+    (sweep,) = sweeps
+    assert (sweep.claimed, sweep.results) == (1, ())
+    assert [(r.credential_id, r.outcome) for r in report.results] == [
+        (credential_id, SettleOutcome.REVOKED)
+    ]
+    assert world.minter.revoked == ["acc-1"]
+    # The caller records the revocation; neither the sweep nor this call did.
+    assert T.CREDENTIAL_REVOKED not in [e.type for e in world.audit.events]
