@@ -59,7 +59,7 @@ from broker.revocation import (
     RunOutcome,
     SettleOutcome,
 )
-from broker.service import CredentialBroker, Readiness
+from broker.service import CredentialBroker, IssuedCredential, Readiness
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 AGENT = "spiffe://tasklease.test/agent/demo"
@@ -712,49 +712,15 @@ async def test_a_mint_racing_completion_is_revoked_within_one_sweep() -> None:
 
 class GatedWriteAheadLedger(InMemoryLedger):
     """Holds write-ahead until the test opens the gate (a request slow between reading the
-    run and writing its lease)."""
+    run and writing its lease). ``blind``: the write-ahead does not see that the run ended (as
+    after a Redis failover that lost the completion's write, or on a replica of an older
+    version)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, blind: bool = False) -> None:
         super().__init__()
         self.gate = asyncio.Event()
         self.waiting = asyncio.Event()
-
-    async def write_ahead(
-        self,
-        lease: Lease,
-        *,
-        idempotency: IdempotencyBinding | None = None,
-        limits: IssuanceLimits | None = None,
-    ) -> str | None:
-        self.waiting.set()
-        await self.gate.wait()
-        return await super().write_ahead(lease, idempotency=idempotency, limits=limits)
-
-
-async def test_a_request_whose_run_ended_while_it_was_decided_is_refused_at_write_ahead() -> None:
-    """A request read the run as active, then completion ran: the write-ahead sees the ended
-    run in its own atomic step and refuses; nothing is written or minted."""
-    ledger, minter, clock = GatedWriteAheadLedger(), FakeMinter(), Clock()
-    await start_run(ledger)
-    service = _broker(ledger, minter, clock)
-    engine = revoker(ledger, minter, clock)
-    request = CredentialRequest(
-        workflow_id="wf-1", task_id="t-new", target="demo-db", ttl=timedelta(minutes=5)
-    )
-    issuing = asyncio.create_task(service.request_credential(AGENT_CALLER, request, params={}))
-    await ledger.waiting.wait()
-    await engine.complete_workflow(ORCH_CALLER, "wf-1", RunOutcome.COMPLETED, wait=True)
-    ledger.gate.set()
-    with pytest.raises(ConflictError) as refused:
-        await issuing
-    assert refused.value.reason == "workflow.not_active"
-    assert minter.minted == []
-    assert await ledger.find_leases(LeaseSelector(workflow_id="wf-1")) == []
-
-
-class BlindWriteAheadLedger(GatedWriteAheadLedger):
-    """Its write-ahead does not see that the run ended (as after a Redis failover that lost
-    the completion's write, or on a replica of an older version)."""
+        self.blind = blind
 
     async def write_ahead(
         self,
@@ -766,20 +732,19 @@ class BlindWriteAheadLedger(GatedWriteAheadLedger):
         self.waiting.set()
         await self.gate.wait()
         ended = self._runs[lease.workflow_id]
-        self._runs[lease.workflow_id] = dataclasses.replace(ended, state=RunState.ACTIVE)
+        if self.blind:
+            self._runs[lease.workflow_id] = dataclasses.replace(ended, state=RunState.ACTIVE)
         try:
-            return await InMemoryLedger.write_ahead(
-                self, lease, idempotency=idempotency, limits=limits
-            )
+            return await super().write_ahead(lease, idempotency=idempotency, limits=limits)
         finally:
             self._runs[lease.workflow_id] = ended
 
 
-async def test_a_lease_written_ahead_after_completion_listed_the_run_is_revoked() -> None:
-    """A request read the run as active, then completion ran, then its lease (for a task not
-    seen before, so not tombstoned) was written, blind to the ended run, and activated: the
-    completing replica's watch finds it at the next sweep."""
-    ledger, minter, clock = BlindWriteAheadLedger(), FakeMinter(), Clock()
+async def _completed_during_write_ahead(
+    ledger: GatedWriteAheadLedger, minter: FakeMinter, clock: Clock
+) -> tuple[asyncio.Task[IssuedCredential], Revoker]:
+    """A request for a new task that read its run as active and waits to write ahead while
+    the run is completed; then its write-ahead goes on (the request, and the revoker)."""
     await start_run(ledger)
     service = _broker(ledger, minter, clock)
     engine = revoker(ledger, minter, clock)
@@ -790,6 +755,27 @@ async def test_a_lease_written_ahead_after_completion_listed_the_run_is_revoked(
     await ledger.waiting.wait()
     await engine.complete_workflow(ORCH_CALLER, "wf-1", RunOutcome.COMPLETED, wait=True)
     ledger.gate.set()
+    return issuing, engine
+
+
+async def test_a_request_whose_run_ended_while_it_was_decided_is_refused_at_write_ahead() -> None:
+    """A request read the run as active, then completion ran: the write-ahead sees the ended
+    run in its own atomic step and refuses; nothing is written or minted."""
+    ledger, minter, clock = GatedWriteAheadLedger(), FakeMinter(), Clock()
+    issuing, _ = await _completed_during_write_ahead(ledger, minter, clock)
+    with pytest.raises(ConflictError) as refused:
+        await issuing
+    assert refused.value.reason == "workflow.not_active"
+    assert minter.minted == []
+    assert await ledger.find_leases(LeaseSelector(workflow_id="wf-1")) == []
+
+
+async def test_a_lease_written_ahead_after_completion_listed_the_run_is_revoked() -> None:
+    """A request read the run as active, then completion ran, then its lease (for a task not
+    seen before, so not tombstoned) was written, blind to the ended run, and activated: the
+    completing replica's watch finds it at the next sweep."""
+    ledger, minter, clock = GatedWriteAheadLedger(blind=True), FakeMinter(), Clock()
+    issuing, engine = await _completed_during_write_ahead(ledger, minter, clock)
     issued = await issuing  # the activation passed: no tombstone named this task
     clock.advance(SECOND)
     with capture_logs() as logs:
