@@ -77,9 +77,10 @@ async def start_run(
     owner: str,
     purpose: str,
     ttl_seconds: int = 600,
+    participant: str | None = None,
 ) -> dict[str, Any]:
-    """POST /v1/workflows as the orchestrator, with the demo agent as the one participant;
-    asserts 201 and returns the run."""
+    """POST /v1/workflows as the orchestrator, with ``participant`` (default: the demo agent)
+    as the one participant; asserts 201 and returns the run."""
     status, body = await call(
         broker,
         orchestrator,
@@ -90,7 +91,7 @@ async def start_run(
             "owner": owner,
             "purpose": purpose,
             "ttl_seconds": ttl_seconds,
-            "participants": [workload_id(stack, "agent")],
+            "participants": [participant or workload_id(stack, "agent")],
         },
     )
     assert status == 201, body

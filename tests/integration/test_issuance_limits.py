@@ -20,6 +20,7 @@ from tests.integration.clients import (
     StartBroker,
     call,
     client_context,
+    start_run,
     token_alive,
     workload_id,
 )
@@ -42,26 +43,26 @@ def _targets_with_kv_cap(tmp_path: Path, cap: int) -> Path:
     return path
 
 
-async def _start_run(
-    broker: RunningBroker, orchestrator: ssl.SSLContext, participant: str, purpose: str
-) -> str:
-    """A run of alice's with ``participant`` as its one agent; its id."""
+async def _agent_of_its_own(
+    stack: DevStack, broker: RunningBroker, tmp_path: Path, label: str, purpose: str
+) -> tuple[ssl.SSLContext, ssl.SSLContext, str]:
+    """A fresh agent identity (the session's other tests leave live credentials of the demo
+    agent behind, which would count against it) and a run of alice's with it as the one
+    participant: the agent's and the orchestrator's TLS contexts and the run id."""
+    agent_id = f"spiffe://{stack.trust_domain}/agent/{label}-{secrets.token_hex(4)}"
+    agent = client_context(stack, tmp_path, agent_id)
+    orchestrator = client_context(stack, tmp_path, workload_id(stack, "orchestrator"))
     run_id = f"wf-{secrets.token_hex(4)}"
-    status, run = await call(
+    await start_run(
+        stack,
         broker,
         orchestrator,
-        "POST",
-        "/v1/workflows",
-        json_body={
-            "id": run_id,
-            "owner": "alice@example.test",
-            "purpose": purpose,
-            "ttl_seconds": 600,
-            "participants": [participant],
-        },
+        run_id,
+        owner="alice@example.test",
+        purpose=purpose,
+        participant=agent_id,
     )
-    assert status == 201, run
-    return run_id
+    return agent, orchestrator, run_id
 
 
 async def _ask(
@@ -92,12 +93,9 @@ async def test_live_credentials_are_capped_per_identity_and_per_target(
         TASKLEASE_ISSUANCE__LIVE_CREDENTIALS_PER_IDENTITY="3",
         TASKLEASE_TARGETS_FILE=str(_targets_with_kv_cap(tmp_path, 1)),
     )
-    # An identity of its own: the session's other tests leave live credentials of the demo
-    # agent behind, which would count against it.
-    agent_id = f"spiffe://{stack.trust_domain}/agent/capped-{secrets.token_hex(4)}"
-    agent = client_context(stack, tmp_path, agent_id)
-    orchestrator = client_context(stack, tmp_path, workload_id(stack, "orchestrator"))
-    run_id = await _start_run(broker, orchestrator, agent_id, "limits OPS-1")
+    agent, orchestrator, run_id = await _agent_of_its_own(
+        stack, broker, tmp_path, "capped", "limits OPS-1"
+    )
 
     # demo-kv is capped at one live credential per identity.
     status, first, _ = await _ask(broker, agent, run_id, "demo-kv", "t1")
@@ -139,9 +137,9 @@ async def test_live_credentials_are_capped_per_identity_and_per_target(
 
     # Another identity is not held back by this one's credentials (a fresh one too: the demo
     # agent may hold more than three live credentials of the session's other tests).
-    other_id = f"spiffe://{stack.trust_domain}/agent/uncapped-{secrets.token_hex(4)}"
-    other_agent = client_context(stack, tmp_path, other_id)
-    other_run_id = await _start_run(broker, orchestrator, other_id, "limits OPS-1")
+    other_agent, _, other_run_id = await _agent_of_its_own(
+        stack, broker, tmp_path, "uncapped", "limits OPS-1"
+    )
     status, other, _ = await _ask(broker, other_agent, other_run_id, "demo-db", "t1")
     assert status == 201, other
 
@@ -150,10 +148,9 @@ async def test_an_identity_is_issued_at_most_its_rate(
     stack: DevStack, start: StartBroker, tmp_path: Path
 ) -> None:
     broker = await start(TASKLEASE_ISSUANCE__CREDENTIALS_PER_IDENTITY_PER_MINUTE="2")
-    agent_id = f"spiffe://{stack.trust_domain}/agent/paced-{secrets.token_hex(4)}"
-    agent = client_context(stack, tmp_path, agent_id)
-    orchestrator = client_context(stack, tmp_path, workload_id(stack, "orchestrator"))
-    run_id = await _start_run(broker, orchestrator, agent_id, "rate OPS-2")
+    agent, orchestrator, run_id = await _agent_of_its_own(
+        stack, broker, tmp_path, "paced", "rate OPS-2"
+    )
     for task in ("t1", "t2"):  # the bucket holds two
         status, issued, _ = await _ask(broker, agent, run_id, "demo-kv", task)
         assert status == 201, issued
