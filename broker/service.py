@@ -45,6 +45,7 @@ from broker.core.model import (
     WorkflowRun,
     check_id,
     credential_ttl,
+    refuse_quarantined,
 )
 from broker.core.ports import (
     CheckResult,
@@ -356,14 +357,6 @@ class CredentialBroker:
             return []
         return await self._quarantines.quarantines(now)
 
-    @staticmethod
-    def _refuse_quarantined(
-        quarantines: Sequence[Quarantine], principal: str, workflow_id: str, target: str
-    ) -> None:
-        for quarantine in quarantines:
-            if quarantine.blocks(principal=principal, workflow_id=workflow_id, target=target):
-                raise quarantine.refusal()
-
     # ---- issuance
 
     async def request_credential(
@@ -430,7 +423,9 @@ class CredentialBroker:
                 f"no target {request.target!r} (known: {sorted(self._targets)})",
                 reason="target.unknown",
             )
-        self._refuse_quarantined(quarantines, caller.principal_id, run.id, target.name)
+        refuse_quarantined(
+            quarantines, principal=caller.principal_id, workflow_id=run.id, target=target.name
+        )
         svid_expiry = identity.expires_at if identity.method is AuthMethod.JWT_SVID else None
         # The TTL the policy sees: what could be granted before any policy cap.
         candidate = credential_ttl(

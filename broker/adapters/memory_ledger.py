@@ -25,6 +25,7 @@ from broker.core.model import (
     QuarantineKind,
     WorkflowRun,
     check_id,
+    refuse_quarantined,
 )
 from broker.core.ports import IdempotencyBinding, IssuanceLimits, LeaseSelector
 from broker.errors import BadRequestError, ConflictError, LimitExceededError, NotFoundError
@@ -341,7 +342,12 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
             run = self._runs.get(lease.workflow_id)
             if run is not None and not run.is_active(lease.issued_at):
                 raise run.inactive_error()
-            self._refuse_quarantined(lease)
+            refuse_quarantined(
+                (q for q in self._quarantines.values() if q.is_active(lease.issued_at)),
+                principal=lease.holder,
+                workflow_id=lease.workflow_id,
+                target=lease.target,
+            )
         tokens: tuple[float, datetime] | None = None
         if limits is not None and stored is None:
             self._check_limits(lease, limits)
@@ -361,14 +367,6 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
             self._idempotency[idempotency.key] = (idempotency.fingerprint, lease.credential_id)
         await self.schedule(lease.credential_id, lease.expires_at)
         return None
-
-    def _refuse_quarantined(self, lease: Lease) -> None:
-        """Raise the refusal of a quarantine in force at ``lease.issued_at`` covering it."""
-        for quarantine in self._quarantines.values():
-            if quarantine.is_active(lease.issued_at) and quarantine.blocks(
-                principal=lease.holder, workflow_id=lease.workflow_id, target=lease.target
-            ):
-                raise quarantine.refusal()
 
     def _take_token(self, lease: Lease, per_minute: int) -> tuple[float, datetime] | None:
         """The holder's token bucket after this issuance takes a token (stored once the lease

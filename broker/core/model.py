@@ -7,7 +7,7 @@ Every type is valid from construction and immutable; state changes produce new v
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -432,3 +432,12 @@ class Quarantine:
             f"{self.expires_at.isoformat()} ({self.reason})",
             reason="quarantine.active",
         )
+
+
+def refuse_quarantined(
+    quarantines: Iterable[Quarantine], *, principal: str, workflow_id: str, target: str
+) -> None:
+    """Raise the refusal of the first of ``quarantines`` that covers this request."""
+    for quarantine in quarantines:
+        if quarantine.blocks(principal=principal, workflow_id=workflow_id, target=target):
+            raise quarantine.refusal()
