@@ -82,6 +82,7 @@ from broker.http.revocation_routes import register_revocation_routes
 from broker.metrics import BrokerMetrics, CountingPolicyEngine
 from broker.policy_reload import PolicyReadiness, PolicyReloader
 from broker.reconciler import Reconciler
+from broker.retention import RunRetentionJob
 from broker.revocation import RevocationMetrics, RevocationSettings, Revoker
 from broker.service import CredentialBroker, Readiness
 
@@ -648,6 +649,19 @@ async def build_runtime(
     runtime.start_background(
         reconciler.run(interval=timedelta(seconds=settings.vault.reconcile_interval_seconds))
     )
+    if settings.ledger.retention_days > 0:
+        retention = RunRetentionJob(
+            ledger=ledger,
+            locks=ledger,
+            audit=audit_trail,
+            clock=clock,
+            actor=str(workload.own_svid().spiffe_id),
+            retention=timedelta(days=settings.ledger.retention_days),
+            batch=settings.ledger.purge_batch,
+        )
+        runtime.start_background(
+            retention.run(interval=timedelta(seconds=settings.ledger.purge_interval_seconds))
+        )
     runtime.start_background(_follow_roots(tls, workload, store))
     for bundle_file in bundle_files:
         runtime.start_background(bundle_file.run())

@@ -228,6 +228,20 @@ class RevocationConfig(_Section):
     revoke_timeout_seconds: float = Field(default=10.0, gt=0)
 
 
+class LedgerSettings(_Section):
+    """How long the ledger keeps runs that are over (their history stays in the audit trail)."""
+
+    # Days a run stays in the ledger after everything of it is over (it ended or reached its
+    # deadline, and every credential issued in it expired); then it is deleted with its leases
+    # and index entries (a `workflow.purged` audit event first). 0: kept forever (Redis grows
+    # with every run: about 1 KB per credential).
+    retention_days: int = Field(default=30, ge=0, le=3650)
+    # How often a replica looks for runs to purge (one replica at a time, under a lock), and
+    # at most how many runs one pass purges.
+    purge_interval_seconds: float = Field(default=300.0, gt=0, le=86_400)
+    purge_batch: int = Field(default=100, ge=1, le=10_000)
+
+
 class IssuanceSettings(_Section):
     """Bounds on what one identity may hold, whatever the policy allows."""
 
@@ -446,6 +460,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     revocation: RevocationConfig = RevocationConfig()
     issuance: IssuanceSettings = IssuanceSettings()
+    ledger: LedgerSettings = LedgerSettings()
     audit: AuditSettings = AuditSettings()
     policy: PolicySettings = PolicySettings()
     approvals: ApprovalSettings = ApprovalSettings()

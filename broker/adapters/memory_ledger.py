@@ -14,7 +14,9 @@ and nothing is ever evicted.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+from collections import Counter
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 
@@ -26,8 +28,9 @@ from broker.core.model import (
     WorkflowRun,
     check_id,
     refuse_quarantined,
+    run_over_at,
 )
-from broker.core.ports import IdempotencyBinding, IssuanceLimits, LeaseSelector
+from broker.core.ports import IdempotencyBinding, IssuanceLimits, LeaseSelector, PurgePlan
 from broker.errors import BadRequestError, ConflictError, LimitExceededError, NotFoundError
 
 MAX_FIND_LIMIT = 10_000
@@ -45,6 +48,24 @@ _IDENTITY_FIELDS = (
     "owner",
     "issued_at",
 )
+
+
+MAX_PURGE_BATCH = 10_000
+
+
+def check_purge_limit(limit: int) -> None:
+    """Raise :class:`BadRequestError` unless ``limit`` is within 1..``MAX_PURGE_BATCH``."""
+    if not 1 <= limit <= MAX_PURGE_BATCH:
+        raise BadRequestError(
+            f"a retention pass takes 1..{MAX_PURGE_BATCH} runs, got {limit}",
+            reason="invalid.limit",
+        )
+
+
+def check_purge_plan(plan: PurgePlan) -> None:
+    """Raise :class:`ValueError` for a plan that is not ready (nothing may be purged on it)."""
+    if not plan.ready or plan.run is None or not plan.version:
+        raise ValueError(f"run {plan.workflow_id!r} is not ready to purge")
 
 
 def check_selector(selector: LeaseSelector, limit: int) -> None:
@@ -286,6 +307,8 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         self._in_flight: dict[str, tuple[datetime, datetime]] = {}
         self._quarantines: dict[tuple[QuarantineKind, str], Quarantine] = {}
         self._locks: dict[str, str] = {}
+        # run id → its recorded end (the retention index: its deadline, or when it ended)
+        self._run_ends: dict[str, datetime] = {}
 
     # ---- runs
 
@@ -295,6 +318,7 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         if run.id in self._runs:
             return False
         self._runs[run.id] = run
+        self._run_ends[run.id] = run.deadline
         return True
 
     async def get_run(self, workflow_id: str) -> WorkflowRun | None:
@@ -310,6 +334,9 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
                 f"no workflow run {run.id!r} to update", reason="workflow.not_found"
             )
         self._runs[run.id] = run
+        if run.ended_at is not None:
+            end = self._run_ends.get(run.id)
+            self._run_ends[run.id] = run.ended_at if end is None else min(end, run.ended_at)
 
     # ---- leases
 
@@ -557,6 +584,68 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         for key in [k for k, q in self._quarantines.items() if not q.is_active(now)]:
             del self._quarantines[key]
         return sorted(self._quarantines.values(), key=lambda q: (q.kind, q.value))
+
+    # ---- retention
+
+    async def runs_over_before(self, cutoff: datetime, *, limit: int) -> list[str]:
+        """Up to ``limit`` run ids whose recorded end is at or before ``cutoff``, oldest
+        first."""
+        check_purge_limit(limit)
+        ended = sorted((end, run_id) for run_id, end in self._run_ends.items() if end <= cutoff)
+        return [run_id for _, run_id in ended[:limit]]
+
+    async def index_runs(self, *, batch: int = 1000) -> int:
+        """Every run here is in the index from its creation: nothing to add."""
+        return 0
+
+    async def plan_purge(self, workflow_id: str, *, cutoff: datetime) -> PurgePlan:
+        """Ready when everything of the run is over by ``cutoff``; otherwise the run is put
+        back in the index at the time it will be; gone when there is no run."""
+        check_id(workflow_id, "workflow id")
+        run = self._runs.get(workflow_id)
+        if run is None:
+            self._run_ends.pop(workflow_id, None)
+            return PurgePlan(workflow_id, None, None, ready=False)
+        leases = sorted(
+            (lease for lease in self._leases.values() if lease.workflow_id == workflow_id),
+            key=lambda lease: lease.credential_id,
+        )
+        over = run_over_at(run, leases)
+        ready = over <= cutoff
+        if not ready:
+            self._run_ends[workflow_id] = over
+        version = hashlib.sha256(repr((run, leases)).encode()).hexdigest() if ready else ""
+        return PurgePlan(
+            workflow_id,
+            run,
+            over,
+            ready=ready,
+            lease_states=dict(Counter(lease.state.value for lease in leases)),
+            version=version,
+        )
+
+    async def purge(self, plan: PurgePlan) -> bool:
+        """Delete the run, its leases and tombstones, and their index entries, if unchanged
+        since ``plan``."""
+        check_purge_plan(plan)
+        run = self._runs.get(plan.workflow_id)
+        leases = sorted(
+            (lease for lease in self._leases.values() if lease.workflow_id == plan.workflow_id),
+            key=lambda lease: lease.credential_id,
+        )
+        if run is None or hashlib.sha256(repr((run, leases)).encode()).hexdigest() != plan.version:
+            return False
+        del self._runs[plan.workflow_id]
+        self._run_ends.pop(plan.workflow_id, None)
+        for lease in leases:
+            cid = lease.credential_id
+            del self._leases[cid]
+            self._due.pop(cid, None)
+            self._in_flight.pop(cid, None)
+            self._counted_for_target.get((lease.holder, lease.target), set()).discard(cid)
+        for key in [key for key in self._tombstones if key[0] == plan.workflow_id]:
+            del self._tombstones[key]
+        return True
 
     # ---- locks (no clock: a lock is held until unlocked; tests drive expiry themselves)
 

@@ -34,6 +34,9 @@ the MULTI/EXEC it replaced did; the other two also take the lease out of the liv
     tl:rate:<holder>          hash    t → tokens, at → when last refilled (µs): the holder's
                                       issuance token bucket (expires 2 min after its last use)
     tl:quarantines            hash    <kind>|<value> → the quarantine (compact JSON)
+    tl:idx:run_ends           zset    W → when the run is over (µs): its deadline, earlier when
+                                      it ended earlier, later when a lease outlives that (the
+                                      retention index; ``broker/retention.py`` purges from it)
 
 Memory, not convenience, shaped this (goal: 1 KiB per lease with its index entries, measured
 by ``bench/bench_ledger.py``): a hash field costs about half of a key, so leases are fields of
@@ -122,6 +125,7 @@ import heapq
 import json
 import re
 import zlib
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -136,6 +140,8 @@ from broker.adapters.memory_ledger import (
     DueBacklog,
     activated,
     check_claim,
+    check_purge_limit,
+    check_purge_plan,
     check_rewrite,
     check_selector,
     check_write_ahead,
@@ -161,8 +167,15 @@ from broker.core.model import (
     TargetKind,
     WorkflowRun,
     check_id,
+    run_over_at,
 )
-from broker.core.ports import CheckResult, IdempotencyBinding, IssuanceLimits, LeaseSelector
+from broker.core.ports import (
+    CheckResult,
+    IdempotencyBinding,
+    IssuanceLimits,
+    LeaseSelector,
+    PurgePlan,
+)
 from broker.errors import (
     BadRequestError,
     ConflictError,
@@ -440,6 +453,29 @@ def _decode_quarantine(text: str) -> Quarantine:
         ) from exc
 
 
+def _unindex(pipe: Pipeline, keys: _Keys, lease: Lease) -> None:
+    """Queue the removal of ``lease`` from every index and due entry outside its run's keys
+    (its id → run pointer, the holder, owner and target sets, its due bucket's three keys)."""
+    cid = lease.credential_id
+    bucket = keys.bucket(cid)
+    due, in_flight, claimed = keys.due(bucket)
+    pipe.hdel(keys.creds(bucket), cid)
+    pipe.srem(keys.holder(lease.holder), cid)
+    pipe.srem(keys.owner(lease.owner), cid)
+    pipe.srem(keys.target(lease.target), cid)
+    pipe.zrem(due, cid)
+    pipe.zrem(in_flight, cid)
+    pipe.hdel(claimed, cid)
+
+
+def _purge_version(raw_run: str, raw_leases: dict[Any, Any]) -> str:
+    """A fingerprint of a run's stored text and its leases' (what a purge may delete)."""
+    digest = hashlib.sha256(raw_run.encode())
+    for cid in sorted(raw_leases):
+        digest.update(f"\n{cid}\t{raw_leases[cid]}".encode())
+    return digest.hexdigest()
+
+
 def _decode_lease(raw: str, credential_id: str, workflow_id: str, where: str) -> Lease:
     try:
         doc = json.loads(raw)
@@ -532,6 +568,7 @@ class _Keys:
         self.due_buckets = due_buckets
         self.meta = f"{namespace}:meta"
         self.holders = f"{namespace}:idx:holders"
+        self.run_ends = f"{namespace}:idx:run_ends"
 
     def run(self, workflow_id: str) -> str:
         return f"{self.ns}:{{wf:{workflow_id}}}:run"
@@ -814,6 +851,48 @@ return 0
 """,
 )
 
+# A new run and its entry in the retention index (score: its deadline, µs), or nothing when
+# the id is taken. KEYS: run, run ends; ARGV: the run, its deadline, its id.
+_CREATE_RUN = RedisScript(
+    "create_run",
+    """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+return 1
+""",
+)
+
+# Overwrite an existing run; when it ended, its index entry moves to when it ended if that is
+# earlier (LT; a run stored before the index existed gets its entry here). KEYS: run, run
+# ends; ARGV: the run, when it ended (µs) or '', its id.
+_SAVE_RUN = RedisScript(
+    "save_run",
+    """
+if not redis.call('SET', KEYS[1], ARGV[1], 'XX') then return 0 end
+if ARGV[2] ~= '' then redis.call('ZADD', KEYS[2], 'LT', ARGV[2], ARGV[3]) end
+return 1
+""",
+)
+
+# Retention: drop the index entry of a run that does not exist (KEYS: run, run ends; ARGV: its
+# id), and the holder from the holders index once its last lease is gone (KEYS: the holder's
+# set, holders; ARGV: the holder). Each checks and removes in one step, so a run or lease
+# written meanwhile keeps its entry.
+_FORGET_RUN_END = RedisScript(
+    "forget_run_end",
+    """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+return redis.call('ZREM', KEYS[2], ARGV[1])
+""",
+)
+_FORGET_HOLDER = RedisScript(
+    "forget_holder",
+    """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+return redis.call('ZREM', KEYS[2], ARGV[1])
+""",
+)
+
 _SCRIPTS: Final = (
     _WRITE_AHEAD,
     _CAS,
@@ -823,6 +902,10 @@ _SCRIPTS: Final = (
     _CLAIM,
     _DISCARD,
     _FORGET_IDEMPOTENCY,
+    _CREATE_RUN,
+    _SAVE_RUN,
+    _FORGET_RUN_END,
+    _FORGET_HOLDER,
 )
 
 
@@ -983,6 +1066,123 @@ class RedisLedger:  # satisfies core.ports.Ledger
         """Close the connection pool."""
         await self._redis.aclose()
 
+    # ---- retention
+
+    async def runs_over_before(self, cutoff: datetime, *, limit: int) -> list[str]:
+        """Up to ``limit`` run ids whose recorded end is at or before ``cutoff``, oldest
+        first (``ZRANGE BYSCORE`` on the run-ends index)."""
+        check_purge_limit(limit)
+        with _translated("runs_over_before"):
+            found = await self._redis.zrange(
+                self._keys.run_ends, 0, _micros(cutoff), byscore=True, offset=0, num=limit
+            )
+        return [str(run_id) for run_id in found]
+
+    async def index_runs(self, *, batch: int = 1000) -> int:
+        """Put each run stored before the retention index existed into it, at its recorded
+        end (``ZADD NX``: an entry already there stays), scanning the runs in bounded batches;
+        once per ledger (the meta hash records that it was done). How many it added."""
+        meta = self._keys.meta
+        with _translated("index_runs"):
+            if await self._redis.hget(meta, "runs_indexed") == "1":
+                return 0
+            added, cursor = 0, 0
+            pattern = f"{self._keys.ns}:{{wf:*}}:run"
+            while True:
+                cursor, found = await self._redis.scan(cursor, match=pattern, count=batch)
+                ends: dict[str, int] = {}
+                if found:
+                    for key, raw in zip(found, await self._redis.mget(found), strict=True):
+                        if raw is None:
+                            continue  # purged meanwhile
+                        run = _decode_run(str(raw), str(key))
+                        end = run.deadline
+                        if run.ended_at is not None and run.ended_at < end:
+                            end = run.ended_at
+                        ends[run.id] = _micros(end)
+                if ends:
+                    added += int(await self._redis.zadd(self._keys.run_ends, ends, nx=True) or 0)
+                if int(cursor) == 0:
+                    break
+            await self._redis.hset(meta, "runs_indexed", "1")
+        if added:
+            _log.info("ledger.runs_indexed", runs=added)
+        return added
+
+    async def plan_purge(self, workflow_id: str, *, cutoff: datetime) -> PurgePlan:
+        """Read the run and its leases in one round trip. Ready when everything of the run is
+        over by ``cutoff``; otherwise its index entry moves to when it will be; gone (its
+        index entry dropped) when there is no run."""
+        check_id(workflow_id, "workflow id")
+        keys = self._keys
+        run_key, leases_key = keys.run(workflow_id), keys.leases(workflow_id)
+
+        def build(pipe: Pipeline) -> None:
+            pipe.get(run_key)
+            pipe.hgetall(leases_key)
+
+        raw_run, raw_leases = await self._checked("plan_purge", build)
+        if raw_run is None:
+            await self._script(
+                "plan_purge", _FORGET_RUN_END, [run_key, keys.run_ends], [workflow_id]
+            )
+            return PurgePlan(workflow_id, None, None, ready=False)
+        run = _decode_run(str(raw_run), run_key)
+        leases = [
+            _decode_lease(str(raw), str(cid), workflow_id, leases_key)
+            for cid, raw in raw_leases.items()
+        ]
+        over = run_over_at(run, leases)
+        states = dict(Counter(lease.state.value for lease in leases))
+        if over > cutoff:
+            with _translated("plan_purge"):
+                await self._redis.zadd(keys.run_ends, {workflow_id: _micros(over)}, xx=True)
+            return PurgePlan(workflow_id, run, over, ready=False, lease_states=states)
+        return PurgePlan(
+            workflow_id,
+            run,
+            over,
+            ready=True,
+            lease_states=states,
+            version=_purge_version(str(raw_run), raw_leases),
+        )
+
+    async def purge(self, plan: PurgePlan) -> bool:
+        """Delete the run of a ready ``plan`` with its leases, tombstones and every index and
+        due entry of them in one MULTI/EXEC, watched: if the run or its leases changed since
+        they were read (compared with the plan's version), nothing is deleted. Then each of
+        its holders leaves the holders index if it holds nothing else."""
+        check_purge_plan(plan)
+        keys = self._keys
+        workflow_id = plan.workflow_id
+        run_key, leases_key = keys.run(workflow_id), keys.leases(workflow_id)
+        with _translated("purge"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(run_key, leases_key)
+                raw_run = await pipe.get(run_key)
+                raw_leases = await pipe.hgetall(leases_key)
+                if raw_run is None or _purge_version(str(raw_run), raw_leases) != plan.version:
+                    await pipe.unwatch()  # type: ignore[no-untyped-call]  # redis-py
+                    return False
+                leases = [
+                    _decode_lease(str(raw), str(cid), workflow_id, leases_key)
+                    for cid, raw in raw_leases.items()
+                ]
+                pipe.multi()  # type: ignore[no-untyped-call]  # redis-py
+                pipe.delete(run_key, leases_key, keys.tombstones(workflow_id))
+                pipe.zrem(keys.run_ends, workflow_id)
+                for lease in leases:
+                    _unindex(pipe, keys, lease)
+                try:
+                    await pipe.execute()
+                except redis.exceptions.WatchError:
+                    return False
+        for holder in sorted({lease.holder for lease in leases}):
+            await self._script(
+                "purge", _FORGET_HOLDER, [keys.holder(holder), keys.holders], [holder]
+            )
+        return True
+
     # ---- locks
 
     async def try_lock(self, name: str, owner: str, *, ttl: timedelta) -> bool:
@@ -1126,9 +1326,9 @@ class RedisLedger:  # satisfies core.ports.Ledger
     async def create_run(self, run: WorkflowRun) -> bool:
         """Store a new run; False if the id is taken."""
         check_id(run.id, "workflow id")
-        with _translated("create_run"):
-            created = await self._redis.set(self._keys.run(run.id), _encode_run(run), nx=True)
-        return bool(created)
+        keys = [self._keys.run(run.id), self._keys.run_ends]
+        args: list[str | int] = [_encode_run(run), _micros(run.deadline), run.id]
+        return bool(await self._script("create_run", _CREATE_RUN, keys, args))
 
     async def get_run(self, workflow_id: str) -> WorkflowRun | None:
         """The run, or None."""
@@ -1141,8 +1341,9 @@ class RedisLedger:  # satisfies core.ports.Ledger
     async def save_run(self, run: WorkflowRun) -> None:
         """Overwrite an existing run (:class:`NotFoundError` if there is none)."""
         check_id(run.id, "workflow id")
-        with _translated("save_run"):
-            saved = await self._redis.set(self._keys.run(run.id), _encode_run(run), xx=True)
+        keys = [self._keys.run(run.id), self._keys.run_ends]
+        ended = "" if run.ended_at is None else _micros(run.ended_at)
+        saved = await self._script("save_run", _SAVE_RUN, keys, [_encode_run(run), ended, run.id])
         if not saved:
             raise NotFoundError(
                 f"no workflow run {run.id!r} to update", reason="workflow.not_found"
@@ -1303,19 +1504,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
         args: list[str | int] = [cid, expected, "", _live_minute(lease)]
         if await self._script("discard", _DISCARD, [keys.leases(wid), *live], args) != 1:
             return False
-        bucket = keys.bucket(cid)
-        due, in_flight, claimed = keys.due(bucket)
-
-        def build(pipe: Pipeline) -> None:
-            pipe.hdel(keys.creds(bucket), cid)
-            pipe.srem(keys.holder(lease.holder), cid)
-            pipe.srem(keys.owner(lease.owner), cid)
-            pipe.srem(keys.target(lease.target), cid)
-            pipe.zrem(due, cid)
-            pipe.zrem(in_flight, cid)
-            pipe.hdel(claimed, cid)
-
-        await self._checked("discard", build, transaction=True)
+        await self._checked("discard", lambda pipe: _unindex(pipe, keys, lease), transaction=True)
         return True
 
     async def activate(

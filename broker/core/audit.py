@@ -37,6 +37,7 @@ class EventType(StrEnum):
     AGENT_SIDE_EFFECT = "agent.side_effect"
     REVOCATION_FORCED = "revocation.forced"
     QUARANTINE_CHANGED = "quarantine.changed"
+    WORKFLOW_PURGED = "workflow.purged"
 
 
 class Payload:
@@ -223,6 +224,20 @@ class QuarantineChanged(Payload):
     value: str
     reason: str = ""
     expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowPurged(Payload):
+    """The ledger deletes a run that is over, with its leases (``leases``, by state), past
+    its retention; recorded before the deletion, so no record leaves the ledger unaccounted
+    (a purge that finds the run changed records it again when it next tries)."""
+
+    TYPE: ClassVar[EventType] = EventType.WORKFLOW_PURGED
+    state: str
+    over_at: datetime
+    retention_days: int
+    leases: int = 0
+    lease_states: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

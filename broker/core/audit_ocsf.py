@@ -53,6 +53,7 @@ _MAPPING: Final[dict[str, tuple[tuple[int, str, int, str], int, str]]] = {
     EventType.IDENTITY_REJECTED: (_AUTHENTICATION, 1, "Logon"),
     EventType.WORKFLOW_STARTED: (_API_ACTIVITY, 1, "Create"),
     EventType.WORKFLOW_COMPLETED: (_API_ACTIVITY, 3, "Update"),
+    EventType.WORKFLOW_PURGED: (_API_ACTIVITY, 4, "Delete"),
     EventType.AGENT_TOOL_CALL: (_API_ACTIVITY, 99, "Tool Call"),
     EventType.AGENT_SIDE_EFFECT: (_API_ACTIVITY, 99, "Side Effect"),
 }

@@ -158,6 +158,12 @@ def _story_line(record: Mapping[str, Any]) -> str | None:
         )
     if kind == EventType.IDENTITY_REJECTED:
         return f"identity rejected: {_text(payload.get('reason'), 80)}"
+    if kind == EventType.WORKFLOW_PURGED:
+        return (
+            f"run purged from the ledger by {actor}: over since "
+            f"{_text(payload.get('over_at'), 40)}, kept {payload.get('retention_days')} day(s); "
+            f"{payload.get('leases', 0)} lease record(s) deleted (history stays here)"
+        )
     return None
 
 

@@ -350,6 +350,18 @@ class Lease:
         return self.state not in (LeaseState.REVOKED,)
 
 
+def run_over_at(run: WorkflowRun, leases: Iterable[Lease]) -> datetime:
+    """When everything of ``run`` is over: it ended (or reached its deadline) and every
+    credential issued in it expired, whatever its ledger state (OpenBao enforces the TTL of a
+    task token whether or not its revocation was ever confirmed)."""
+    over = run.deadline
+    if run.ended_at is not None and run.ended_at < over:
+        over = run.ended_at
+    for lease in leases:
+        over = max(over, lease.expires_at)
+    return over
+
+
 def credential_ttl(
     *,
     requested: timedelta,

@@ -380,6 +380,60 @@ class Locks(Protocol):
         ...
 
 
+# --------------------------------------------------------------------------- retention
+
+
+@dataclass(frozen=True, slots=True)
+class PurgePlan:
+    """What a ledger found of one run whose end is past a retention cutoff
+    (:meth:`RunRetention.plan_purge`).
+
+    ``over_at``: when everything of the run ended (:func:`~broker.core.model.run_over_at`);
+    None when the run is gone (its index entry was dropped). ``ready``: ``over_at`` is at or
+    before the cutoff, so :meth:`RunRetention.purge` may delete it (otherwise the run was put
+    back in the index at ``over_at``). ``version``: the ledger's fingerprint of what it read;
+    the purge deletes only that."""
+
+    workflow_id: str
+    run: WorkflowRun | None
+    over_at: datetime | None
+    ready: bool
+    lease_states: Mapping[str, int] = field(default_factory=dict)
+    version: str = ""
+
+    @property
+    def leases(self) -> int:
+        """How many lease records the run holds."""
+        return sum(self.lease_states.values())
+
+
+class RunRetention(Protocol):
+    """Deleting ended runs, with their leases and index entries, once they are past a retention
+    cutoff (the ledger implements it). The audit trail keeps their history; the ledger keeps
+    what is live, so Redis (``noeviction``) does not grow with every run ever started."""
+
+    async def runs_over_before(self, cutoff: datetime, *, limit: int) -> list[str]:
+        """Up to ``limit`` run ids whose recorded end is at or before ``cutoff``, oldest first
+        (a run's recorded end is its deadline until it ends earlier)."""
+        ...
+
+    async def index_runs(self, *, batch: int = 1000) -> int:
+        """Index the runs stored before the ledger kept a retention index (once per ledger);
+        how many it added."""
+        ...
+
+    async def plan_purge(self, workflow_id: str, *, cutoff: datetime) -> PurgePlan:
+        """Read the run and its leases: ready to purge, or not yet (then its index entry
+        moves to when it will be), or gone."""
+        ...
+
+    async def purge(self, plan: PurgePlan) -> bool:
+        """Atomically delete the run of a ready ``plan``, its leases, tombstones and every
+        index entry of them, if nothing of it changed since the plan; False (nothing deleted)
+        when something did."""
+        ...
+
+
 # --------------------------------------------------------------------------- continuous authz
 
 _MARKER_WRITER_LIMIT = 200

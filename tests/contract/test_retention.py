@@ -1,0 +1,253 @@
+"""Run retention, as a contract: ended runs leave the ledger with their leases, tombstones and
+index entries once everything of them is over by the cutoff; nothing that changed since it was
+read is deleted. Every test runs against InMemoryLedger and RedisLedger on the real Redis of
+the local stack (the ``ledgers`` fixture of conftest.py); the last ones read Redis itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from typing import Protocol
+
+import pytest
+
+from broker.adapters.memory_ledger import InMemoryLedger
+from broker.adapters.redis_ledger import RedisLedger
+from broker.core.model import LeaseState, RunState
+from broker.core.ports import LeaseSelector, Ledger, RunRetention
+from broker.errors import BadRequestError
+from tests.contract.conftest import Ledgers
+from tests.contract.test_ledger import AGENT, NOW, make_lease, make_run
+
+HOUR = timedelta(hours=1)
+DEADLINE = NOW + 2 * HOUR  # make_run's
+
+
+class RetainingLedger(Ledger, RunRetention, Protocol):
+    """Both ledgers implement both ports."""
+
+
+@pytest.fixture
+def ledger(ledgers: Ledgers) -> RetainingLedger:
+    opened = ledgers.new()
+    assert isinstance(opened, InMemoryLedger | RedisLedger)
+    return opened
+
+
+async def _run_with_leases(
+    ledger: RetainingLedger, workflow_id: str, *credential_ids: str, holder: str = AGENT
+) -> None:
+    await ledger.create_run(make_run(workflow_id))
+    for cid in credential_ids:
+        await ledger.write_ahead(make_lease(cid, workflow_id=workflow_id, holder=holder))
+        await ledger.activate(cid, token_accessor=f"acc-{cid}", vault_lease_ids=())
+
+
+async def test_a_run_is_listed_once_its_deadline_is_at_or_before_the_cutoff(
+    ledger: RetainingLedger,
+) -> None:
+    await ledger.create_run(make_run("wf-late", deadline=NOW + 3 * HOUR))
+    await ledger.create_run(make_run("wf-early"))
+
+    assert await ledger.runs_over_before(DEADLINE - timedelta(microseconds=1), limit=10) == []
+    assert await ledger.runs_over_before(DEADLINE, limit=10) == ["wf-early"]
+    assert await ledger.runs_over_before(NOW + 3 * HOUR, limit=10) == ["wf-early", "wf-late"]
+    assert await ledger.runs_over_before(NOW + 3 * HOUR, limit=1) == ["wf-early"]
+
+
+async def test_a_run_that_ends_early_is_listed_from_when_it_ended(ledger: RetainingLedger) -> None:
+    await ledger.create_run(make_run())
+    ended = NOW + timedelta(minutes=10)
+    await ledger.save_run(make_run(state=RunState.COMPLETED, ended_at=ended))
+
+    assert await ledger.runs_over_before(ended, limit=10) == ["wf-1"]
+
+
+async def test_a_run_whose_credential_outlives_its_end_is_put_back_until_it_expired(
+    ledger: RetainingLedger,
+) -> None:
+    await _run_with_leases(ledger, "wf-1", "cred_a")
+    ended = NOW + timedelta(minutes=5)  # the lease expires at NOW + 15 min
+    await ledger.save_run(make_run(state=RunState.COMPLETED, ended_at=ended))
+
+    plan = await ledger.plan_purge("wf-1", cutoff=ended)
+
+    assert not plan.ready
+    assert NOW + timedelta(minutes=15) == plan.over_at
+    assert await ledger.runs_over_before(ended, limit=10) == []
+    assert await ledger.runs_over_before(NOW + timedelta(minutes=15), limit=10) == ["wf-1"]
+    assert await ledger.get_run("wf-1") is not None
+
+
+async def test_purging_a_ready_run_removes_it_its_leases_and_their_index_entries(
+    ledger: RetainingLedger,
+) -> None:
+    await _run_with_leases(ledger, "wf-1", "cred_a", "cred_b")
+    await _run_with_leases(ledger, "wf-2", "cred_c")
+    active = await ledger.get_lease("cred_a")
+    assert active is not None
+    revoked = dataclasses.replace(
+        active,
+        state=LeaseState.REVOKED,
+        revoked_at=NOW + HOUR,
+        revoke_reason="workflow_completed",
+    )
+    await ledger.save_lease(revoked)
+    await ledger.tombstone_task("wf-1", "task-1", until=NOW + HOUR)
+    await ledger.schedule("cred_b", NOW + timedelta(minutes=15))
+
+    plan = await ledger.plan_purge("wf-1", cutoff=DEADLINE)
+    assert plan.ready
+    assert plan.lease_states == {"revoked": 1, "active": 1}
+    assert plan.leases == 2
+    assert await ledger.purge(plan) is True
+
+    assert await ledger.get_run("wf-1") is None
+    assert await ledger.get_lease("cred_a") is None
+    assert await ledger.get_lease("cred_b") is None
+    assert await ledger.find_leases(LeaseSelector(workflow_id="wf-1")) == []
+    for selector in (
+        LeaseSelector(holder=AGENT),
+        LeaseSelector(owner="alice@example.com"),
+        LeaseSelector(target="db-orders"),
+        LeaseSelector(everything=True),
+    ):
+        assert [lease.credential_id for lease in await ledger.find_leases(selector)] == [
+            "cred_c"
+        ], selector
+    # Its due entry is gone too: only the other run's lease is ever claimed.
+    await ledger.schedule("cred_c", NOW)
+    assert await ledger.claim_due(NOW + 10 * HOUR, limit=10, visibility=timedelta(seconds=30)) == [
+        "cred_c"
+    ]
+    assert "wf-1" not in await ledger.runs_over_before(NOW + 10 * HOUR, limit=10)
+    # The other run is untouched, and the id may be used again.
+    assert await ledger.get_run("wf-2") is not None
+    assert await ledger.create_run(make_run("wf-1")) is True
+
+
+async def test_a_run_changed_since_its_plan_is_not_purged(ledger: RetainingLedger) -> None:
+    await _run_with_leases(ledger, "wf-1", "cred_a")
+    plan = await ledger.plan_purge("wf-1", cutoff=DEADLINE)
+    assert plan.ready
+    active = await ledger.get_lease("cred_a")
+    assert active is not None
+    await ledger.save_lease(
+        dataclasses.replace(active, state=LeaseState.REVOKED, revoked_at=DEADLINE)
+    )
+
+    assert await ledger.purge(plan) is False
+    assert await ledger.get_run("wf-1") is not None
+    assert (await ledger.get_lease("cred_a")).state == LeaseState.REVOKED  # type: ignore[union-attr]
+    # Planned again, it goes.
+    assert await ledger.purge(await ledger.plan_purge("wf-1", cutoff=DEADLINE)) is True
+
+
+async def test_a_run_purged_by_another_replica_is_not_purged_twice(
+    ledgers: Ledgers, ledger: RetainingLedger
+) -> None:
+    other: RetainingLedger = ledgers.twin(ledger)  # type: ignore[assignment]
+    await _run_with_leases(ledger, "wf-1", "cred_a")
+    mine = await ledger.plan_purge("wf-1", cutoff=DEADLINE)
+    theirs = await other.plan_purge("wf-1", cutoff=DEADLINE)
+
+    assert await other.purge(theirs) is True
+    assert await ledger.purge(mine) is False
+
+
+async def test_a_gone_run_is_dropped_from_the_index(ledger: RetainingLedger) -> None:
+    plan = await ledger.plan_purge("wf-nowhere", cutoff=DEADLINE)
+
+    assert plan.run is None
+    assert plan.over_at is None
+    assert not plan.ready
+    with pytest.raises(ValueError, match="not ready"):
+        await ledger.purge(plan)
+
+
+async def test_a_run_that_is_not_over_cannot_be_purged(ledger: RetainingLedger) -> None:
+    await _run_with_leases(ledger, "wf-1", "cred_a")
+    plan = await ledger.plan_purge("wf-1", cutoff=NOW)
+
+    assert not plan.ready
+    with pytest.raises(ValueError, match="not ready"):
+        await ledger.purge(plan)
+    assert await ledger.get_lease("cred_a") is not None
+
+
+@pytest.mark.parametrize("limit", [0, -1, 10_001])
+async def test_a_pass_takes_a_bounded_number_of_runs(ledger: RetainingLedger, limit: int) -> None:
+    with pytest.raises(BadRequestError):
+        await ledger.runs_over_before(NOW, limit=limit)
+
+
+# --------------------------------------------------------------------------- Redis itself
+
+
+@pytest.mark.parametrize("ledgers", ["redis"], indirect=True)
+async def test_nothing_of_a_purged_run_stays_in_redis(ledger: RetainingLedger) -> None:
+    assert isinstance(ledger, RedisLedger)
+    other_holder = f"{AGENT}-solo"
+    await _run_with_leases(ledger, "wf-1", "cred_a", "cred_b")
+    await _run_with_leases(ledger, "wf-1b", "cred_keep")  # same holder, another run
+    await ledger.write_ahead(make_lease("cred_solo", workflow_id="wf-1", holder=other_holder))
+    await ledger.tombstone_task("wf-1", "task-1", until=NOW + HOUR)
+    redis = ledger.client
+    namespace = ledger.namespace
+
+    assert await ledger.purge(await ledger.plan_purge("wf-1", cutoff=DEADLINE)) is True
+
+    leftovers = []
+    async for key in redis.scan_iter(match=f"{namespace}:*", count=1000):
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        if f":live:{other_holder}" in name or f":rate:{other_holder}" in name:
+            # Limits' bookkeeping of the holder, not of the run: Redis drops it by itself.
+            assert await redis.pttl(name) > 0, name
+            continue
+        if "wf-1}" in name or other_holder in name:
+            leftovers.append(name)
+            continue
+        kind = await redis.type(name)
+        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+        if kind == "hash":
+            members = [*(await redis.hkeys(name)), *(await redis.hvals(name))]
+        elif kind == "set":
+            members = list(await redis.smembers(name))
+        elif kind == "zset":
+            members = [str(member) for member in await redis.zrange(name, 0, -1)]
+        else:
+            members = []
+        for member in members:
+            text = member.decode() if isinstance(member, bytes) else str(member)
+            if any(gone in text for gone in ("cred_a", "cred_b", "cred_solo", other_holder)):
+                leftovers.append(f"{name}: {text[:80]}")
+            if text == "wf-1":
+                leftovers.append(f"{name}: {text}")
+    assert leftovers == []
+    # The holder that still holds a lease elsewhere stays findable by prefix.
+    found = await ledger.find_leases(LeaseSelector(holder_prefix=AGENT))
+    assert [lease.credential_id for lease in found] == ["cred_keep"]
+
+
+@pytest.mark.parametrize("ledgers", ["redis"], indirect=True)
+async def test_runs_stored_before_the_index_existed_are_indexed_once(
+    ledger: RetainingLedger,
+) -> None:
+    assert isinstance(ledger, RedisLedger)
+    await ledger.create_run(make_run("wf-old"))
+    await ledger.create_run(make_run("wf-ended"))
+    await ledger.save_run(
+        make_run("wf-ended", state=RunState.COMPLETED, ended_at=NOW + timedelta(minutes=1))
+    )
+    await ledger.create_run(make_run("wf-new", deadline=NOW + 3 * HOUR))
+    # As a broker from before the index left them: no entries (the new one keeps its own).
+    await ledger.client.zrem(f"{ledger.namespace}:idx:run_ends", "wf-old", "wf-ended")
+
+    assert await ledger.index_runs(batch=1) == 2
+    assert await ledger.index_runs() == 0  # done once per ledger
+    assert await ledger.runs_over_before(NOW + 3 * HOUR, limit=10) == [
+        "wf-ended",
+        "wf-old",
+        "wf-new",
+    ]
