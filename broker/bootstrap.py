@@ -36,7 +36,7 @@ from broker.adapters.bundle_sources import (
 )
 from broker.adapters.clock import SystemClock
 from broker.adapters.kinds import all_kinds
-from broker.adapters.metrics_sources import register_metrics_sources
+from broker.adapters.metrics_sources import RetentionCollector, register_metrics_sources
 from broker.adapters.oidc_jwks import OidcJwksSource
 from broker.adapters.redis_approvals import RedisApprovalStore
 from broker.adapters.redis_ledger import RedisLedger, RedisReadiness
@@ -659,6 +659,7 @@ async def build_runtime(
             retention=timedelta(days=settings.ledger.retention_days),
             batch=settings.ledger.purge_batch,
         )
+        metrics.registry.register(RetentionCollector(retention))
         runtime.start_background(
             retention.run(interval=timedelta(seconds=settings.ledger.purge_interval_seconds))
         )

@@ -74,6 +74,10 @@ class RunRetentionJob:
         self._lock_ttl = lock_ttl
         self._owner = f"retention-{secrets.token_hex(8)}"
         self._indexed = False
+        # This process's totals (``tasklease_ledger_purged_total``, ``…_purge_failures_total``).
+        self.runs_purged = 0
+        self.leases_purged = 0
+        self.failures = 0
 
     async def purge_pass(self) -> RetentionReport:
         """One pass, if this replica gets the lock."""
@@ -116,6 +120,9 @@ class RunRetentionJob:
                     error=exc.code,
                     reason=exc.reason,
                 )
+        self.runs_purged += purged
+        self.leases_purged += leases
+        self.failures += failed
         return RetentionReport(
             ran=True,
             examined=examined,
@@ -161,7 +168,9 @@ class RunRetentionJob:
                         failed=report.failed,
                     )
             except TaskleaseError as exc:
+                self.failures += 1
                 _log.error("retention.pass_failed", reason=exc.reason, detail=exc.detail)
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one pass
+                self.failures += 1
                 _log.error("retention.pass_crashed", error=type(exc).__name__)
             await asyncio.sleep(interval.total_seconds())

@@ -125,6 +125,49 @@ class SweeperCollector(Collector):
         yield family
 
 
+class RetentionTotals(Protocol):
+    """What the run retention job (``broker.retention``) has done in this process."""
+
+    runs_purged: int
+    leases_purged: int
+    failures: int
+
+
+class RetentionCollector(Collector):
+    """Run retention of this process: records purged, and runs it could not purge."""
+
+    def __init__(self, job: RetentionTotals) -> None:
+        self._job = job
+
+    def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "tasklease_ledger_purged",
+                "Records this process deleted from the ledger after their run's retention, by "
+                "record (run, lease)",
+                labels=["record"],
+            ),
+            CounterMetricFamily(
+                "tasklease_ledger_purge_failures",
+                "Runs this process could not purge in a pass (ledger or audit trail "
+                "unavailable, a record it could not read), and passes that failed",
+            ),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        """The metric names."""
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        """The job's own counts."""
+        purged, failures = self._families()
+        purged.add_metric(["run"], self._job.runs_purged)
+        purged.add_metric(["lease"], self._job.leases_purged)
+        failures.add_metric([], self._job.failures)
+        yield purged
+        yield failures
+
+
 class WebhookCollector(Collector):
     """Approval webhook deliveries handled by this process, by outcome."""
 

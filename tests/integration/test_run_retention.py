@@ -31,6 +31,7 @@ from broker.core.model import (
 from broker.devstack import DevStack
 from tests.integration.clients import DEMO_ORCHESTRATOR, StartBroker, call, client_context
 from tests.integration.clients import workload_id as _workload_id
+from tests.integration.test_metrics import scrape, value
 
 pytestmark = pytest.mark.stack
 
@@ -113,5 +114,8 @@ async def test_a_broker_purges_a_run_over_for_longer_than_its_retention(
         assert event["payload"]["lease_states"] == {"revoked": 1}
         assert event["payload"]["retention_days"] == 1
         assert datetime.fromisoformat(event["payload"]["over_at"]) == wall - 3 * DAY
+        _, samples = await scrape(broker, admin)
+        assert value(samples, "tasklease_ledger_purged_total", record="run") >= 1
+        assert value(samples, "tasklease_ledger_purged_total", record="lease") >= 1
     finally:
         await ledger.close()

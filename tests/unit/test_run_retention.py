@@ -11,10 +11,12 @@ import pytest
 
 from broker.adapters.memory_audit import MemoryAuditTrail
 from broker.adapters.memory_ledger import InMemoryLedger
+from broker.adapters.metrics_sources import RetentionCollector
 from broker.core.audit import AuditEvent, EventType, WorkflowPurged
 from broker.core.model import LeaseState, RunState
 from broker.core.ports import PurgePlan
 from broker.errors import LedgerUnavailableError
+from broker.metrics import BrokerMetrics
 from broker.retention import RunRetentionJob
 from tests.contract.test_ledger import make_lease, make_run
 
@@ -211,3 +213,24 @@ def test_the_retention_is_at_least_a_day() -> None:
             actor=BROKER,
             retention=timedelta(hours=23),
         )
+
+
+async def test_the_metrics_count_what_this_process_purged_and_could_not() -> None:
+    world = World()
+    metrics = BrokerMetrics()
+    metrics.registry.register(RetentionCollector(world.job))
+    await world.run_with_a_revoked_lease("wf-1", "cred_a")
+    await world.run_with_a_revoked_lease("wf-2", "cred_b")
+    await world.ledger.write_ahead(make_lease("cred_c", workflow_id="wf-2"))
+    world.clock.current = NOW + 40 * timedelta(days=1)
+    world.audit.fail = True
+    await world.job.purge_pass()
+    world.audit.fail = False
+    await world.job.purge_pass()
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert sample("tasklease_ledger_purged_total", record="run") == 2
+    assert sample("tasklease_ledger_purged_total", record="lease") == 3
+    assert sample("tasklease_ledger_purge_failures_total") == 2
