@@ -119,6 +119,7 @@ the operation and the exception type or Redis error code, never the URL or the p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import heapq
@@ -226,6 +227,10 @@ _SCAN_BATCH = 500
 _RETURN_CAP = 1000
 # Compare-and-set retries when a lease changes between our read and our write.
 _CAS_ATTEMPTS = 8
+# Pauses before each new attempt at an activation whose connection was cut (seconds; about a
+# second in all, then the last attempt's failure stands).
+ACTIVATION_RETRY_DELAYS: Final = (0.0, 0.1, 0.3, 0.6)
+_pause = asyncio.sleep  # replaced in tests
 # Peek-and-claim rounds of one claim_due when other claimers took chosen items first.
 _CLAIM_ROUNDS = 3
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -1595,17 +1600,26 @@ class RedisLedger:  # satisfies core.ports.Ledger
 
     async def _activate_once_more_if_cut(self, build: Callable[[Pipeline], object]) -> list[Any]:
         """Run the activation; if the connection was cut (Redis restarted or failed over since
-        the write-ahead, and the pool still held a dead connection) run it once more on a
-        fresh one. Safe: the script is a compare-and-set, so a second run after a first that
-        did land answers ``stale`` and the lease is read back; the barrier then covers the
-        new connection's write."""
-        try:
-            return await self._pipeline("activate", build)
-        except LedgerUnavailableError as exc:
-            if exc.reason != "ledger.unreachable":
-                raise
-            _log.warning("ledger.activation_retried", reason=exc.reason, detail=exc.detail)
-            return await self._pipeline("activate", build)
+        the write-ahead, and the pool still held a dead connection, or the server is not
+        answering yet) run it again on a fresh one, a few times over about a second
+        (``ACTIVATION_RETRY_DELAYS``): a credential minted already is revoked if it cannot be
+        recorded, so a short outage is worth waiting out. Safe: the script is a
+        compare-and-set, so a run after one that did land answers ``stale`` and the lease is
+        read back; the barrier then covers the new connection's write."""
+        for delay in ACTIVATION_RETRY_DELAYS:
+            try:
+                return await self._pipeline("activate", build)
+            except LedgerUnavailableError as exc:
+                if exc.reason != "ledger.unreachable":
+                    raise
+                _log.warning(
+                    "ledger.activation_retried",
+                    reason=exc.reason,
+                    detail=exc.detail,
+                    in_seconds=delay,
+                )
+            await _pause(delay)
+        return await self._pipeline("activate", build)
 
     def _activation(self, keys: list[str], args: list[str | int]) -> Callable[[Pipeline], None]:
         """The activate script and, on the same connection, the durability barrier."""
