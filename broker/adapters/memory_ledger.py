@@ -62,10 +62,12 @@ def check_purge_limit(limit: int) -> None:
         )
 
 
-def check_purge_plan(plan: PurgePlan) -> None:
-    """Raise :class:`ValueError` for a plan that is not ready (nothing may be purged on it)."""
+def check_purge_plan(plan: PurgePlan) -> WorkflowRun:
+    """The run of a ready plan; :class:`ValueError` for a plan that is not ready (nothing may
+    be purged on it)."""
     if not plan.ready or plan.run is None or not plan.version:
         raise ValueError(f"run {plan.workflow_id!r} is not ready to purge")
+    return plan.run
 
 
 def check_selector(selector: LeaseSelector, limit: int) -> None:

@@ -127,7 +127,14 @@ import json
 import re
 import zlib
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -231,6 +238,8 @@ _CAS_ATTEMPTS = 8
 # second in all, then the last attempt's failure stands).
 ACTIVATION_RETRY_DELAYS: Final = (0.0, 0.1, 0.3, 0.6)
 _pause = asyncio.sleep  # replaced in tests
+# Lease records a purge reads, and deletes in one MULTI/EXEC, at a time.
+PURGE_PAGE: Final = 500
 # Peek-and-claim rounds of one claim_due when other claimers took chosen items first.
 _CLAIM_ROUNDS = 3
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -473,12 +482,27 @@ def _unindex(pipe: Pipeline, keys: _Keys, lease: Lease) -> None:
     pipe.hdel(claimed, cid)
 
 
-def _purge_version(raw_run: str, raw_leases: dict[Any, Any]) -> str:
-    """A fingerprint of a run's stored text and its leases' (what a purge may delete)."""
-    digest = hashlib.sha256(raw_run.encode())
-    for cid in sorted(raw_leases):
-        digest.update(f"\n{cid}\t{raw_leases[cid]}".encode())
-    return digest.hexdigest()
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _LeasesDigest:
+    """An order-free fingerprint of lease records ``(id, text)``, added a page at a time: how
+    many, and the XOR of their SHA-256 (a scan's pages come in no particular order)."""
+
+    def __init__(self, records: Iterable[tuple[str, str]] = ()) -> None:
+        self._count, self._folded = 0, 0
+        self.add(records)
+
+    def add(self, records: Iterable[tuple[str, str]]) -> None:
+        for cid, raw in records:
+            self._count += 1
+            digest = hashlib.sha256(f"{cid}\t{raw}".encode()).digest()
+            self._folded ^= int.from_bytes(digest, "big")
+
+    @property
+    def value(self) -> str:
+        return f"{self._count}-{self._folded:064x}"
 
 
 def _decode_lease(raw: str, credential_id: str, workflow_id: str, where: str) -> Lease:
@@ -1115,30 +1139,22 @@ class RedisLedger:  # satisfies core.ports.Ledger
         return added
 
     async def plan_purge(self, workflow_id: str, *, cutoff: datetime) -> PurgePlan:
-        """Read the run and its leases in one round trip. Ready when everything of the run is
-        over by ``cutoff``; otherwise its index entry moves to when it will be; gone (its
-        index entry dropped) when there is no run."""
+        """Read the run, then its leases in pages (``HSCAN``: a large run is never read at
+        once). Ready when everything of the run is over by ``cutoff``; otherwise its index
+        entry moves to when it will be; gone (its index entry dropped) when there is no run.
+        The version is a digest of the run's text and of its leases' (order-free)."""
         check_id(workflow_id, "workflow id")
         keys = self._keys
-        run_key, leases_key = keys.run(workflow_id), keys.leases(workflow_id)
-
-        def build(pipe: Pipeline) -> None:
-            pipe.get(run_key)
-            pipe.hgetall(leases_key)
-
-        raw_run, raw_leases = await self._checked("plan_purge", build)
+        run_key = keys.run(workflow_id)
+        with _translated("plan_purge"):
+            raw_run = await self._redis.get(run_key)
         if raw_run is None:
             await self._script(
                 "plan_purge", _FORGET_RUN_END, [run_key, keys.run_ends], [workflow_id]
             )
             return PurgePlan(workflow_id, None, None, ready=False)
         run = _decode_run(str(raw_run), run_key)
-        leases = [
-            _decode_lease(str(raw), str(cid), workflow_id, leases_key)
-            for cid, raw in raw_leases.items()
-        ]
-        over = run_over_at(run, leases)
-        states = dict(Counter(lease.state.value for lease in leases))
+        over, states, digest = await self._survey(run)
         if over > cutoff:
             with _translated("plan_purge"):
                 await self._redis.zadd(keys.run_ends, {workflow_id: _micros(over)}, xx=True)
@@ -1149,28 +1165,56 @@ class RedisLedger:  # satisfies core.ports.Ledger
             over,
             ready=True,
             lease_states=states,
-            version=_purge_version(str(raw_run), raw_leases),
+            version=f"{_digest(str(raw_run))}:{digest}",
         )
 
     async def purge(self, plan: PurgePlan) -> bool:
         """Delete the run of a ready ``plan`` with its leases, tombstones and every index and
-        due entry of them in one MULTI/EXEC, watched: if the run or its leases changed since
-        they were read (compared with the plan's version), nothing is deleted. Then each of
-        its holders leaves the holders index if it holds nothing else."""
-        check_purge_plan(plan)
+        due entry of them, if neither the run nor its leases changed since the plan (read
+        again and compared with its version); False, and nothing deleted, when they did.
+
+        Up to ``PURGE_PAGE`` leases this is one MULTI/EXEC under WATCH of the run and its
+        leases. A larger run is deleted a page of leases per MULTI/EXEC (so neither the broker
+        nor Redis holds or blocks on all of it at once), then the run under WATCH once no lease
+        is left: a run that is over takes no new lease (its write-ahead is refused), so what
+        the comparison saw is what goes. Then each holder leaves the holders index if it holds
+        nothing else."""
+        run = check_purge_plan(plan)
         keys = self._keys
         workflow_id = plan.workflow_id
         run_key, leases_key = keys.run(workflow_id), keys.leases(workflow_id)
+        planned_run, planned_leases = plan.version.split(":")
+        holders: set[str] = set()
         with _translated("purge"):
+            if plan.leases > PURGE_PAGE:
+                raw_run = await self._redis.get(run_key)
+                if raw_run is None or _digest(str(raw_run)) != planned_run:
+                    return False
+                if (await self._survey(run))[2] != planned_leases:
+                    return False
+                async for page in self._lease_pages(workflow_id):
+                    leases = [_decode_lease(raw, cid, workflow_id, leases_key) for cid, raw in page]
+                    async with self._redis.pipeline(transaction=True) as pipe:
+                        pipe.hdel(leases_key, *(lease.credential_id for lease in leases))
+                        for lease in leases:
+                            _unindex(pipe, keys, lease)
+                        await pipe.execute()
+                    holders.update(lease.holder for lease in leases)
             async with self._redis.pipeline(transaction=True) as pipe:
                 await pipe.watch(run_key, leases_key)
                 raw_run = await pipe.get(run_key)
-                raw_leases = await pipe.hgetall(leases_key)
-                if raw_run is None or _purge_version(str(raw_run), raw_leases) != plan.version:
+                raw_leases = {
+                    str(cid): str(raw) for cid, raw in (await pipe.hgetall(leases_key)).items()
+                }
+                if (
+                    raw_run is None
+                    or _digest(str(raw_run)) != planned_run
+                    or (raw_leases and _LeasesDigest(raw_leases.items()).value != planned_leases)
+                ):
                     await pipe.unwatch()  # type: ignore[no-untyped-call]  # redis-py
                     return False
                 leases = [
-                    _decode_lease(str(raw), str(cid), workflow_id, leases_key)
+                    _decode_lease(raw, cid, workflow_id, leases_key)
                     for cid, raw in raw_leases.items()
                 ]
                 pipe.multi()  # type: ignore[no-untyped-call]  # redis-py
@@ -1182,11 +1226,45 @@ class RedisLedger:  # satisfies core.ports.Ledger
                     await pipe.execute()
                 except redis.exceptions.WatchError:
                     return False
-        for holder in sorted({lease.holder for lease in leases}):
+            holders.update(lease.holder for lease in leases)
+        for holder in sorted(holders):
             await self._script(
                 "purge", _FORGET_HOLDER, [keys.holder(holder), keys.holders], [holder]
             )
         return True
+
+    async def _lease_pages(self, workflow_id: str) -> AsyncIterator[list[tuple[str, str]]]:
+        """The run's lease records, ``(id, text)``, a page (about ``PURGE_PAGE``) at a time,
+        each once (``HSCAN`` may repeat one)."""
+        key = self._keys.leases(workflow_id)
+        seen: set[str] = set()
+        cursor = 0
+        while True:
+            with _translated("purge"):
+                cursor, found = await self._redis.hscan(key, cursor, count=PURGE_PAGE)
+            page = [
+                (str(cid), str(raw))
+                for cid, raw in dict(found).items()  # type: ignore[arg-type]  # redis-py
+                if str(cid) not in seen
+            ]
+            seen.update(cid for cid, _ in page)
+            if page:
+                yield page
+            if int(cursor) == 0:
+                return
+
+    async def _survey(self, run: WorkflowRun) -> tuple[datetime, dict[str, int], str]:
+        """When everything of ``run`` is over, its leases by state, and their digest."""
+        over = run_over_at(run, ())
+        states: Counter[str] = Counter()
+        digest = _LeasesDigest()
+        key = self._keys.leases(run.id)
+        async for page in self._lease_pages(run.id):
+            leases = [_decode_lease(raw, cid, run.id, key) for cid, raw in page]
+            over = max(over, run_over_at(run, leases))
+            states.update(lease.state.value for lease in leases)
+            digest.add(page)
+        return over, dict(states), digest.value
 
     # ---- locks
 

@@ -6,6 +6,7 @@ the local stack (the ``ledgers`` fixture of conftest.py); the last ones read Red
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from datetime import timedelta
 from typing import Protocol
@@ -13,7 +14,7 @@ from typing import Protocol
 import pytest
 
 from broker.adapters.memory_ledger import InMemoryLedger
-from broker.adapters.redis_ledger import RedisLedger
+from broker.adapters.redis_ledger import PURGE_PAGE, RedisLedger
 from broker.core.model import LeaseState, RunState
 from broker.core.ports import LeaseSelector, Ledger, RunRetention
 from broker.errors import BadRequestError
@@ -174,6 +175,47 @@ async def test_a_run_that_is_not_over_cannot_be_purged(ledger: RetainingLedger) 
     with pytest.raises(ValueError, match="not ready"):
         await ledger.purge(plan)
     assert await ledger.get_lease("cred_a") is not None
+
+
+async def _large_run(ledger: RetainingLedger, count: int) -> list[str]:
+    await ledger.create_run(make_run())
+    holders = [f"{AGENT}-{n}" for n in range(3)]
+    ids = [f"cred_{n:05d}" for n in range(count)]
+    await asyncio.gather(
+        *(
+            ledger.write_ahead(make_lease(cid, holder=holders[n % 3], task_id=f"task-{n}"))
+            for n, cid in enumerate(ids)
+        )
+    )
+    return ids
+
+
+async def test_a_run_larger_than_a_page_is_purged_whole(ledger: RetainingLedger) -> None:
+    ids = await _large_run(ledger, 2 * PURGE_PAGE + 7)
+    plan = await ledger.plan_purge("wf-1", cutoff=DEADLINE)
+    assert (plan.ready, plan.leases) == (True, len(ids))
+
+    assert await ledger.purge(plan) is True
+
+    assert await ledger.get_run("wf-1") is None
+    assert await ledger.find_leases(LeaseSelector(holder_prefix=AGENT), limit=10_000) == []
+    assert await ledger.get_lease(ids[-1]) is None
+
+
+async def test_a_large_run_changed_since_its_plan_keeps_every_record(
+    ledger: RetainingLedger,
+) -> None:
+    ids = await _large_run(ledger, PURGE_PAGE + 1)
+    plan = await ledger.plan_purge("wf-1", cutoff=DEADLINE)
+    changed = await ledger.get_lease(ids[0])
+    assert changed is not None
+    await ledger.save_lease(
+        dataclasses.replace(changed, state=LeaseState.REVOKED, revoked_at=DEADLINE)
+    )
+
+    assert await ledger.purge(plan) is False
+    kept = await ledger.find_leases(LeaseSelector(workflow_id="wf-1"), limit=10_000)
+    assert len(kept) == len(ids)
 
 
 @pytest.mark.parametrize("limit", [0, -1, 10_001])
