@@ -94,9 +94,14 @@ class RunRetentionJob:
     async def _pass(self, cutoff: datetime) -> RetentionReport:
         examined = purged = leases = postponed = changed = failed = 0
         if not self._indexed:
-            # Runs stored by a broker from before the retention index (once per ledger).
-            await self._ledger.index_runs()
-            self._indexed = True
+            # Runs stored by a broker from before the retention index (once per ledger); if
+            # that fails, the runs indexed already are purged and the next pass tries again.
+            try:
+                await self._ledger.index_runs()
+                self._indexed = True
+            except TaskleaseError as exc:
+                self.failures += 1
+                _log.error("retention.index_failed", error=exc.code, reason=exc.reason)
         for workflow_id in await self._ledger.runs_over_before(cutoff, limit=self._batch):
             examined += 1
             try:

@@ -1124,7 +1124,11 @@ class RedisLedger:  # satisfies core.ports.Ledger
                     for key, raw in zip(found, await self._redis.mget(found), strict=True):
                         if raw is None:
                             continue  # purged meanwhile
-                        run = _decode_run(str(raw), str(key))
+                        try:
+                            run = _decode_run(str(raw), str(key))
+                        except LedgerUnavailableError as exc:  # one bad record stops no other
+                            _log.error("ledger.run_unreadable", key=str(key), detail=exc.detail)
+                            continue
                         end = run.deadline
                         if run.ended_at is not None and run.ended_at < end:
                             end = run.ended_at

@@ -285,6 +285,8 @@ async def test_runs_stored_before_the_index_existed_are_indexed_once(
     await ledger.create_run(make_run("wf-new", deadline=NOW + 3 * HOUR))
     # As a broker from before the index left them: no entries (the new one keeps its own).
     await ledger.client.zrem(f"{ledger.namespace}:idx:run_ends", "wf-old", "wf-ended")
+    # A record no broker can read is skipped, not a reason to index nothing.
+    await ledger.client.set(f"{ledger.namespace}:{{wf:wf-bad}}:run", "{not json")
 
     assert await ledger.index_runs(batch=1) == 2
     assert await ledger.index_runs() == 0  # done once per ledger

@@ -234,3 +234,25 @@ async def test_the_metrics_count_what_this_process_purged_and_could_not() -> Non
     assert sample("tasklease_ledger_purged_total", record="run") == 2
     assert sample("tasklease_ledger_purged_total", record="lease") == 3
     assert sample("tasklease_ledger_purge_failures_total") == 2
+
+
+async def test_runs_indexed_already_are_purged_while_indexing_the_old_ones_fails() -> None:
+    world = World()
+    await world.run_with_a_revoked_lease("wf-1", "cred_a")
+    world.clock.current = NOW + 40 * timedelta(days=1)
+    attempts: list[int] = []
+
+    async def index_runs(*, batch: int = 1000) -> int:
+        attempts.append(batch)
+        if len(attempts) == 1:
+            raise LedgerUnavailableError("Redis is unreachable", reason="ledger.unreachable")
+        return 0
+
+    world.ledger.index_runs = index_runs  # type: ignore[method-assign]
+
+    first = await world.job.purge_pass()
+    await world.job.purge_pass()
+    await world.job.purge_pass()
+
+    assert (first.purged, world.job.failures) == (1, 1)
+    assert len(attempts) == 2  # tried again at the next pass, then done
