@@ -36,7 +36,11 @@ from broker.adapters.bundle_sources import (
 )
 from broker.adapters.clock import SystemClock
 from broker.adapters.kinds import all_kinds
-from broker.adapters.metrics_sources import RetentionCollector, register_metrics_sources
+from broker.adapters.metrics_sources import (
+    RetentionCollector,
+    register_metrics_sources,
+    watch_redis_memory,
+)
 from broker.adapters.oidc_jwks import OidcJwksSource
 from broker.adapters.redis_approvals import RedisApprovalStore
 from broker.adapters.redis_ledger import RedisLedger, RedisReadiness
@@ -598,6 +602,7 @@ async def build_runtime(
             ledger=ledger,
             webhooks=(lambda: notifier.stats) if notifier is not None else None,
         )
+        watch_redis_memory(metrics, ledger)
     except BaseException:
         if http_session is not None:
             await http_session.close()

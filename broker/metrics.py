@@ -122,6 +122,13 @@ class BrokerMetrics:
             "unclaimed due leases (0 when none is due)",
             registry=registry,
         )
+        self.redis_memory = Gauge(
+            "tasklease_redis_memory_bytes",
+            "The ledger's Redis at scrape time: memory in use (used) and its maxmemory (max; "
+            "0: no limit of its own). Full, with noeviction, it refuses every ledger write",
+            ["kind"],
+            registry=registry,
+        )
         self.source_errors = Counter(
             "tasklease_metrics_source_errors",
             "Scrape-time metric sources that failed or timed out (their gauges read NaN)",

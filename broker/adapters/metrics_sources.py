@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from broker.adapters.memory_ledger import DueBacklog
+from broker.adapters.redis_ledger import RedisMemory
 from broker.adapters.scheduler import RevocationSweeper
 from broker.adapters.vault import HvacVault
 from broker.adapters.webhook_notifier import DeliveryStats
@@ -230,6 +231,25 @@ def watch_revocation_backlog(
         refresh,
         gauges=[metrics.revocation_backlog, metrics.revocation_backlog_oldest],
     )
+
+
+class MemorySource(Protocol):
+    """A ledger that can say how much memory its store uses (the Redis ledger)."""
+
+    async def memory(self) -> RedisMemory:
+        """Used bytes and the limit."""
+        ...
+
+
+def watch_redis_memory(metrics: BrokerMetrics, ledger: MemorySource) -> None:
+    """Refresh the Redis memory gauges at every scrape."""
+
+    async def refresh() -> None:
+        memory = await ledger.memory()
+        metrics.redis_memory.labels(kind="used").set(memory.used)
+        metrics.redis_memory.labels(kind="max").set(memory.maximum)
+
+    metrics.add_source("redis_memory", refresh, gauges=[metrics.redis_memory])
 
 
 def register_metrics_sources(

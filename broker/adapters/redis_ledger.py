@@ -267,6 +267,23 @@ _NO_LIMITS: Final = IssuanceLimits()
 
 
 @dataclass(frozen=True, slots=True)
+class RedisMemory:
+    """What Redis holds against its limit (``INFO memory``): with ``noeviction`` a full Redis
+    refuses every ledger write, and issuance fails closed."""
+
+    used: int
+    maximum: int  # maxmemory; 0: no limit of Redis's own
+
+    @property
+    def share(self) -> float | None:
+        """``used`` over ``maximum``, or None without a limit."""
+        return self.used / self.maximum if self.maximum > 0 else None
+
+
+MEMORY_ALARM_SHARE: Final = 0.9
+
+
+@dataclass(frozen=True, slots=True)
 class RedisDurability:
     """What Redis says about persistence, eviction and acknowledgements, and what the
     broker is configured to require (``mode``: ``redis.durability``)."""
@@ -1005,6 +1022,14 @@ class RedisLedger:  # satisfies core.ports.Ledger
             connected_replicas=_online_replicas(replication),
             mode=self._settings.durability,
             replicas_required=self._settings.durability_replicas,
+        )
+
+    async def memory(self) -> RedisMemory:
+        """How much memory Redis uses, and its ``maxmemory``."""
+        with _translated("memory"):
+            info = await self._redis.info("memory")
+        return RedisMemory(
+            used=int(info.get("used_memory", 0)), maximum=int(info.get("maxmemory", 0))
         )
 
     async def check_durability(self) -> RedisDurability:
@@ -2063,17 +2088,29 @@ class RedisReadiness:  # satisfies core.ports.ReadinessCheck
         self._ledger = ledger
 
     async def check(self, now: datetime) -> CheckResult:
-        """Ping, then read the durability settings."""
+        """Ping, then read the durability settings and the memory in use (an alarm from
+        ``MEMORY_ALARM_SHARE`` of ``maxmemory``: at all of it every write is refused)."""
         await self._ledger.ping()
         durability = await self._ledger.durability()
+        memory = await self._ledger.memory()
         problems = durability.problems
         if not problems:
-            return CheckResult(
-                self.name,
-                ok=True,
-                detail=f"reachable; appendonly yes, appendfsync {durability.appendfsync}, "
-                f"noeviction; acknowledged by {durability.acknowledgement}",
+            detail = (
+                f"reachable; appendonly yes, appendfsync {durability.appendfsync}, "
+                f"noeviction; acknowledged by {durability.acknowledgement}"
             )
+            share = memory.share
+            if share is not None and share >= MEMORY_ALARM_SHARE:
+                return CheckResult(
+                    self.name,
+                    ok=True,
+                    alarm=True,
+                    detail=f"Redis uses {share:.0%} of its maxmemory ({memory.used} of "
+                    f"{memory.maximum} bytes): when it is full every ledger write is refused "
+                    "and issuance fails closed (add memory, or shorten "
+                    f"ledger.retention_days); {detail}",
+                )
+            return CheckResult(self.name, ok=True, detail=detail)
         if self._ledger.allows_degraded:
             return CheckResult(
                 self.name,

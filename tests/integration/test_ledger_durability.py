@@ -32,7 +32,7 @@ from broker.errors import LedgerUnavailableError
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 AGENT = "spiffe://tasklease.test/agent/planner"
-RESTORED = ("appendonly", "appendfsync", "maxmemory-policy")
+RESTORED = ("appendonly", "appendfsync", "maxmemory-policy", "maxmemory")
 
 
 def _lease(credential_id: str = "cred_dur") -> Lease:
@@ -193,6 +193,24 @@ async def test_a_durable_redis_is_accepted_and_ready(admin: RedisAdmin) -> None:
     assert durability.acknowledgement in ("appendfsync always", "WAITAOF 1")
     result = await RedisReadiness(ledger).check(NOW)
     assert (result.ok, result.alarm) == (True, False)
+
+
+async def test_a_redis_near_its_maxmemory_is_ready_with_an_alarm(admin: RedisAdmin) -> None:
+    """With noeviction a full Redis refuses every ledger write (issuance fails closed):
+    readiness raises an alarm from 90 % of maxmemory, before it happens."""
+    await admin.set("appendfsync", "always")
+    ledger = admin.ledger()
+    unlimited = await ledger.memory()
+    assert (unlimited.used > 0, unlimited.maximum, unlimited.share) == (True, 0, None)
+    assert (await RedisReadiness(ledger).check(NOW)).alarm is False
+    # Below what it uses already: reads still answer (nothing is evicted), writes would not.
+    await admin.set("maxmemory", str(unlimited.used // 2))
+
+    readiness = await RedisReadiness(ledger).check(NOW)
+
+    assert (readiness.ok, readiness.alarm) == (True, True)
+    assert "of its maxmemory" in readiness.detail
+    assert "fails closed" in readiness.detail
 
 
 # --------------------------------------------------------------------------- the barrier

@@ -124,6 +124,9 @@ async def test_metrics_move_with_issuance_denial_and_revocation(
     assert ("tasklease_metrics_source_errors_total", frozenset({("source", "ledger")})) not in (
         after_revoke
     )
+    # The stack's Redis has no maxmemory of its own (0).
+    assert value(after_revoke, "tasklease_redis_memory_bytes", kind="used") > 1_000_000
+    assert after_revoke[("tasklease_redis_memory_bytes", frozenset({("kind", "max")}))] == 0
 
     # Nothing that names a caller, a credential or a secret.
     for forbidden in (
@@ -152,6 +155,7 @@ async def test_a_failing_ledger_reads_nan_and_counts_a_source_error(
         stack.restart_redis()
     backlog = value(during, "tasklease_revocation_backlog", state="due")
     assert math.isnan(backlog)
+    assert math.isnan(value(during, "tasklease_redis_memory_bytes", kind="used"))
     assert value(during, "tasklease_metrics_source_errors_total", source="ledger") >= 1
     _, after = await scrape(broker, anonymous)
     assert value(after, "tasklease_revocation_backlog", state="due") >= 0
