@@ -3,10 +3,12 @@
 Redis runs ``noeviction`` (SECURITY 33), so a ledger that kept every run forever would fill it
 and then fail every issuance closed. A run is *over* when it ended (or reached its deadline)
 and every credential issued in it expired (:func:`broker.core.model.run_over_at`); OpenBao has
-ended its task tokens by then whatever the ledger says, so nothing in the record can still be
-revoked. ``retention`` after that, one pass deletes the run with its leases, tombstones and
-index entries. The audit trail keeps the history: issuance, revocation and, recorded before
-each deletion, ``workflow.purged`` with how many lease records went, by state.
+ended its task tokens by then whatever the ledger says. ``retention`` after that, once the
+ledger has settled every credential of it (none live: a revocation not confirmed keeps the
+record, and its run, until the sweeper confirms it, so each credential's end is in the audit
+trail before its record goes), one pass deletes the run with its leases, tombstones and index
+entries. The audit trail keeps the history: issuance, revocation and, recorded before each
+deletion, ``workflow.purged`` with how many lease records went, by state.
 
 One replica at a time (a leased lock of a minute: a replica killed during a pass holds up the
 others that long at most; a pass that outlasts it may meet another replica's, which costs a
@@ -108,6 +110,14 @@ class RunRetentionJob:
                 plan = await self._ledger.plan_purge(workflow_id, cutoff=cutoff)
                 if not plan.ready:
                     postponed += plan.run is not None
+                    if plan.over_at is not None and plan.over_at <= cutoff:
+                        # Over, but a revocation the ledger has not confirmed: the sweeper
+                        # settles it; looked at again later.
+                        _log.warning(
+                            "retention.run_unsettled",
+                            workflow_id=workflow_id,
+                            lease_states=dict(plan.lease_states),
+                        )
                     continue
                 await self._record(plan)
                 if await self._ledger.purge(plan):

@@ -27,6 +27,7 @@ from broker.core.model import (
     QuarantineKind,
     WorkflowRun,
     check_id,
+    purge_recheck_at,
     refuse_quarantined,
     run_over_at,
 )
@@ -601,8 +602,9 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         return 0
 
     async def plan_purge(self, workflow_id: str, *, cutoff: datetime) -> PurgePlan:
-        """Ready when everything of the run is over by ``cutoff``; otherwise the run is put
-        back in the index at the time it will be; gone when there is no run."""
+        """Ready when everything of the run is over by ``cutoff`` and no credential of it is
+        live (:func:`~broker.core.model.purge_recheck_at`); otherwise the run is put back in
+        the index at the time to look again; gone when there is no run."""
         check_id(workflow_id, "workflow id")
         run = self._runs.get(workflow_id)
         if run is None:
@@ -613,9 +615,10 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
             key=lambda lease: lease.credential_id,
         )
         over = run_over_at(run, leases)
-        ready = over <= cutoff
-        if not ready:
-            self._run_ends[workflow_id] = over
+        later = purge_recheck_at(over, cutoff, unsettled=sum(lease.is_live for lease in leases))
+        ready = later is None
+        if later is not None:
+            self._run_ends[workflow_id] = later
         version = hashlib.sha256(repr((run, leases)).encode()).hexdigest() if ready else ""
         return PurgePlan(
             workflow_id,

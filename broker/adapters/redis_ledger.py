@@ -175,6 +175,7 @@ from broker.core.model import (
     TargetKind,
     WorkflowRun,
     check_id,
+    purge_recheck_at,
     run_over_at,
 )
 from broker.core.ports import (
@@ -1169,8 +1170,9 @@ class RedisLedger:  # satisfies core.ports.Ledger
 
     async def plan_purge(self, workflow_id: str, *, cutoff: datetime) -> PurgePlan:
         """Read the run, then its leases in pages (``HSCAN``: a large run is never read at
-        once). Ready when everything of the run is over by ``cutoff``; otherwise its index
-        entry moves to when it will be; gone (its index entry dropped) when there is no run.
+        once). Ready when everything of the run is over by ``cutoff`` and no credential of it
+        is live (:func:`~broker.core.model.purge_recheck_at`); otherwise its index entry moves
+        to the time to look again; gone (its index entry dropped) when there is no run.
         The version is a digest of the run's text and of its leases' (order-free)."""
         check_id(workflow_id, "workflow id")
         keys = self._keys
@@ -1184,9 +1186,11 @@ class RedisLedger:  # satisfies core.ports.Ledger
             return PurgePlan(workflow_id, None, None, ready=False)
         run = _decode_run(str(raw_run), run_key)
         over, states, digest = await self._survey(run)
-        if over > cutoff:
+        live = sum(count for state, count in states.items() if state != LeaseState.REVOKED)
+        later = purge_recheck_at(over, cutoff, unsettled=live)
+        if later is not None:
             with _translated("plan_purge"):
-                await self._redis.zadd(keys.run_ends, {workflow_id: _micros(over)}, xx=True)
+                await self._redis.zadd(keys.run_ends, {workflow_id: _micros(later)}, xx=True)
             return PurgePlan(workflow_id, run, over, ready=False, lease_states=states)
         return PurgePlan(
             workflow_id,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 from broker.errors import BadRequestError, ConflictError, ForbiddenError
 
@@ -350,6 +350,11 @@ class Lease:
         return self.state not in (LeaseState.REVOKED,)
 
 
+# How long a run that is over but holds a credential whose revocation the ledger has not
+# confirmed waits before retention looks at it again (the sweeper settles it meanwhile).
+UNSETTLED_RECHECK: Final = timedelta(hours=1)
+
+
 def run_over_at(run: WorkflowRun, leases: Iterable[Lease]) -> datetime:
     """When everything of ``run`` is over: it ended (or reached its deadline) and every
     credential issued in it expired, whatever its ledger state (OpenBao enforces the TTL of a
@@ -360,6 +365,19 @@ def run_over_at(run: WorkflowRun, leases: Iterable[Lease]) -> datetime:
     for lease in leases:
         over = max(over, lease.expires_at)
     return over
+
+
+def purge_recheck_at(over: datetime, cutoff: datetime, *, unsettled: int) -> datetime | None:
+    """None when a run that is over at ``over`` may be purged at ``cutoff`` (now minus the
+    retention); else when to look at it again: when it will be over, or, while ``unsettled``
+    of its credentials are live in the ledger (a revocation not confirmed yet: the record
+    stays until the sweeper settles it, so its end is in the audit trail before it goes),
+    ``UNSETTLED_RECHECK`` later."""
+    if over > cutoff:
+        return over
+    if unsettled:
+        return cutoff + UNSETTLED_RECHECK
+    return None
 
 
 def credential_ttl(

@@ -390,9 +390,10 @@ class PurgePlan:
 
     ``over_at``: when everything of the run ended (:func:`~broker.core.model.run_over_at`);
     None when the run is gone (its index entry was dropped). ``ready``: ``over_at`` is at or
-    before the cutoff, so :meth:`RunRetention.purge` may delete it (otherwise the run was put
-    back in the index at ``over_at``). ``version``: the ledger's fingerprint of what it read;
-    the purge deletes only that."""
+    before the cutoff and no credential of it is live in the ledger, so
+    :meth:`RunRetention.purge` may delete it (otherwise the run was put back in the index at
+    the time to look again: :func:`~broker.core.model.purge_recheck_at`). ``version``: the
+    ledger's fingerprint of what it read; the purge deletes only that."""
 
     workflow_id: str
     run: WorkflowRun | None

@@ -36,13 +36,31 @@ def ledger(ledgers: Ledgers) -> RetainingLedger:
     return opened
 
 
+async def _revoke(ledger: RetainingLedger, credential_id: str) -> None:
+    """As the sweeper leaves a lease whose revocation OpenBao confirmed."""
+    lease = await ledger.get_lease(credential_id)
+    assert lease is not None
+    await ledger.save_lease(
+        dataclasses.replace(
+            lease, state=LeaseState.REVOKED, revoked_at=NOW + HOUR, revoke_reason="ttl"
+        )
+    )
+
+
 async def _run_with_leases(
-    ledger: RetainingLedger, workflow_id: str, *credential_ids: str, holder: str = AGENT
+    ledger: RetainingLedger,
+    workflow_id: str,
+    *credential_ids: str,
+    holder: str = AGENT,
+    settled: bool = True,
 ) -> None:
+    """A run with active leases, revoked (confirmed) unless ``settled`` is false."""
     await ledger.create_run(make_run(workflow_id))
     for cid in credential_ids:
         await ledger.write_ahead(make_lease(cid, workflow_id=workflow_id, holder=holder))
         await ledger.activate(cid, token_accessor=f"acc-{cid}", vault_lease_ids=())
+        if settled:
+            await _revoke(ledger, cid)
 
 
 async def test_a_run_is_listed_once_its_deadline_is_at_or_before_the_cutoff(
@@ -85,22 +103,14 @@ async def test_purging_a_ready_run_removes_it_its_leases_and_their_index_entries
     ledger: RetainingLedger,
 ) -> None:
     await _run_with_leases(ledger, "wf-1", "cred_a", "cred_b")
-    await _run_with_leases(ledger, "wf-2", "cred_c")
-    active = await ledger.get_lease("cred_a")
-    assert active is not None
-    revoked = dataclasses.replace(
-        active,
-        state=LeaseState.REVOKED,
-        revoked_at=NOW + HOUR,
-        revoke_reason="workflow_completed",
-    )
-    await ledger.save_lease(revoked)
+    await _run_with_leases(ledger, "wf-2", "cred_c", settled=False)
     await ledger.tombstone_task("wf-1", "task-1", until=NOW + HOUR)
+    # A due entry left behind (the sweeper takes it out once revoked; here it stayed).
     await ledger.schedule("cred_b", NOW + timedelta(minutes=15))
 
     plan = await ledger.plan_purge("wf-1", cutoff=DEADLINE)
     assert plan.ready
-    assert plan.lease_states == {"revoked": 1, "active": 1}
+    assert plan.lease_states == {"revoked": 2}
     assert plan.leases == 2
     assert await ledger.purge(plan) is True
 
@@ -128,21 +138,35 @@ async def test_purging_a_ready_run_removes_it_its_leases_and_their_index_entries
     assert await ledger.create_run(make_run("wf-1")) is True
 
 
+async def test_a_run_with_a_live_credential_waits_until_the_ledger_settles_it(
+    ledger: RetainingLedger,
+) -> None:
+    await _run_with_leases(ledger, "wf-1", "cred_a", settled=False)
+
+    plan = await ledger.plan_purge("wf-1", cutoff=DEADLINE)
+
+    assert (plan.ready, plan.over_at, plan.lease_states) == (False, DEADLINE, {"active": 1})
+    assert await ledger.runs_over_before(DEADLINE + HOUR - timedelta(seconds=1), limit=10) == []
+    assert await ledger.runs_over_before(DEADLINE + HOUR, limit=10) == ["wf-1"]
+    await _revoke(ledger, "cred_a")
+    assert (await ledger.plan_purge("wf-1", cutoff=DEADLINE + HOUR)).ready
+
+
 async def test_a_run_changed_since_its_plan_is_not_purged(ledger: RetainingLedger) -> None:
     await _run_with_leases(ledger, "wf-1", "cred_a")
     plan = await ledger.plan_purge("wf-1", cutoff=DEADLINE)
     assert plan.ready
-    active = await ledger.get_lease("cred_a")
-    assert active is not None
-    await ledger.save_lease(
-        dataclasses.replace(active, state=LeaseState.REVOKED, revoked_at=DEADLINE)
-    )
+    # Written meanwhile (a run over takes none: it was written while the run still was).
+    await ledger.write_ahead(make_lease("cred_late", task_id="task-late"))
 
     assert await ledger.purge(plan) is False
     assert await ledger.get_run("wf-1") is not None
-    assert (await ledger.get_lease("cred_a")).state == LeaseState.REVOKED  # type: ignore[union-attr]
-    # Planned again, it goes.
-    assert await ledger.purge(await ledger.plan_purge("wf-1", cutoff=DEADLINE)) is True
+    assert await ledger.get_lease("cred_a") is not None
+    assert await ledger.get_lease("cred_late") is not None
+    # Planned again, it waits for the new credential to be settled, then goes.
+    assert not (await ledger.plan_purge("wf-1", cutoff=DEADLINE)).ready
+    await _revoke(ledger, "cred_late")
+    assert await ledger.purge(await ledger.plan_purge("wf-1", cutoff=DEADLINE + HOUR)) is True
 
 
 async def test_a_run_purged_by_another_replica_is_not_purged_twice(
@@ -187,6 +211,7 @@ async def _large_run(ledger: RetainingLedger, count: int) -> list[str]:
             for n, cid in enumerate(ids)
         )
     )
+    await asyncio.gather(*(_revoke(ledger, cid) for cid in ids))
     return ids
 
 
@@ -207,15 +232,12 @@ async def test_a_large_run_changed_since_its_plan_keeps_every_record(
 ) -> None:
     ids = await _large_run(ledger, PURGE_PAGE + 1)
     plan = await ledger.plan_purge("wf-1", cutoff=DEADLINE)
-    changed = await ledger.get_lease(ids[0])
-    assert changed is not None
-    await ledger.save_lease(
-        dataclasses.replace(changed, state=LeaseState.REVOKED, revoked_at=DEADLINE)
-    )
+    assert plan.ready
+    await ledger.write_ahead(make_lease("cred_late", task_id="task-late"))
 
     assert await ledger.purge(plan) is False
     kept = await ledger.find_leases(LeaseSelector(workflow_id="wf-1"), limit=10_000)
-    assert len(kept) == len(ids)
+    assert len(kept) == len(ids) + 1
 
 
 @pytest.mark.parametrize("limit", [0, -1, 10_001])
@@ -234,6 +256,7 @@ async def test_nothing_of_a_purged_run_stays_in_redis(ledger: RetainingLedger) -
     await _run_with_leases(ledger, "wf-1", "cred_a", "cred_b")
     await _run_with_leases(ledger, "wf-1b", "cred_keep")  # same holder, another run
     await ledger.write_ahead(make_lease("cred_solo", workflow_id="wf-1", holder=other_holder))
+    await _revoke(ledger, "cred_solo")
     await ledger.tombstone_task("wf-1", "task-1", until=NOW + HOUR)
     redis = ledger.client
     namespace = ledger.namespace

@@ -8,6 +8,7 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import structlog.testing
 
 from broker.adapters.memory_audit import MemoryAuditTrail
 from broker.adapters.memory_ledger import InMemoryLedger
@@ -98,7 +99,11 @@ async def test_a_run_within_its_retention_stays() -> None:
 async def test_a_run_ended_early_waits_for_its_last_credential_to_expire() -> None:
     world = World()
     await world.ledger.create_run(make_run())
-    await world.ledger.write_ahead(make_lease("cred_a", expires_at=NOW + timedelta(hours=1)))
+    lease = make_lease("cred_a", expires_at=NOW + timedelta(hours=1))
+    await world.ledger.write_ahead(lease)
+    await world.ledger.save_lease(
+        dataclasses.replace(lease, state=LeaseState.REVOKED, revoked_at=NOW + timedelta(minutes=1))
+    )
     await world.ledger.save_run(
         make_run(state=RunState.COMPLETED, ended_at=NOW + timedelta(minutes=1))
     )
@@ -221,7 +226,11 @@ async def test_the_metrics_count_what_this_process_purged_and_could_not() -> Non
     metrics.registry.register(RetentionCollector(world.job))
     await world.run_with_a_revoked_lease("wf-1", "cred_a")
     await world.run_with_a_revoked_lease("wf-2", "cred_b")
-    await world.ledger.write_ahead(make_lease("cred_c", workflow_id="wf-2"))
+    lease = make_lease("cred_c", workflow_id="wf-2")
+    await world.ledger.write_ahead(lease)
+    await world.ledger.save_lease(
+        dataclasses.replace(lease, state=LeaseState.REVOKED, revoked_at=NOW)
+    )
     world.clock.current = NOW + 40 * timedelta(days=1)
     world.audit.fail = True
     await world.job.purge_pass()
@@ -256,3 +265,19 @@ async def test_runs_indexed_already_are_purged_while_indexing_the_old_ones_fails
 
     assert (first.purged, world.job.failures) == (1, 1)
     assert len(attempts) == 2  # tried again at the next pass, then done
+
+
+async def test_a_run_over_with_a_credential_not_settled_waits_and_says_so() -> None:
+    world = World()
+    await world.ledger.create_run(make_run())
+    await world.ledger.write_ahead(make_lease("cred_a"))  # never confirmed revoked
+    world.clock.current = NOW + 40 * timedelta(days=1)
+
+    with structlog.testing.capture_logs() as logs:
+        report = await world.job.purge_pass()
+
+    assert (report.examined, report.postponed, report.purged) == (1, 1, 0)
+    assert await world.ledger.get_run("wf-1") is not None
+    assert world.audit.events == []
+    [warning] = [entry for entry in logs if entry["event"] == "retention.run_unsettled"]
+    assert warning["lease_states"] == {"issuing": 1}
