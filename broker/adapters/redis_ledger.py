@@ -1218,8 +1218,9 @@ class RedisLedger:  # satisfies core.ports.Ledger
         run_key, leases_key = keys.run(workflow_id), keys.leases(workflow_id)
         planned_run, planned_leases = plan.version.split(":")
         holders: set[str] = set()
+        paged = plan.leases > PURGE_PAGE
         with _translated("purge"):
-            if plan.leases > PURGE_PAGE:
+            if paged:
                 raw_run = await self._redis.get(run_key)
                 if raw_run is None or _digest(str(raw_run)) != planned_run:
                     return False
@@ -1239,10 +1240,12 @@ class RedisLedger:  # satisfies core.ports.Ledger
                 raw_leases = {
                     str(cid): str(raw) for cid, raw in (await pipe.hgetall(leases_key)).items()
                 }
+                # What is left: after the pages, nothing; otherwise exactly what was planned.
+                expected = _LeasesDigest().value if paged else planned_leases
                 if (
                     raw_run is None
                     or _digest(str(raw_run)) != planned_run
-                    or (raw_leases and _LeasesDigest(raw_leases.items()).value != planned_leases)
+                    or _LeasesDigest(raw_leases.items()).value != expected
                 ):
                     await pipe.unwatch()  # type: ignore[no-untyped-call]  # redis-py
                     return False
