@@ -93,6 +93,7 @@ def broker_env(endpoints: StackEndpoints, **settings: str) -> dict[str, str]:
         # the measured path without refusing anything.
         "TASKLEASE_ISSUANCE__LIVE_CREDENTIALS_PER_IDENTITY": "1000000",
         "TASKLEASE_ISSUANCE__CREDENTIALS_PER_IDENTITY_PER_MINUTE": "1000000",
+        "TASKLEASE_ISSUANCE__RUNS_PER_IDENTITY_PER_MINUTE": "1000000",
         **settings,
     }
 

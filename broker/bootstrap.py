@@ -520,6 +520,7 @@ async def build_runtime(
             audit=audit_trail,
             live_limit_per_identity=settings.issuance.live_credentials_per_identity,
             issuance_rate_per_identity=settings.issuance.credentials_per_identity_per_minute,
+            run_rate_per_identity=settings.issuance.runs_per_identity_per_minute,
         )
         app = create_app(
             readiness=readiness,

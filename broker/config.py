@@ -254,6 +254,10 @@ class IssuanceSettings(_Section):
     # that holds this many and refills at this rate (bursts up to it, then a steady pace). It
     # keeps one runaway or compromised agent from flooding OpenBao. 0 turns it off.
     credentials_per_identity_per_minute: int = Field(default=600, ge=0, le=MAX_LIVE_LIMIT)
+    # At most this many workflow runs started per orchestrator identity per minute (a token
+    # bucket, as above): every run is kept in Redis until its retention ends, so one runaway
+    # or compromised orchestrator must not fill it. 0 turns it off.
+    runs_per_identity_per_minute: int = Field(default=600, ge=0, le=MAX_LIVE_LIMIT)
 
 
 class PolicySettings(_Section):

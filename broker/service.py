@@ -152,6 +152,7 @@ class CredentialBroker:
         audit: AuditTrail | None = None,
         live_limit_per_identity: int = 0,
         issuance_rate_per_identity: int = 0,
+        run_rate_per_identity: int = 0,
     ) -> None:
         # The audit trail (bootstrap always wires one). None only in unit set-ups.
         self._audit = audit
@@ -170,6 +171,8 @@ class CredentialBroker:
         self._live_limit = live_limit_per_identity
         # At most this many issuances per identity per minute (a token bucket; 0: none).
         self._rate_limit = issuance_rate_per_identity
+        # At most this many runs started per orchestrator per minute (a token bucket; 0: none).
+        self._run_rate_limit = run_rate_per_identity
 
     @property
     def targets(self) -> Mapping[str, Target]:
@@ -214,7 +217,7 @@ class CredentialBroker:
             labels=labels,
             participants=tuple(participants),
         )
-        if not await self._ledger.create_run(run):
+        if not await self._ledger.create_run(run, per_minute=self._run_rate_limit):
             raise ConflictError(
                 f"workflow run {workflow_id!r} exists already", reason="workflow.exists"
             )

@@ -158,6 +158,7 @@ def broker_env(stack: DevStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
         # tested with their own identities and values (tests/integration/test_issuance_limits.py).
         "TASKLEASE_ISSUANCE__LIVE_CREDENTIALS_PER_IDENTITY": "100000",
         "TASKLEASE_ISSUANCE__CREDENTIALS_PER_IDENTITY_PER_MINUTE": "0",
+        "TASKLEASE_ISSUANCE__RUNS_PER_IDENTITY_PER_MINUTE": "0",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

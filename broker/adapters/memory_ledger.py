@@ -248,6 +248,19 @@ def rate_limit_error(lease: Lease, per_minute: int, *, wait: float) -> LimitExce
     )
 
 
+def run_rate_limit_error(run: WorkflowRun, per_minute: int, *, wait: float) -> LimitExceededError:
+    """The orchestrator of ``run`` started ``per_minute`` runs in the last minute (its token
+    bucket is empty); the next token comes in ``wait`` seconds."""
+    seconds = math.ceil(wait)
+    return LimitExceededError(
+        f"{run.started_by} started workflow runs faster than the {per_minute} per minute "
+        f"allowed per identity; start it again in {max(1, seconds)} s",
+        reason="limit.runs_per_identity",
+        limit=per_minute,
+        retry_after=seconds,
+    )
+
+
 def counted_until(lease: Lease) -> datetime:
     """Until when a live lease counts against its holder's limits: the end of the minute its
     expiry falls in (the Redis ledger counts per minute)."""
@@ -305,6 +318,8 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         self._counted_for_target: dict[tuple[str, str], set[str]] = {}
         # holder → its issuance token bucket: (tokens, refilled at)
         self._buckets: dict[str, tuple[float, datetime]] = {}
+        # orchestrator → its run-start token bucket: (tokens, refilled at)
+        self._run_buckets: dict[str, tuple[float, datetime]] = {}
         self._due: dict[str, datetime] = {}
         # credential id → (visibility deadline, the due time it was claimed at)
         self._in_flight: dict[str, tuple[datetime, datetime]] = {}
@@ -315,11 +330,21 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
 
     # ---- runs
 
-    async def create_run(self, run: WorkflowRun) -> bool:
-        """Store a new run; False if the id is taken."""
+    async def create_run(self, run: WorkflowRun, *, per_minute: int = 0) -> bool:
+        """Store a new run; False if the id is taken; LimitExceededError when its
+        orchestrator's run-start bucket is empty (then nothing is written)."""
         check_id(run.id, "workflow id")
         if run.id in self._runs:
             return False
+        if per_minute:
+            at = run.created_at
+            tokens, refilled = self._run_buckets.get(run.started_by, (float(per_minute), at))
+            if at > refilled:
+                gained = (at - refilled).total_seconds() * per_minute / 60
+                tokens, refilled = min(float(per_minute), tokens + gained), at
+            if tokens < 1:
+                raise run_rate_limit_error(run, per_minute, wait=(1 - tokens) * 60 / per_minute)
+            self._run_buckets[run.started_by] = (tokens - 1, refilled)
         self._runs[run.id] = run
         self._run_ends[run.id] = run.deadline
         return True

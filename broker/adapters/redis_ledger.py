@@ -33,6 +33,7 @@ the MULTI/EXEC it replaced did; the other two also take the lease out of the liv
     tl:live:<holder>|<target> hash    the same, of one target, while it has a limit
     tl:rate:<holder>          hash    t → tokens, at → when last refilled (µs): the holder's
                                       issuance token bucket (expires 2 min after its last use)
+    tl:runrate:<orchestrator> hash    the same, of the runs an orchestrator starts
     tl:quarantines            hash    <kind>|<value> → the quarantine (compact JSON)
     tl:idx:run_ends           zset    W → when the run is over (µs): its deadline, earlier when
                                       it ended earlier, later when a lease outlives that (the
@@ -158,6 +159,7 @@ from broker.adapters.memory_ledger import (
     live_limit_error,
     rate_limit_error,
     refused_by_tombstone,
+    run_rate_limit_error,
     tombstoned_error,
 )
 from broker.adapters.redis_common import RedisScript, redis_error_code, translated
@@ -654,6 +656,10 @@ class _Keys:
         """The holder's issuance token bucket."""
         return f"{self.ns}:rate:{holder}"
 
+    def run_rate(self, orchestrator: str) -> str:
+        """The orchestrator's run-start token bucket."""
+        return f"{self.ns}:runrate:{orchestrator}"
+
     def live(self, holder: str, target: str | None = None) -> str:
         """The holder's live counts per expiry minute, of all its leases or of one target's
         ('|' is in neither a SPIFFE ID nor a target name)."""
@@ -898,12 +904,33 @@ return 0
 """,
 )
 
-# A new run and its entry in the retention index (score: its deadline, µs), or nothing when
-# the id is taken. KEYS: run, run ends; ARGV: the run, its deadline, its id.
+# A new run and its entry in the retention index (score: its deadline, µs): 0 and nothing
+# written when the id is taken; with a rate (runs per minute, 0: none) its orchestrator's
+# token bucket is refilled for the time since it last was, as the write-ahead's is, and
+# without a whole token answers {'rate', <µs until the next>} and writes nothing. KEYS: run,
+# run ends, the bucket; ARGV: the run, its deadline, its id, now (µs), the rate.
 _CREATE_RUN = RedisScript(
     "create_run",
     """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local rate = tonumber(ARGV[5])
+local now = tonumber(ARGV[4])
+local tokens, refilled = rate, now
+if rate > 0 then
+  local held = redis.call('HMGET', KEYS[3], 't', 'at')
+  tokens = tonumber(held[1]) or rate
+  refilled = tonumber(held[2]) or now
+  if now > refilled then
+    tokens = math.min(rate, tokens + (now - refilled) * rate / 60000000)
+    refilled = now
+  end
+  if tokens < 1 then
+    return {'rate', tostring(math.ceil((1 - tokens) * 60000000 / rate))}
+  end
+  redis.call('HSET', KEYS[3], 't', tostring(tokens - 1), 'at', tostring(refilled))
+  redis.call('PEXPIRE', KEYS[3], 120000)
+end
+redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """,
@@ -1442,12 +1469,23 @@ class RedisLedger:  # satisfies core.ports.Ledger
 
     # ---- runs
 
-    async def create_run(self, run: WorkflowRun) -> bool:
-        """Store a new run; False if the id is taken."""
+    async def create_run(self, run: WorkflowRun, *, per_minute: int = 0) -> bool:
+        """Store a new run with its retention index entry, in one script; False if the id is
+        taken; :class:`LimitExceededError` when its orchestrator's run-start bucket is empty
+        (nothing written)."""
         check_id(run.id, "workflow id")
-        keys = [self._keys.run(run.id), self._keys.run_ends]
-        args: list[str | int] = [_encode_run(run), _micros(run.deadline), run.id]
-        return bool(await self._script("create_run", _CREATE_RUN, keys, args))
+        keys = [self._keys.run(run.id), self._keys.run_ends, self._keys.run_rate(run.started_by)]
+        args: list[str | int] = [
+            _encode_run(run),
+            _micros(run.deadline),
+            run.id,
+            _micros(run.created_at),
+            per_minute,
+        ]
+        answer = await self._script("create_run", _CREATE_RUN, keys, args)
+        if isinstance(answer, list):
+            raise run_rate_limit_error(run, per_minute, wait=int(answer[1]) / 1_000_000)
+        return bool(answer)
 
     async def get_run(self, workflow_id: str) -> WorkflowRun | None:
         """The run, or None."""

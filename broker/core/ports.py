@@ -218,8 +218,11 @@ class IssuanceLimits:
 class Ledger(Protocol):
     """The lease ledger (Redis in production, in memory in unit tests). Never a secret."""
 
-    async def create_run(self, run: WorkflowRun) -> bool:
-        """Store a new run; False if the id is taken."""
+    async def create_run(self, run: WorkflowRun, *, per_minute: int = 0) -> bool:
+        """Store a new run; False if the id is taken. ``per_minute``: runs its orchestrator
+        (``started_by``) may start per minute, a token bucket of that many refilled at that
+        rate (0: no limit), timed by ``created_at``; over it nothing is written and
+        :class:`~broker.errors.LimitExceededError` (``limit.runs_per_identity``) is raised."""
         ...
 
     async def get_run(self, workflow_id: str) -> WorkflowRun | None:

@@ -132,9 +132,10 @@ _PROBLEMS: Final[Mapping[int, tuple[str, str]]] = {
         "LimitExceeded",
         "The caller holds as many live credentials as it may (``limit.live_per_identity``, "
         "``limit.live_per_target``) or was issued them faster than it may "
-        "(``limit.rate_per_identity``), with ``limit`` and ``retry_after_seconds``; nothing "
-        "was issued. ``Retry-After`` says when a slot frees by itself; releasing a live "
-        "credential frees one at once.",
+        "(``limit.rate_per_identity``), or started runs faster than it may "
+        "(``limit.runs_per_identity``), with ``limit`` and ``retry_after_seconds``; nothing "
+        "was issued or started. ``Retry-After`` says when a slot frees by itself; releasing a "
+        "live credential frees one at once.",
     ),
     503: (
         "Unavailable",
@@ -262,7 +263,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "workflows",
         (Role.ORCHESTRATOR,),
         {201: Answer("The run, active.", responses.RunView)},
-        errors=(*_WITH_BODY, 409, 503),
+        errors=(*_WITH_BODY, 409, 429, 503),
         body=StartWorkflowBody,
         description="Give exactly one of ``deadline`` (RFC 3339 with an offset) and "
         "``ttl_seconds``.",

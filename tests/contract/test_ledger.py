@@ -109,6 +109,24 @@ async def test_saving_a_run_records_its_end(ledger: Ledger) -> None:
     assert ended == await ledger.get_run("wf-1")
 
 
+async def test_an_orchestrator_starts_at_most_its_rate_of_runs(ledger: Ledger) -> None:
+    for number in range(3):  # the bucket holds three
+        assert await ledger.create_run(make_run(f"wf-r{number}"), per_minute=3) is True
+    with pytest.raises(LimitExceededError) as caught:
+        await ledger.create_run(make_run("wf-r3"), per_minute=3)
+    assert (caught.value.reason, caught.value.limit) == ("limit.runs_per_identity", 3)
+    assert 19 <= caught.value.retry_after <= 20  # a token every 20 s
+    assert await ledger.get_run("wf-r3") is None  # nothing written
+    # Another orchestrator has a bucket of its own; a taken id takes no token.
+    other = "spiffe://tasklease.test/orchestrator/other"
+    assert await ledger.create_run(make_run("wf-o1", started_by=other), per_minute=3) is True
+    assert await ledger.create_run(make_run("wf-r0"), per_minute=3) is False
+    # A token is back 20 s later; without a limit, nothing is counted.
+    later = NOW + timedelta(seconds=20)
+    assert await ledger.create_run(make_run("wf-r3", created_at=later), per_minute=3) is True
+    assert await ledger.create_run(make_run("wf-r4", created_at=later)) is True
+
+
 async def test_saving_an_unknown_run_is_not_found(ledger: Ledger) -> None:
     with pytest.raises(NotFoundError):
         await ledger.save_run(make_run("wf-nowhere"))

@@ -167,3 +167,36 @@ async def test_an_identity_is_issued_at_most_its_rate(
     status, view = await call(broker, orchestrator, "GET", f"/v1/workflows/{run_id}")
     assert status == 200, view
     assert len(view["credentials"]) == 2
+
+
+async def test_an_orchestrator_starts_at_most_its_rate_of_runs(
+    stack: DevStack, start: StartBroker, tmp_path: Path
+) -> None:
+    broker = await start(TASKLEASE_ISSUANCE__RUNS_PER_IDENTITY_PER_MINUTE="2")
+    # An orchestrator of its own (the demo orchestrator starts the session's other runs).
+    orchestrator_id = f"spiffe://{stack.trust_domain}/orchestrator/paced-{secrets.token_hex(4)}"
+    orchestrator = client_context(stack, tmp_path, orchestrator_id)
+    body = {"owner": "alice@example.test", "purpose": "rate OPS-3", "ttl_seconds": 600}
+
+    async def start_one() -> tuple[int, dict[str, Any], str | None]:
+        run_id = f"wf-{secrets.token_hex(4)}"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{broker.url}/v1/workflows", ssl=orchestrator, json={"id": run_id, **body}
+            ) as response,
+        ):
+            return response.status, await response.json(), response.headers.get("Retry-After")
+
+    for _ in range(2):  # the bucket holds two
+        status, started, _ = await start_one()
+        assert status == 201, started
+    status, refused, retry_after = await start_one()
+    assert (status, refused["code"], refused["reason"], refused["limit"]) == (
+        429,
+        "limit_exceeded",
+        "limit.runs_per_identity",
+        2,
+    )
+    assert retry_after is not None
+    assert 20 <= int(retry_after) <= 30  # one token every 30 s
