@@ -261,6 +261,18 @@ def run_rate_limit_error(run: WorkflowRun, per_minute: int, *, wait: float) -> L
     )
 
 
+def refill(
+    held: tuple[float, datetime] | None, per_minute: int, at: datetime
+) -> tuple[float, datetime]:
+    """A token bucket ``held`` (tokens, when last refilled; None: full) refilled at ``at``: a
+    token per 60/``per_minute`` s, at most ``per_minute`` (as the Redis ledger's scripts do)."""
+    tokens, refilled = held if held is not None else (float(per_minute), at)
+    if at > refilled:
+        gained = (at - refilled).total_seconds() * per_minute / 60
+        tokens, refilled = min(float(per_minute), tokens + gained), at
+    return tokens, refilled
+
+
 def counted_until(lease: Lease) -> datetime:
     """Until when a live lease counts against its holder's limits: the end of the minute its
     expiry falls in (the Redis ledger counts per minute)."""
@@ -337,11 +349,8 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         if run.id in self._runs:
             return False
         if per_minute:
-            at = run.created_at
-            tokens, refilled = self._run_buckets.get(run.started_by, (float(per_minute), at))
-            if at > refilled:
-                gained = (at - refilled).total_seconds() * per_minute / 60
-                tokens, refilled = min(float(per_minute), tokens + gained), at
+            held = self._run_buckets.get(run.started_by)
+            tokens, refilled = refill(held, per_minute, run.created_at)
             if tokens < 1:
                 raise run_rate_limit_error(run, per_minute, wait=(1 - tokens) * 60 / per_minute)
             self._run_buckets[run.started_by] = (tokens - 1, refilled)
@@ -428,11 +437,7 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         is written); LimitExceededError when it has none; None without a rate limit."""
         if not per_minute:
             return None
-        at = lease.issued_at
-        tokens, refilled = self._buckets.get(lease.holder, (float(per_minute), at))
-        if at > refilled:
-            gained = (at - refilled).total_seconds() * per_minute / 60
-            tokens, refilled = min(float(per_minute), tokens + gained), at
+        tokens, refilled = refill(self._buckets.get(lease.holder), per_minute, lease.issued_at)
         if tokens < 1:
             raise rate_limit_error(lease, per_minute, wait=(1 - tokens) * 60 / per_minute)
         return tokens - 1, refilled

@@ -678,6 +678,22 @@ class _Keys:
         return f"{self.ns}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
+# A token bucket (``bucket``: t → tokens, at → when last refilled, µs) refilled at ``now`` for
+# the time since, a token per 60/``rate`` s and at most ``rate``; into ``tokens`` and
+# ``refilled``; without a whole token the script answers {'rate', <µs until the next>}.
+_REFILL = """
+    local held = redis.call('HMGET', bucket, 't', 'at')
+    tokens = tonumber(held[1]) or rate
+    refilled = tonumber(held[2]) or now
+    if now > refilled then
+      tokens = math.min(rate, tokens + (now - refilled) * rate / 60000000)
+      refilled = now
+    end
+    if tokens < 1 then
+      return {'rate', tostring(math.ceil((1 - tokens) * 60000000 / rate))}
+    end
+"""
+
 # One write-ahead, atomically and in one command (it was a MULTI of nine). KEYS: the nine of
 # the record, its indexes and due entry; then N live counts (the holder's, and the holder's
 # for this target when the target has a limit); the holder's issuance token bucket; the
@@ -755,16 +771,9 @@ if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then
     if limit > 0 and live >= limit then return {'limit', tostring(i), tostring(earliest)} end
   end
   if rate > 0 then
-    local held = redis.call('HMGET', bucket, 't', 'at')
-    tokens = tonumber(held[1]) or rate
-    refilled = tonumber(held[2]) or now
-    if now > refilled then
-      tokens = math.min(rate, tokens + (now - refilled) * rate / 60000000)
-      refilled = now
-    end
-    if tokens < 1 then
-      return {'rate', tostring(math.ceil((1 - tokens) * 60000000 / rate))}
-    end
+"""
+    + _REFILL
+    + """
   end
 end
 local located = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
@@ -913,22 +922,16 @@ _CREATE_RUN = RedisScript(
     "create_run",
     """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local bucket = KEYS[3]
 local rate = tonumber(ARGV[5])
 local now = tonumber(ARGV[4])
 local tokens, refilled = rate, now
 if rate > 0 then
-  local held = redis.call('HMGET', KEYS[3], 't', 'at')
-  tokens = tonumber(held[1]) or rate
-  refilled = tonumber(held[2]) or now
-  if now > refilled then
-    tokens = math.min(rate, tokens + (now - refilled) * rate / 60000000)
-    refilled = now
-  end
-  if tokens < 1 then
-    return {'rate', tostring(math.ceil((1 - tokens) * 60000000 / rate))}
-  end
-  redis.call('HSET', KEYS[3], 't', tostring(tokens - 1), 'at', tostring(refilled))
-  redis.call('PEXPIRE', KEYS[3], 120000)
+"""
+    + _REFILL
+    + """
+  redis.call('HSET', bucket, 't', tostring(tokens - 1), 'at', tostring(refilled))
+  redis.call('PEXPIRE', bucket, 120000)
 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
