@@ -25,6 +25,7 @@ from broker.core.audit import (
     QuarantineChanged,
     RevocationForced,
     WorkflowCompleted,
+    WorkflowPurged,
     WorkflowStarted,
     record_runs,
 )
@@ -315,6 +316,26 @@ def test_a_trace_without_the_start_or_without_events_says_so() -> None:
     assert "Credentials" not in without_start
 
 
+def test_a_purge_ends_the_story_of_a_run() -> None:
+    purged = event(
+        13,
+        "spiffe://td/broker",
+        WorkflowPurged(
+            state="completed",
+            over_at=T0,
+            retention_days=30,
+            leases=1,
+            lease_states={"revoked": 1},
+        ),
+        workflow_id="wf-42",
+    )
+    trace = render_trace(sealed([*STORY, purged]), "wf-42")
+    assert (
+        "run purged from the ledger by spiffe://td/broker: over since 2030-01-01T12:00:00+00:00, "
+        "kept 30 day(s); 1 lease record(s) deleted (history stays here)"
+    ) in trace
+
+
 def test_a_summary_line_per_record() -> None:
     line = summary_line(sealed(STORY)[5])
     assert line.startswith("2030-01-01 12:00:05Z  credential.issued        spiffe://td/agent/demo")
@@ -392,6 +413,13 @@ def test_a_query_is_bounded() -> None:
         (WorkflowCompleted(state="completed"), 6003, 3, 1, 1),
         (AgentToolCall(tool="psql"), 6003, 99, 1, 1),
         (AgentSideEffect(effect="x"), 6003, 99, 1, 1),
+        (
+            WorkflowPurged(state="completed", over_at=T0, retention_days=30, leases=2),
+            6003,
+            4,
+            1,
+            1,
+        ),
     ],
 )
 def test_each_event_type_maps_to_an_ocsf_class(
