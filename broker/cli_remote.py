@@ -174,6 +174,11 @@ targets_app = typer.Typer(help="The target catalog.", no_args_is_help=True)
 leases_app = typer.Typer(help="The lease ledger (admin).", no_args_is_help=True)
 quarantine_app = typer.Typer(help="Block issuance for an identity, a run or a target (admin).")
 approvals_app = typer.Typer(help="Human approvals (approver role).", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="Workflow runs: read one, or end it and revoke its credentials (its orchestrator, "
+    "or admin).",
+    no_args_is_help=True,
+)
 quarantine_app.info.no_args_is_help = True
 
 
@@ -391,6 +396,74 @@ def _report_table(report: dict[str, Any]) -> Table:
     return _table(title, ["credential", "target", "holder", "result", "reason"], rows)
 
 
+# --------------------------------------------------------------------------- runs
+
+
+@runs_app.command("show")
+def runs_show(
+    ctx: typer.Context, run_id: Annotated[str, typer.Argument(help="The run's id.")]
+) -> None:
+    """A run: owner, purpose, deadline, state, and its credentials' metadata."""
+    conn: Connection = ctx.obj
+    view = _run(ctx, lambda client: client.run(run_id))
+
+    def table() -> Table:
+        credentials = view.get("credentials", [])
+        title = (
+            f"run {view['id']} ({view['state']}): owner {view['owner']}, "
+            f"purpose {view['purpose']!r}, started by {view['started_by']}, "
+            f"deadline {view['deadline']}; {len(credentials)} credential(s)"
+        )
+        return _table(
+            title,
+            ["credential", "task", "target", "holder", "state", "expires"],
+            [
+                [
+                    x[key]
+                    for key in (
+                        "credential_id",
+                        "task_id",
+                        "target",
+                        "holder",
+                        "state",
+                        "expires_at",
+                    )
+                ]
+                for x in credentials
+            ],
+        )
+
+    _emit(conn, view, table)
+
+
+@runs_app.command("complete")
+def runs_complete(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The run's id.")],
+    outcome: Annotated[
+        str, typer.Option(help="completed|failed|cancelled (what the audit trail records).")
+    ] = "completed",
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait", help="Wait for OpenBao to confirm the revocations (the report)."
+        ),
+    ] = True,
+) -> None:
+    """End a run and revoke every credential of it: with --wait (default) prints what was
+    confirmed revoked and what is still live (exit 4 if anything is)."""
+    conn: Connection = ctx.obj
+    answer = _run(ctx, lambda client: client.complete_run(run_id, outcome=outcome, wait=wait))
+    report = answer.get("report")
+    if report is None:
+        scheduled = answer.get("scheduled", [])
+        _emit(conn, answer, lambda: f"run {run_id} ended; {len(scheduled)} credential(s) made due")
+        return
+    _emit(conn, answer, lambda: _report_table(report))
+    if not report.get("complete", False):
+        raise typer.Exit(EXIT_STILL_LIVE)
+
+
 # --------------------------------------------------------------------------- quarantine
 
 
@@ -506,3 +579,4 @@ def register(app: typer.Typer) -> None:
     app.command("revoke")(revoke)
     app.add_typer(quarantine_app, name="quarantine")
     app.add_typer(approvals_app, name="approvals")
+    app.add_typer(runs_app, name="runs")

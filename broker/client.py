@@ -703,7 +703,28 @@ class AgentClient(TaskleaseClient):
         return (await self.call("POST", "/v1/events", json_body=dict(event)))[1]
 
 
-class OrchestratorClient(TaskleaseClient):
+class _RunsClient(TaskleaseClient):
+    """Reading and completing a run: its orchestrator, or an admin."""
+
+    async def run(self, run_id: str) -> dict[str, Any]:
+        """The run and its credentials' metadata."""
+        return (await self.call_again("GET", f"/v1/workflows/{run_id}"))[1]
+
+    async def complete_run(
+        self, run_id: str, *, outcome: str = "completed", wait: bool = True
+    ) -> dict[str, Any]:
+        """End the run; with ``wait`` the report of what was confirmed revoked."""
+        return (
+            await self.call_again(
+                "POST",
+                f"/v1/workflows/{run_id}/complete",
+                json_body={"outcome": outcome},
+                params={"wait": "true" if wait else "false"},
+            )
+        )[1]
+
+
+class OrchestratorClient(_RunsClient):
     """For workflow engines: start a run for an owner, read it, complete it."""
 
     async def start_run(
@@ -731,26 +752,10 @@ class OrchestratorClient(TaskleaseClient):
             body["deadline"] = deadline.isoformat()
         return (await self.call("POST", "/v1/workflows", json_body=body, ok=(201,)))[1]
 
-    async def run(self, run_id: str) -> dict[str, Any]:
-        """The run and its credentials' metadata."""
-        return (await self.call_again("GET", f"/v1/workflows/{run_id}"))[1]
 
-    async def complete_run(
-        self, run_id: str, *, outcome: str = "completed", wait: bool = True
-    ) -> dict[str, Any]:
-        """End the run; with ``wait`` the report of what was confirmed revoked."""
-        return (
-            await self.call_again(
-                "POST",
-                f"/v1/workflows/{run_id}/complete",
-                json_body={"outcome": outcome},
-                params={"wait": "true" if wait else "false"},
-            )
-        )[1]
-
-
-class AdminClient(TaskleaseClient):
-    """For security teams: forced revocation, quarantines, approvals and the audit trail."""
+class AdminClient(_RunsClient):
+    """For security teams: forced revocation, quarantines, approvals, the audit trail, and any
+    run (read it, end it)."""
 
     async def revoke(self, selector: Mapping[str, Any], *, reason: str) -> dict[str, Any]:
         """``POST /v1/revocations``: the report (``complete`` false lists what is still live)."""

@@ -165,6 +165,34 @@ async def test_approvals_ls_and_approve(
     assert "approved" in result.stdout
 
 
+async def test_runs_show_then_complete_with_a_final_report(
+    stack: DevStack, running_broker: RunningBroker, tmp_path: Path
+) -> None:
+    broker = running_broker
+    run_id, credential = await _issue(stack, broker, tmp_path)
+    assert isinstance(credential, Credential)
+    admin = _pems(stack, tmp_path, workload_id(stack, "admin"))
+    view = await _json(broker, admin, "runs", "show", run_id)
+    assert (view["state"], view["owner"]) == ("active", "alice@example.test")
+    assert [(x["credential_id"], x["state"]) for x in view["credentials"]] == [
+        (credential.credential_id, "active")
+    ]
+    table = await _cli(broker, admin, "runs", "show", run_id)
+    assert table.exit_code == 0, table.output
+    assert f"run {run_id} (active)" in table.stdout
+
+    ended = await _cli(broker, admin, "runs", "complete", run_id, "--outcome", "cancelled")
+    assert ended.exit_code == 0, ended.output
+    assert "1 confirmed revoked, 0 still live" in ended.stdout
+    view = await _json(broker, admin, "runs", "show", run_id)
+    assert (view["state"], view["outcome"]) == ("cancelled", "cancelled")
+    assert [x["state"] for x in view["credentials"]] == ["revoked"]
+
+    unknown = await _cli(broker, admin, "runs", "show", "wf-nowhere")
+    assert unknown.exit_code == 1
+    assert "workflow.not_found" in unknown.output
+
+
 async def test_errors_are_clear_with_exit_codes(
     stack: DevStack, running_broker: RunningBroker, tmp_path: Path
 ) -> None:
