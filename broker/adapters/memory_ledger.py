@@ -235,29 +235,42 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MINUTE = timedelta(minutes=1)
 
 
+def _bucket_empty(
+    done: str, per_minute: int, wait: float, *, again: str, reason: str
+) -> LimitExceededError:
+    """An identity's token bucket of ``per_minute`` is empty (``done``: what it did that fast);
+    the next token comes in ``wait`` seconds."""
+    seconds = math.ceil(wait)
+    return LimitExceededError(
+        f"{done} faster than the {per_minute} per minute allowed per identity; {again} in "
+        f"{max(1, seconds)} s",
+        reason=reason,
+        limit=per_minute,
+        retry_after=seconds,
+    )
+
+
 def rate_limit_error(lease: Lease, per_minute: int, *, wait: float) -> LimitExceededError:
     """The holder of ``lease`` was issued ``per_minute`` credentials in the last minute (its
     token bucket is empty); the next token comes in ``wait`` seconds."""
-    seconds = math.ceil(wait)
-    return LimitExceededError(
-        f"{lease.holder} was issued credentials faster than the {per_minute} per minute "
-        f"allowed per identity; ask again in {max(1, seconds)} s",
+    return _bucket_empty(
+        f"{lease.holder} was issued credentials",
+        per_minute,
+        wait,
+        again="ask again",
         reason="limit.rate_per_identity",
-        limit=per_minute,
-        retry_after=seconds,
     )
 
 
 def run_rate_limit_error(run: WorkflowRun, per_minute: int, *, wait: float) -> LimitExceededError:
     """The orchestrator of ``run`` started ``per_minute`` runs in the last minute (its token
     bucket is empty); the next token comes in ``wait`` seconds."""
-    seconds = math.ceil(wait)
-    return LimitExceededError(
-        f"{run.started_by} started workflow runs faster than the {per_minute} per minute "
-        f"allowed per identity; start it again in {max(1, seconds)} s",
+    return _bucket_empty(
+        f"{run.started_by} started workflow runs",
+        per_minute,
+        wait,
+        again="start it again",
         reason="limit.runs_per_identity",
-        limit=per_minute,
-        retry_after=seconds,
     )
 
 

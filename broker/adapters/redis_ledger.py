@@ -138,7 +138,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -504,6 +504,15 @@ def _unindex(pipe: Pipeline, keys: _Keys, lease: Lease) -> None:
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _Survey(NamedTuple):
+    """What a purge reads of a run's leases (``RedisLedger._survey``)."""
+
+    over: datetime
+    states: dict[str, int]
+    live: int
+    digest: str
 
 
 class _LeasesDigest:
@@ -1185,10 +1194,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
                         except LedgerUnavailableError as exc:  # one bad record stops no other
                             _log.error("ledger.run_unreadable", key=str(key), detail=exc.detail)
                             continue
-                        end = run.deadline
-                        if run.ended_at is not None and run.ended_at < end:
-                            end = run.ended_at
-                        ends[run.id] = _micros(end)
+                        ends[run.id] = _micros(run_over_at(run, ()))
                 if ends:
                     added += int(await self._redis.zadd(self._keys.run_ends, ends, nx=True) or 0)
                 if int(cursor) == 0:
@@ -1215,20 +1221,19 @@ class RedisLedger:  # satisfies core.ports.Ledger
             )
             return PurgePlan(workflow_id, None, None, ready=False)
         run = _decode_run(str(raw_run), run_key)
-        over, states, digest = await self._survey(run)
-        live = sum(count for state, count in states.items() if state != LeaseState.REVOKED)
-        later = purge_recheck_at(over, cutoff, unsettled=live)
+        survey = await self._survey(run)
+        later = purge_recheck_at(survey.over, cutoff, unsettled=survey.live)
         if later is not None:
             with _translated("plan_purge"):
                 await self._redis.zadd(keys.run_ends, {workflow_id: _micros(later)}, xx=True)
-            return PurgePlan(workflow_id, run, over, ready=False, lease_states=states)
+            return PurgePlan(workflow_id, run, survey.over, ready=False, lease_states=survey.states)
         return PurgePlan(
             workflow_id,
             run,
-            over,
+            survey.over,
             ready=True,
-            lease_states=states,
-            version=f"{_digest(str(raw_run))}:{digest}",
+            lease_states=survey.states,
+            version=f"{_digest(str(raw_run))}:{survey.digest}",
         )
 
     async def purge(self, plan: PurgePlan) -> bool:
@@ -1254,7 +1259,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
                 raw_run = await self._redis.get(run_key)
                 if raw_run is None or _digest(str(raw_run)) != planned_run:
                     return False
-                if (await self._survey(run))[2] != planned_leases:
+                if (await self._survey(run)).digest != planned_leases:
                     return False
                 async for page in self._lease_pages(workflow_id):
                     leases = [_decode_lease(raw, cid, workflow_id, leases_key) for cid, raw in page]
@@ -1319,18 +1324,21 @@ class RedisLedger:  # satisfies core.ports.Ledger
             if int(cursor) == 0:
                 return
 
-    async def _survey(self, run: WorkflowRun) -> tuple[datetime, dict[str, int], str]:
-        """When everything of ``run`` is over, its leases by state, and their digest."""
+    async def _survey(self, run: WorkflowRun) -> _Survey:
+        """When everything of ``run`` is over, its leases by state, how many are live, and
+        their digest."""
         over = run_over_at(run, ())
         states: Counter[str] = Counter()
+        live = 0
         digest = _LeasesDigest()
         key = self._keys.leases(run.id)
         async for page in self._lease_pages(run.id):
             leases = [_decode_lease(raw, cid, run.id, key) for cid, raw in page]
             over = max(over, run_over_at(run, leases))
             states.update(lease.state.value for lease in leases)
+            live += sum(lease.is_live for lease in leases)
             digest.add(page)
-        return over, dict(states), digest.value
+        return _Survey(over, dict(states), live, digest.value)
 
     # ---- locks
 
