@@ -44,7 +44,6 @@ from broker.adapters import redis_ledger
 from broker.adapters.redis_ledger import RedisLedger
 from broker.config import RedisSettings
 from broker.core.model import (
-    DelegationChain,
     DelegationHop,
     Lease,
     LeaseState,
@@ -81,13 +80,8 @@ def _lease(run_id: str, number: int) -> Lease:
         sensitivity=Sensitivity.INTERNAL,
         holder=holder,
         owner=OWNER,
-        chain=DelegationChain(
-            (
-                DelegationHop("owner", OWNER, verified=False),
-                DelegationHop("orchestrator", ORCHESTRATOR, verified=True),
-                DelegationHop("agent", holder, verified=True),
-            )
-        ),
+        # As the service builds it: the run's chain, extended by the agent.
+        chain=_run(run_id).chain.extended(DelegationHop("agent", holder, verified=True)),
         issued_at=T0 + timedelta(minutes=1),
         expires_at=T0 + timedelta(minutes=16),
     )

@@ -20,7 +20,6 @@ import pytest
 from broker.adapters.redis_ledger import RedisLedger
 from broker.config import RedisSettings
 from broker.core.model import (
-    DelegationChain,
     DelegationHop,
     Lease,
     LeaseState,
@@ -68,12 +67,9 @@ async def test_a_broker_purges_a_run_over_for_longer_than_its_retention(
             sensitivity=Sensitivity.INTERNAL,
             holder=agent,
             owner=OWNER,
-            chain=DelegationChain(
-                (
-                    DelegationHop("owner", OWNER, verified=False),
-                    DelegationHop("orchestrator", DEMO_ORCHESTRATOR, verified=True),
-                    DelegationHop("agent", agent, verified=True),
-                )
+            # As the service builds it: the run's chain, extended by the agent.
+            chain=_run(old_id, wall - 4 * DAY, wall - 3 * DAY).chain.extended(
+                DelegationHop("agent", agent, verified=True)
             ),
             issued_at=wall - 4 * DAY,
             expires_at=wall - 4 * DAY + timedelta(minutes=15),
