@@ -12,7 +12,7 @@ import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -159,6 +159,16 @@ class RedisSettings(_Section):
     # The environment variable holding the Sentinels' own password (their `requirepass`);
     # empty: the Sentinels ask for none. Never the password itself.
     sentinel_password_env: str = ""
+    # TLS, for a redis.url of rediss:// (then every connection is TLS: to Redis, and through
+    # Sentinel to the master and to each Sentinel). PEM files, read again when they change:
+    # the next connection uses the new ones. The server's certificate must name the host
+    # connected to (through Sentinel: the address the Sentinels give, e.g. an IP SAN).
+    # tls_ca_file: the CA that signs the servers' certificates (only it); empty: system roots.
+    tls_ca_file: str = ""
+    # The broker's client certificate and its key, for a Redis with `tls-auth-clients yes`:
+    # both or neither (the key file is never read into a log or an error).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
     @model_validator(mode="after")
     def _no_acknowledgement_only_when_degraded(self) -> RedisSettings:
@@ -192,12 +202,49 @@ class RedisSettings(_Section):
             raise ValueError("redis.sentinel_password_env is set but redis.sentinels is empty")
         if self.sentinels:
             scheme = urlsplit(self.url.get_secret_value()).scheme
-            if scheme != "redis":
+            if scheme not in ("redis", "rediss"):
                 raise ValueError(
-                    f"redis.url has scheme {scheme!r}; with redis.sentinels only redis:// is "
-                    "supported (TLS and unix sockets through Sentinel are not)"
+                    f"redis.url has scheme {scheme!r}; with redis.sentinels it is redis:// or "
+                    "rediss:// (unix sockets through Sentinel are not supported)"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _tls_settings_fit_the_url(self) -> RedisSettings:
+        parts = urlsplit(self.url.get_secret_value())
+        # TLS is set here, with one rule for every connection: a URL query that weakens it
+        # (ssl_cert_reqs=none …) would otherwise be ignored or, worse, obeyed.
+        ssl_options = sorted({name for name, _ in parse_qsl(parts.query) if name.startswith("ssl")})
+        if ssl_options:
+            raise ValueError(
+                f"redis.url sets {', '.join(ssl_options)}: TLS is configured with "
+                "redis.tls_ca_file, redis.tls_cert_file and redis.tls_key_file, not in the URL"
+            )
+        files = {
+            name: value
+            for name, value in (
+                ("tls_ca_file", self.tls_ca_file),
+                ("tls_cert_file", self.tls_cert_file),
+                ("tls_key_file", self.tls_key_file),
+            )
+            if value
+        }
+        if files and parts.scheme != "rediss":
+            raise ValueError(
+                f"redis.{', redis.'.join(files)} set, but redis.url is {parts.scheme}://, "
+                "which is not TLS: use rediss://"
+            )
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError(
+                "set both redis.tls_cert_file and redis.tls_key_file (the client certificate "
+                "and its key), or neither"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether every connection to Redis (and to its Sentinels) is TLS: rediss://."""
+        return urlsplit(self.url.get_secret_value()).scheme == "rediss"
 
     @property
     def sentinel_addresses(self) -> tuple[tuple[str, int], ...]:

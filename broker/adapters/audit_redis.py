@@ -57,6 +57,7 @@ import redis.exceptions
 
 from broker.adapters.audit_sinks import SealedRecord
 from broker.adapters.clock import SystemClock
+from broker.adapters.redis_common import redis_error_code
 from broker.core.audit import AuditPage, AuditQuery, record_runs
 from broker.errors import AuditUnavailableError, BadRequestError
 
@@ -82,9 +83,7 @@ def _text(value: object) -> object:
 
 
 def _translated(operation: str, exc: Exception) -> AuditUnavailableError:
-    code = type(exc).__name__
-    if isinstance(exc, redis.exceptions.ResponseError) and str(exc):
-        code = str(exc).split()[0]  # the Redis error code (WRONGTYPE, NOPERM, OOM, …)
+    code = redis_error_code(exc)  # the Redis error code (WRONGTYPE, NOPERM, OOM, …), TLS's
     return AuditUnavailableError(
         f"the audit stream in Redis failed on {operation} ({code})", reason="audit.redis_failed"
     )

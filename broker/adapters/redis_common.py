@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import re
+import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +25,29 @@ from broker.errors import LedgerUnavailableError
 
 def redis_error_code(exc: BaseException) -> str:
     """The leading error code of a Redis error reply (OOM, READONLY, NOPERM, NOGROUP …), else
-    the exception type: enough to act on, and never part of the connection URL."""
+    the exception type, with OpenSSL's reason when TLS failed (``ConnectionError, TLS
+    CERTIFICATE_VERIFY_FAILED: Hostname mismatch …``): enough to act on, and never part of the
+    connection URL."""
     first = str(exc).split(" ", 1)[0]
     if isinstance(exc, redis.exceptions.ResponseError) and re.fullmatch(r"[A-Z]{2,16}", first):
         return first
-    return type(exc).__name__
+    tls = _tls_failure(exc)
+    return type(exc).__name__ if tls is None else f"{type(exc).__name__}, TLS {tls}"
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """What OpenSSL said, when an ``ssl.SSLError`` is behind ``exc`` (redis-py raises its
+    ConnectionError while handling it)."""
+    seen = 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 8:
+        if isinstance(cause, ssl.SSLError):
+            reason = str(cause.reason or type(cause).__name__)
+            detail = getattr(cause, "verify_message", None)
+            return f"{reason}: {detail}" if detail else reason
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    return None
 
 
 @contextlib.contextmanager

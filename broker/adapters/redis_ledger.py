@@ -1049,7 +1049,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
             replication = await self._redis.info("replication")
         except (redis.exceptions.RedisError, OSError) as exc:
             raise LedgerUnavailableError(
-                f"cannot read Redis configuration ({type(exc).__name__})",
+                f"cannot read Redis configuration ({redis_error_code(exc)})",
                 reason="ledger.unreachable",
             ) from exc
         return RedisDurability(
@@ -1096,7 +1096,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
                 self._waitaof = False
             except redis.exceptions.RedisError as exc:
                 raise LedgerUnavailableError(
-                    f"Redis is unreachable ({type(exc).__name__})", reason="ledger.unreachable"
+                    f"Redis is unreachable ({redis_error_code(exc)})", reason="ledger.unreachable"
                 ) from exc
             else:
                 self._waitaof = True
@@ -1153,7 +1153,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
             await self._redis.ping()
         except redis.exceptions.RedisError as exc:
             raise LedgerUnavailableError(
-                f"Redis is unreachable ({type(exc).__name__})", reason="ledger.unreachable"
+                f"Redis is unreachable ({redis_error_code(exc)})", reason="ledger.unreachable"
             ) from exc
 
     async def close(self) -> None:

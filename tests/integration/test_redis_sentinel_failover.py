@@ -2,9 +2,9 @@
 one replica and three Sentinels (quorum 2), all with passwords, on free loopback ports in a
 temporary directory, started per test and torn down after it (SECURITY.md 32, failover case).
 
-Only ``redis-server`` is needed (``--sentinel`` is the same binary); the session's stack
-fixture checks the machine as for every stack test. Every wait is bounded, so a failover that
-never happens fails the test instead of hanging it. The service's side of a refused
+The topology is tests/integration/redis_topology.py's; the session's stack fixture checks the
+machine as for every stack test. Every wait is bounded, so a failover that never happens fails
+the test instead of hanging it. The service's side of a refused
 acknowledgement (the credential is revoked, no secret returned) is
 tests/unit/test_service_issuance.py::test_a_failed_acknowledgement_revokes_and_returns_no_secret.
 """
@@ -13,23 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
-import shutil
 import signal
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
-import redis
 
 from broker.adapters.redis_connection import SentinelMasterRedis, WaitingSentinelConnectionPool
 from broker.adapters.redis_ledger import RedisLedger
-from broker.config import RedisSettings
 from broker.core.model import (
     DelegationChain,
     DelegationHop,
@@ -39,14 +32,10 @@ from broker.core.model import (
     TargetKind,
     WorkflowRun,
 )
-from broker.devstack import DevStack, ManagedProcess, free_port, redis_config, wait_until
+from broker.devstack import DevStack
 from broker.errors import LedgerUnavailableError
-from tests.conftest import LOG_DIR, remember_secret
+from tests.integration.redis_topology import BOUND_SECONDS, Topology, running_topology
 
-SERVICE = "tl-ledger"
-SENTINEL_PASSWORD_ENV = "TL_TEST_SENTINEL_PASSWORD"
-# Every wait is bounded by this: a broken failover fails the test instead of hanging it.
-BOUND_SECONDS = 20.0
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 AGENT = "spiffe://tasklease.test/agent/planner"
 
@@ -77,153 +66,13 @@ async def _write_and_activate(ledger: RedisLedger, credential_id: str) -> Lease:
 # --------------------------------------------------------------------------- the topology
 
 
-@dataclass
-class Topology:
-    """A master, its replica and three Sentinels; ``processes`` by name."""
-
-    root: Path
-    logs: Path
-    password: str
-    sentinel_password: str
-    ports: dict[str, int] = field(default_factory=dict)
-    processes: dict[str, ManagedProcess] = field(default_factory=dict)
-
-    def _conf(self, name: str, text: str) -> Path:
-        data = self.root / name
-        data.mkdir()
-        conf = data / f"{name}.conf"
-        conf.touch(mode=0o600)  # it holds passwords
-        conf.write_text(text)
-        return conf
-
-    def _start(self, name: str, argv: list[str]) -> None:
-        process = ManagedProcess(name, argv, self.logs / f"{name}.log")
-        self.processes[name] = process
-        process.start()
-
-    def start_redis(self, name: str, *, replica_of: int | None = None) -> None:
-        port = self.ports[name]
-        text = redis_config(port=port, data_dir=self.root / name, password=self.password)
-        if replica_of is not None:
-            text += f"replicaof 127.0.0.1 {replica_of}\nmasterauth {self.password}\n"
-        else:
-            # A master demoted after a failover must follow the new one with the password;
-            # a replica's sync starts at once (Redis waits 5 s for more replicas by default).
-            text += f"masterauth {self.password}\nrepl-diskless-sync-delay 0\n"
-        self._start(name, ["redis-server", str(self._conf(name, text))])
-
-    def start_sentinel(self, name: str) -> None:
-        text = "\n".join(
-            [
-                "bind 127.0.0.1",
-                f"port {self.ports[name]}",
-                f"dir {self.root / name}",
-                "daemonize no",
-                # Clients, and the other Sentinels, must give this password.
-                f"requirepass {self.sentinel_password}",
-                f"sentinel monitor {SERVICE} 127.0.0.1 {self.ports['master']} 2",
-                f"sentinel auth-pass {SERVICE} {self.password}",
-                f"sentinel down-after-milliseconds {SERVICE} 500",
-                f"sentinel failover-timeout {SERVICE} 2000",
-                f"sentinel parallel-syncs {SERVICE} 1",
-                "",
-            ]
-        )
-        self._start(name, ["redis-server", str(self._conf(name, text)), "--sentinel"])
-
-    def client(self, name: str) -> redis.Redis:
-        password = self.sentinel_password if name.startswith("sentinel") else self.password
-        return redis.Redis(
-            port=self.ports[name], password=password, decode_responses=True, socket_timeout=2
-        )
-
-    def info(self, name: str, section: str) -> dict[str, object]:
-        with self.client(name) as client:
-            reply: dict[str, object] = client.info(section)
-            return reply
-
-    def answers(self, name: str) -> bool:
-        with self.client(name) as client:
-            return bool(client.ping())
-
-    def replica_in_sync(self) -> bool:
-        return self.info("replica", "replication").get("master_link_status") == "up"
-
-    def sentinels_ready(self) -> bool:
-        """Every Sentinel sees the master, the two other Sentinels and the replica, up and
-        linked to the master (else a failover would find nothing to promote)."""
-        for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
-            with self.client(name) as client:
-                state = client.sentinel_master(SERVICE)
-                replicas = client.sentinel_slaves(SERVICE)
-            if int(state["num-other-sentinels"]) != 2 or len(replicas) != 1:
-                return False
-            if replicas[0]["is_sdown"] or replicas[0].get("master-link-status") != "ok":
-                return False
-        return True
-
-    def settings(self, **overrides: object) -> RedisSettings:
-        values: dict[str, object] = {
-            # Only the master's password: where it is, the Sentinels say.
-            "url": f"redis://:{self.password}@/0",
-            "sentinels": tuple(f"127.0.0.1:{self.ports[f'sentinel-{i}']}" for i in (1, 2, 3)),
-            "sentinel_service": SERVICE,
-            "sentinel_password_env": SENTINEL_PASSWORD_ENV,
-            "socket_timeout_seconds": 1.0,
-            "durability": "replicas",
-            "durability_replicas": 1,
-            "durability_timeout_ms": 500,
-        }
-        values.update(overrides)
-        return RedisSettings.model_validate(values)
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            process.stop(timeout=5)
-
-
 @pytest.fixture
 def topology(stack: DevStack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Topology]:
     # ``stack`` (the session's, already running) applies the suite's one rule for a machine
     # without redis-server and the rest: fail with TASKLEASE_REQUIRE_STACK=1. Its own
     # processes are not used here.
-    root = Path(tempfile.mkdtemp(prefix="tl-sentinel-", dir="/tmp"))
-    topo = Topology(
-        root=root,
-        # Under the session's log directory: the secret scan reads these logs.
-        logs=LOG_DIR / "sentinel-failover" / root.name,
-        password=remember_secret(secrets.token_urlsafe(24)),
-        sentinel_password=remember_secret(secrets.token_urlsafe(24)),
-    )
-    monkeypatch.setenv(SENTINEL_PASSWORD_ENV, topo.sentinel_password)
-    for name in ("master", "replica", "sentinel-1", "sentinel-2", "sentinel-3"):
-        topo.ports[name] = free_port()
-    try:
-        topo.start_redis("master")
-        wait_until(
-            lambda: topo.answers("master"),
-            what="the master to answer",
-            timeout=BOUND_SECONDS,
-            process=topo.processes["master"],
-        )
-        topo.start_redis("replica", replica_of=topo.ports["master"])
-        wait_until(
-            topo.replica_in_sync,
-            what="the replica to sync",
-            timeout=BOUND_SECONDS,
-            process=topo.processes["replica"],
-        )
-        for i in (1, 2, 3):
-            topo.start_sentinel(f"sentinel-{i}")
-        wait_until(
-            topo.sentinels_ready,
-            what="the Sentinels to see the master, the replica and each other",
-            timeout=BOUND_SECONDS,
-        )
+    with running_topology(monkeypatch, label="sentinel-failover") as topo:
         yield topo
-    finally:
-        topo.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
