@@ -438,6 +438,9 @@ async def build_runtime(
         if durability.problems:
             _log.warning("redis.degraded_durability", problems=durability.problems)
 
+        if settings.vault.plain_http_off_loopback:
+            # vault.insecure_allow_plain_http: config refuses this otherwise.
+            _log.warning("vault.insecure_plain_http", addr=settings.vault.addr)
         vault = HvacVault(settings=settings.vault, jwt_svid=workload.fetch_jwt_svid, now=clock.now)
         session = await vault.login()
         minter = VaultMinter(vault=vault, kinds=all_kinds(), now=clock.now)

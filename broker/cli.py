@@ -100,14 +100,20 @@ def dev(
             "SPIFFE_ENDPOINT_SOCKET": f"unix://{endpoints.spire_agent_socket}",
             "TASKLEASE_SPIFFE__TRUST_DOMAIN": endpoints.trust_domain,
             "TASKLEASE_SPIFFE__WORKLOAD_API_SOCKET": f"unix://{endpoints.spire_agent_socket}",
-            "TASKLEASE_VAULT__ADDR": endpoints.openbao_addr,
+            # The broker reaches OpenBao over TLS, as it would anywhere else.
+            "TASKLEASE_VAULT__ADDR": endpoints.openbao_tls_addr,
+            "TASKLEASE_VAULT__CA_FILE": endpoints.openbao_ca_file,
             "TASKLEASE_REDIS__URL": endpoints.redis_url,
             "TASKLEASE_SERVER__PORT": str(port),
         }
         os.environ.update(env)
         _out.print("\n[bold]tasklease dev stack[/]")
         for name, where in [
-            ("OpenBao", endpoints.openbao_addr),
+            (
+                "OpenBao",
+                f"{endpoints.openbao_tls_addr} (CA {endpoints.openbao_ca_file}); "
+                f"plain HTTP on loopback: {endpoints.openbao_addr}",
+            ),
             ("Redis", f"127.0.0.1:{endpoints.redis_port} (AOF fsync always, noeviction)"),
             ("PostgreSQL", f"127.0.0.1:{endpoints.postgres_port} (database demo)"),
             ("SPIRE server", endpoints.spire_server_socket),

@@ -123,12 +123,43 @@ class VaultSettings(_Section):
     # The reconciler's lock lease, renewed every third of it while a pass runs: a replica
     # killed mid-pass holds up the others for at most this long.
     reconcile_lock_ttl_seconds: int = Field(default=30, ge=3, le=600)
+    # PEM CA that signs OpenBao's server certificate, trusted alone (by the broker's session
+    # and by minting); empty: the system roots (aiohttp) and certifi's (hvac).
+    ca_file: str = ""
+    # Task tokens and dynamic secrets travel on this connection: plain http is accepted only
+    # to a loopback address (the dev stack), unless this is set (logged at every start).
+    insecure_allow_plain_http: bool = False
 
     @model_validator(mode="after")
     def _token_when_token_auth(self) -> VaultSettings:
         if self.auth_method == "token" and self.token is None:
             raise ValueError("auth_method 'token' needs vault.token (TASKLEASE_VAULT__TOKEN)")
         return self
+
+    @model_validator(mode="after")
+    def _tls_unless_loopback(self) -> VaultSettings:
+        parts = urlsplit(self.addr)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"vault.addr must be https://host[:port] (got scheme {parts.scheme!r})"
+            )
+        if parts.scheme == "http":
+            if self.ca_file:
+                raise ValueError("vault.ca_file is set, but vault.addr is http://: use https://")
+            if not _is_loopback(parts.hostname) and not self.insecure_allow_plain_http:
+                raise ValueError(
+                    f"vault.addr is http:// to {parts.hostname!r}, which is not a loopback "
+                    "address: task tokens and secrets would cross the network in plain text; "
+                    "use https:// (or vault.insecure_allow_plain_http = true)"
+                )
+        return self
+
+    @property
+    def plain_http_off_loopback(self) -> bool:
+        """True when the broker talks plain http to OpenBao beyond loopback (the insecure
+        setting is in use and start-up logs it)."""
+        parts = urlsplit(self.addr)
+        return parts.scheme == "http" and not _is_loopback(parts.hostname or "")
 
 
 class RedisSettings(_Section):

@@ -839,7 +839,7 @@ def _introduce(
     grid.add_column(style="dim", no_wrap=True)
     grid.add_column(overflow="fold")
     for key, value in (
-        ("OpenBao", endpoints.openbao_addr),
+        ("OpenBao", f"{endpoints.openbao_tls_addr} (TLS, the stack's own CA)"),
         ("SPIRE", f"trust domain {endpoints.trust_domain}"),
         ("Redis", f"127.0.0.1:{endpoints.redis_port} (the ledger and the audit stream)"),
         ("PostgreSQL", f"127.0.0.1:{endpoints.postgres_port}, database demo, table orders"),
@@ -886,7 +886,8 @@ def _broker_environment(endpoints: StackEndpoints, identities: Path) -> dict[str
         "SPIFFE_ENDPOINT_SOCKET": f"unix://{endpoints.spire_agent_socket}",
         "TASKLEASE_SPIFFE__TRUST_DOMAIN": endpoints.trust_domain,
         "TASKLEASE_SPIFFE__WORKLOAD_API_SOCKET": f"unix://{endpoints.spire_agent_socket}",
-        "TASKLEASE_VAULT__ADDR": endpoints.openbao_addr,
+        "TASKLEASE_VAULT__ADDR": endpoints.openbao_tls_addr,
+        "TASKLEASE_VAULT__CA_FILE": endpoints.openbao_ca_file,
         "TASKLEASE_REDIS__URL": endpoints.redis_url,
         "TASKLEASE_SERVER__PORT": "0",
         "TASKLEASE_IDENTITIES_FILE": str(identities),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import json
 import os
 import pwd
@@ -32,6 +33,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +353,78 @@ def _http_json(
             return exc.code, None
 
 
+DEV_TLS_CA = "ca.pem"
+
+
+def write_dev_tls(directory: Path) -> tuple[Path, Path]:
+    """A CA of its own (``ca.pem``) and a server certificate for 127.0.0.1 with its key (mode
+    0600), valid 30 days, for the dev stack's TLS listeners: the certificate's and key's
+    paths. A new CA per stack: nothing outside this stack trusts it."""
+    from cryptography import x509  # noqa: PLC0415 - only a starting stack needs it
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tasklease dev stack CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (directory / DEV_TLS_CA).write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path, key_path = directory / "server.pem", directory / "server-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
 # --------------------------------------------------------------------------- the stack
 
 
@@ -374,6 +448,10 @@ class StackEndpoints:
     broker_spiffe_id: str
     workload_uids: dict[str, int]
     workload_ids: dict[str, str]
+    # The same OpenBao over TLS (a second listener; its certificate names 127.0.0.1 only),
+    # and the PEM CA that signed it: what `tasklease dev` and the demo's broker use.
+    openbao_tls_addr: str = ""
+    openbao_ca_file: str = ""
 
     def to_json(self) -> str:
         """Serialise (secrets included) for ``stack.json``, which is written mode 0600."""
@@ -444,6 +522,7 @@ class DevStack:
             "redis": free_port(),
             "postgres": free_port(),
             "openbao": free_port(also_next=True),
+            "openbao_tls": free_port(),
             "spire": free_port(),
         }
         # initdb is the slowest step; run it while the other servers boot.
@@ -652,11 +731,15 @@ class DevStack:
     def _openbao_addr(self) -> str:
         return f"http://127.0.0.1:{self._ports['openbao']}"
 
+    def _openbao_tls_addr(self) -> str:
+        return f"https://127.0.0.1:{self._ports['openbao_tls']}"
+
     def _start_openbao(self) -> None:
         data = self.runtime_dir / "openbao"
         (data / "raft").mkdir(parents=True, exist_ok=True)
         port = self._ports["openbao"]
         conf = data / "openbao.hcl"
+        tls_cert, tls_key = write_dev_tls(data / "tls")
         # A real server (raft storage, Shamir seal), not -dev: dev mode prints its root token
         # to the log, and a real server can be sealed, stopped and restarted by the tests.
         conf.write_text(
@@ -667,6 +750,13 @@ class DevStack:
                     f'  address = "127.0.0.1:{port}"',
                     f'  cluster_address = "127.0.0.1:{port + 1}"',
                     "  tls_disable = true",
+                    "}",
+                    # The same API over TLS, as anything but a loopback dev stack must be.
+                    'listener "tcp" {',
+                    f'  address = "127.0.0.1:{self._ports["openbao_tls"]}"',
+                    f'  tls_cert_file = "{tls_cert}"',
+                    f'  tls_key_file = "{tls_key}"',
+                    '  tls_min_version = "tls12"',
                     "}",
                     f'api_addr = "http://127.0.0.1:{port}"',
                     f'cluster_addr = "http://127.0.0.1:{port + 1}"',
@@ -998,6 +1088,8 @@ class DevStack:
             broker_spiffe_id=self._workload_ids()["broker"],
             workload_uids=self._workload_uids(),
             workload_ids=self._workload_ids(),
+            openbao_tls_addr=self._openbao_tls_addr(),
+            openbao_ca_file=str(self.runtime_dir / "openbao" / "tls" / DEV_TLS_CA),
         )
 
 

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import hashlib
 import re
-import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.client import Pipeline
 
+from broker.adapters.tls import failure_code
 from broker.errors import LedgerUnavailableError
 
 
@@ -31,23 +31,7 @@ def redis_error_code(exc: BaseException) -> str:
     first = str(exc).split(" ", 1)[0]
     if isinstance(exc, redis.exceptions.ResponseError) and re.fullmatch(r"[A-Z]{2,16}", first):
         return first
-    tls = _tls_failure(exc)
-    return type(exc).__name__ if tls is None else f"{type(exc).__name__}, TLS {tls}"
-
-
-def _tls_failure(exc: BaseException) -> str | None:
-    """What OpenSSL said, when an ``ssl.SSLError`` is behind ``exc`` (redis-py raises its
-    ConnectionError while handling it)."""
-    seen = 0
-    cause: BaseException | None = exc
-    while cause is not None and seen < 8:
-        if isinstance(cause, ssl.SSLError):
-            reason = str(cause.reason or type(cause).__name__)
-            detail = getattr(cause, "verify_message", None)
-            return f"{reason}: {detail}" if detail else reason
-        cause = cause.__cause__ or cause.__context__
-        seen += 1
-    return None
+    return failure_code(exc)
 
 
 @contextlib.contextmanager

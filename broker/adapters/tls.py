@@ -103,3 +103,23 @@ class RotatingServerTls:
         current = self.current
         if ssl_object.context is not current:
             ssl_object.context = current
+
+
+def failure_code(exc: BaseException) -> str:
+    """A client failure in a few words for an error message: the exception's type, and when
+    TLS failed behind it (the libraries raise their own error while handling OpenSSL's) what
+    OpenSSL said: ``ConnectionError, TLS CERTIFICATE_VERIFY_FAILED: Hostname mismatch, …``.
+    Never a URL or anything sent."""
+    seen = 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 8:
+        # OpenSSL's own errors carry a reason; a library's subclass of ssl.SSLError (aiohttp's
+        # ClientConnectorCertificateError) may not, and chains the real one.
+        reason = getattr(cause, "reason", None) if isinstance(cause, ssl.SSLError) else None
+        if reason:
+            detail = getattr(cause, "verify_message", None)
+            said = f"{reason}: {detail}" if detail else str(reason)
+            return f"{type(exc).__name__}, TLS {said}"
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    return type(exc).__name__

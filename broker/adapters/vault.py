@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ import hvac.exceptions
 import requests
 
 from broker.adapters.kinds import KindSecret, SecretKind
+from broker.adapters.tls import failure_code
 from broker.adapters.vault_http import VaultHttp, VaultResponseError, translate
 from broker.config import VaultSettings
 from broker.core.model import TargetKind
@@ -63,6 +65,21 @@ class BrokerSession:
     renewable: bool
 
 
+def openbao_tls_context(settings: VaultSettings) -> ssl.SSLContext | None:
+    """The context that verifies OpenBao against ``vault.ca_file`` alone (None: empty, the
+    libraries' default roots). :class:`ConfigurationError` when the file does not load."""
+    if not settings.ca_file:
+        return None
+    try:
+        return ssl.create_default_context(cafile=settings.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigurationError(
+            f"vault.ca_file {settings.ca_file!r} could not be loaded ({problem}); expected a "
+            "PEM CA certificate"
+        ) from exc
+
+
 class HvacVault:  # the broker's OpenBao/Vault adapter
     """The broker's connection to OpenBao/Vault."""
 
@@ -76,7 +93,13 @@ class HvacVault:  # the broker's OpenBao/Vault adapter
         self._settings = settings
         self._jwt_svid = jwt_svid
         self._now = now
-        self._client = hvac.Client(url=settings.addr, timeout=settings.request_timeout_seconds)
+        self._tls = openbao_tls_context(settings)
+        self._client = hvac.Client(
+            url=settings.addr,
+            timeout=settings.request_timeout_seconds,
+            # requests reads the CA file itself; the context above proved it loads.
+            verify=settings.ca_file or True,
+        )
         self._session: BrokerSession | None = None
         self._login_lock = asyncio.Lock()
 
@@ -100,6 +123,12 @@ class HvacVault:  # the broker's OpenBao/Vault adapter
     def settings(self) -> VaultSettings:
         """The Vault settings."""
         return self._settings
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """The TLS context of ``vault.ca_file`` for other clients of the same OpenBao, or
+        None for the system roots."""
+        return self._tls
 
     async def call(self, what: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run blocking hvac work in a thread, translating hvac/requests errors."""
@@ -133,7 +162,7 @@ class HvacVault:  # the broker's OpenBao/Vault adapter
             ) from exc
         except requests.RequestException as exc:
             raise VaultUnavailableError(
-                f"{what}: OpenBao at {self._settings.addr} is unreachable ({type(exc).__name__})",
+                f"{what}: OpenBao at {self._settings.addr} is unreachable ({failure_code(exc)})",
                 reason="vault.unreachable",
             ) from exc
 
@@ -316,6 +345,7 @@ class VaultMinter:  # satisfies core.ports.SecretMinter and core.ports.TaskToken
             addr=vault.settings.addr,
             timeout_seconds=vault.settings.request_timeout_seconds,
             broker_token=lambda: vault.client.token,
+            tls=vault.tls,
         )
 
     async def close(self) -> None:

@@ -12,11 +12,13 @@ request (with Vault's message), 403 forbidden, 429 rate limited, 503 sealed or s
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
+from broker.adapters.tls import failure_code
 from broker.core.untrusted import printable
 from broker.errors import BadRequestError, VaultUnavailableError
 
@@ -38,18 +40,25 @@ class VaultHttp:
     """Minimal async client: one JSON request per call, a shared connection pool."""
 
     def __init__(
-        self, *, addr: str, timeout_seconds: float, broker_token: Callable[[], str | None]
+        self,
+        *,
+        addr: str,
+        timeout_seconds: float,
+        broker_token: Callable[[], str | None],
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls``: the context that verifies OpenBao (``vault.ca_file``); None: the system
+        roots."""
         self._addr = addr.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._broker_token = broker_token
+        self._tls = tls
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=self._timeout, connector=aiohttp.TCPConnector(limit=128)
-            )
+            connector = aiohttp.TCPConnector(limit=128, ssl=self._tls or True)
+            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
         return self._session
 
     async def raw(
@@ -77,7 +86,7 @@ class VaultHttp:
             raise translate(what, exc) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise VaultUnavailableError(
-                f"{what}: OpenBao at {self._addr} is unreachable ({type(exc).__name__})",
+                f"{what}: OpenBao at {self._addr} is unreachable ({failure_code(exc)})",
                 reason="vault.unreachable",
             ) from exc
 

@@ -19,14 +19,14 @@ def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         if key.startswith("TASKLEASE_"):
             monkeypatch.delenv(key)
     path = tmp_path / "broker.toml"
-    path.write_text('[vault]\naddr = "http://vault.example:8200"\n[server]\nport = 9443\n')
+    path.write_text('[vault]\naddr = "https://vault.example:8200"\n[server]\nport = 9443\n')
     monkeypatch.setenv("TASKLEASE_CONFIG", str(path))
     return path
 
 
 def test_the_file_is_read(config_file: Path) -> None:
     settings = load_settings()
-    assert (settings.vault.addr, settings.server.port) == ("http://vault.example:8200", 9443)
+    assert (settings.vault.addr, settings.server.port) == ("https://vault.example:8200", 9443)
 
 
 def test_environment_overrides_the_file(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
