@@ -89,6 +89,7 @@ from broker.reconciler import Reconciler
 from broker.retention import RunRetentionJob
 from broker.revocation import RevocationMetrics, RevocationSettings, Revoker
 from broker.service import CredentialBroker, Readiness
+from broker.superseded import SupersededInputsWatch, SupersededReadiness
 
 _T = TypeVar("_T")
 _log = structlog.get_logger("broker")
@@ -463,6 +464,16 @@ async def build_runtime(
             )
         audit_trail, audit_reader = await _audit_trail(settings.audit, ledger, clock)
         continuous_readiness = ContinuousReadiness()  # attached once the authorizer exists
+        # One registry for the whole process, served at /metrics (broker/metrics.py).
+        metrics = BrokerMetrics()
+        # The digest of the decision inputs last applied to every live lease, next to the
+        # ledger: a change made while no broker ran is applied at start-up, and a replica the
+        # fleet has moved past stops issuing (broker/superseded.py).
+        markers = RedisReevaluationMarkers(client=ledger.client, namespace=ledger.namespace)
+        inputs = DecisionInputs(reloader, roles)
+        superseded = SupersededInputsWatch(
+            markers=markers, inputs=inputs, clock=clock, registry=metrics.registry
+        )
         readiness = Readiness(
             checks=[
                 RedisReadiness(ledger),
@@ -471,14 +482,13 @@ async def build_runtime(
                     workload, max_age_seconds=settings.spiffe.bundle_max_age_seconds
                 ),
                 PolicyReadiness(reloader),
+                SupersededReadiness(superseded),
                 AuditReadiness(audit_trail),
                 continuous_readiness,
             ],
             clock=clock,
             timeout_seconds=settings.server.readiness_timeout_seconds,
         )
-        # One registry for the whole process, served at /metrics (broker/metrics.py).
-        metrics = BrokerMetrics()
         reloader.metrics.register(metrics.registry)
         audit_trail.metrics.register(metrics.registry)
         quarantines = ReevaluatingQuarantines(store=ledger)
@@ -524,6 +534,7 @@ async def build_runtime(
             live_limit_per_identity=settings.issuance.live_credentials_per_identity,
             issuance_rate_per_identity=settings.issuance.credentials_per_identity_per_minute,
             run_rate_per_identity=settings.issuance.runs_per_identity_per_minute,
+            refuse_if_superseded=superseded.refuse_if_superseded,
         )
         app = create_app(
             readiness=readiness,
@@ -574,15 +585,16 @@ async def build_runtime(
             approvals=ApprovalStoreStates(approval_store),
             actor=workload.own_svid().spiffe_id,
             metrics=ContinuousMetrics(metrics.registry),
-            # The digest of the decision inputs last applied to every live lease, next to
-            # the ledger (a change made while no broker ran is applied at start-up).
-            markers=RedisReevaluationMarkers(client=ledger.client, namespace=ledger.namespace),
-            inputs=DecisionInputs(reloader, roles),
+            markers=markers,
+            inputs=inputs,
             writer=audit_trail.writer,
             retry_base=timedelta(seconds=settings.policy.reevaluation_retry_base_seconds),
             retry_cap=timedelta(seconds=settings.policy.reevaluation_retry_cap_seconds),
             # Withdrawn approvals' re-evaluations not yet completed (resumed at start-up).
             pending=RedisPendingScopeRecords(client=ledger.client, namespace=ledger.namespace),
+            # Once replicas on the previous inputs have seen the marker (and stopped issuing),
+            # the credentials issued since the re-evaluation began are decided again.
+            follow_up_after=timedelta(seconds=2 * settings.policy.superseded_check_seconds + 10),
         )
         continuous_readiness.attach(continuous)
         reloader.listen(continuous)
@@ -634,6 +646,9 @@ async def build_runtime(
     )
     runtime.start_background(
         reloader.run(interval=timedelta(seconds=settings.policy.reload_interval_seconds))
+    )
+    runtime.start_background(
+        superseded.run(interval=timedelta(seconds=settings.policy.superseded_check_seconds))
     )
     # Policies or targets edited while no broker ran: decide every live lease again (in the
     # background, retried) unless the stored digest says the inputs in force were applied.

@@ -355,6 +355,10 @@ class PolicySettings(_Section):
     # unreachable) is retried after base · 2^(n-1) seconds, capped, jittered to [d/2, d].
     reevaluation_retry_base_seconds: float = Field(default=1.0, gt=0, le=3600)
     reevaluation_retry_cap_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # How often a replica checks whether another one has applied other decision inputs
+    # (policy set, targets, roles, hours) after its own came into force; then it issues
+    # nothing and is not ready until it loads them (broker/superseded.py). 0: never.
+    superseded_check_seconds: float = Field(default=5.0, ge=0, le=600)
 
     @model_validator(mode="after")
     def _a_sane_retry(self) -> PolicySettings:

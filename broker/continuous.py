@@ -340,12 +340,17 @@ EVERYTHING: Final = "everything"
 TARGET: Final = "target"
 QUARANTINE: Final = "quarantine"
 APPROVAL: Final = "approval"
+RECENT: Final = "recent"
 _SCOPE_LABEL: Final = {
     EVERYTHING: "every live lease",
+    RECENT: "the live leases issued since a re-evaluation of every live lease began",
     TARGET: "a target's leases",
     QUARANTINE: "a quarantine's leases",
     APPROVAL: "a withdrawn approval's credential",
 }
+# How far before a re-evaluation of every live lease began its follow-up looks (clocks of
+# replicas that disagree, a request decided before it began and written after).
+FOLLOW_UP_SKEW: Final = timedelta(seconds=60)
 # The backoff between attempts of one scope (the defaults of policy.reevaluation_retry_*).
 RETRY_BASE: Final = timedelta(seconds=1)
 RETRY_CAP: Final = timedelta(seconds=60)
@@ -366,13 +371,16 @@ _STARTUP_REASON: Final = (
 @dataclass(frozen=True, slots=True)
 class ReevaluationScope:
     """Which live leases one change covers: ``kind`` (:data:`EVERYTHING`, :data:`TARGET`,
-    :data:`QUARANTINE` or :data:`APPROVAL`), ``key`` (which one of that kind), the selector,
-    and for a withdrawn approval its id (only the leases issued with it)."""
+    :data:`QUARANTINE`, :data:`APPROVAL` or :data:`RECENT`), ``key`` (which one of that
+    kind), the selector, and for a withdrawn approval its id (only the leases issued with
+    it)."""
 
     kind: str
     key: str
     selector: LeaseSelector
     approval_id: str | None = None
+    issued_since: datetime | None = None
+    """Only the leases issued at or after this instant (the :data:`RECENT` follow-up)."""
 
     @property
     def slot(self) -> tuple[str, str]:
@@ -516,6 +524,7 @@ class ContinuousAuthorizer:
         pending: PendingScopeRecords | None = None,
         resume_limit: int = PENDING_READ_LIMIT,
         resume_each: int = RESUME_EACH_LIMIT,
+        follow_up_after: timedelta | None = None,
     ) -> None:
         if not 1 <= batch <= MAX_ADDRESSED:  # the ledger's limit per call
             raise ValueError(f"batch must be between 1 and {MAX_ADDRESSED}, got {batch}")
@@ -544,6 +553,9 @@ class ContinuousAuthorizer:
         self._pending = pending
         self._resume_limit = resume_limit
         self._resume_each = resume_each
+        # After a re-evaluation of every live lease stored its marker: decide again, this
+        # long after, the leases issued since it began (see _follow_up).
+        self._follow_up_after = follow_up_after
         self._background: set[asyncio.Task[Any]] = set()
         self._slots: dict[tuple[str, str], _Slot] = {}
         self._seq = 0  # changes submitted so far
@@ -923,6 +935,7 @@ class ContinuousAuthorizer:
 
     async def _attempt(self, slot: _Slot, job: _Job) -> None:
         inputs = self._inputs() if job.marks and self._inputs is not None else None
+        began = self._clock.now()
         report: ReevaluationReport | None = None
         try:
             # A job owing pending records decides whatever the marker says: the marker may
@@ -934,7 +947,10 @@ class ContinuousAuthorizer:
                 await self._note_unstored(job)
                 job.covers = self._seq
                 report = await self.reevaluate(
-                    job.scope.selector, job.reason, approval_id=job.scope.approval_id
+                    job.scope.selector,
+                    job.reason,
+                    approval_id=job.scope.approval_id,
+                    issued_since=job.scope.issued_since,
                 )
         except asyncio.CancelledError as exc:
             job.settle(exc)
@@ -954,11 +970,38 @@ class ContinuousAuthorizer:
         if report is not None:
             if inputs is not None:
                 await self._store_marker(inputs)
+                self._schedule_follow_up(began)
             # Last: records coalesced into this job while it awaits are cleared too.
             cleared = await self._clear_owed(job)
             if job.then_resume and cleared:
                 self.resume_pending()  # the records a start-up read left for later
         job.settle(report)
+
+    def _schedule_follow_up(self, began: datetime) -> None:
+        """A re-evaluation of every live lease that began at ``began`` completed and stored
+        its marker. Replicas still on the previous inputs may have issued meanwhile (a lease
+        written after the scan passed it) and go on until their superseded-check sees the
+        marker (broker/superseded.py), so once that had time to happen, the leases issued
+        since it began (less :data:`FOLLOW_UP_SKEW` for clocks and requests in flight) are
+        decided again under the inputs in force then (retried as any scope)."""
+        delay = self._follow_up_after
+        if delay is None or self._closed:
+            return
+        since = began - FOLLOW_UP_SKEW
+        scope = ReevaluationScope(
+            RECENT, since.isoformat(), LeaseSelector(everything=True), issued_since=since
+        )
+        reason = (
+            "follow-up: the credentials issued since the re-evaluation of every live lease "
+            f"that began at {began.isoformat()}, while other replicas may still have run the "
+            "previous decision inputs"
+        )
+
+        async def follow_up() -> None:
+            await asyncio.sleep(delay.total_seconds())
+            self._submit(scope, reason)
+
+        self.in_background(follow_up(), "continuous:follow-up")
 
     def _failed(self, slot: _Slot, job: _Job, exc: Exception) -> None:
         job.failures += 1
@@ -1185,12 +1228,18 @@ class ContinuousAuthorizer:
     # ---- the re-evaluation
 
     async def reevaluate(
-        self, selector: LeaseSelector, reason: str, *, approval_id: str | None = None
+        self,
+        selector: LeaseSelector,
+        reason: str,
+        *,
+        approval_id: str | None = None,
+        issued_since: datetime | None = None,
     ) -> ReevaluationReport:
         """Decide every live lease ``selector`` matches (only those issued with
-        ``approval_id``, when given) again, now; revoke the ones denied. ``reason`` says
-        what changed; it is stamped into each revocation's audit event. The leases are read,
-        decided and revoked a batch at a time; the report counts all of them."""
+        ``approval_id``, and at or after ``issued_since``, when given) again, now; revoke the
+        ones denied. ``reason`` says what changed; it is stamped into each revocation's audit
+        event. The leases are read, decided and revoked a batch at a time; the report counts
+        all of them."""
         live = dataclasses.replace(selector, states=_REEVALUATED_STATES)
         report = ReevaluationReport(reason=reason)
         try:
@@ -1201,7 +1250,8 @@ class ContinuousAuthorizer:
                     leases = [
                         lease
                         for lease in found
-                        if approval_id is None or lease.approval_id == approval_id
+                        if (approval_id is None or lease.approval_id == approval_id)
+                        and (issued_since is None or lease.issued_at >= issued_since)
                     ]
                     if leases:
                         report = await self._reevaluate_batch(leases, report)

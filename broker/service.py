@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 import json
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -153,6 +153,7 @@ class CredentialBroker:
         live_limit_per_identity: int = 0,
         issuance_rate_per_identity: int = 0,
         run_rate_per_identity: int = 0,
+        refuse_if_superseded: Callable[[], None] | None = None,
     ) -> None:
         # The audit trail (bootstrap always wires one). None only in unit set-ups.
         self._audit = audit
@@ -173,6 +174,9 @@ class CredentialBroker:
         self._rate_limit = issuance_rate_per_identity
         # At most this many runs started per orchestrator per minute (a token bucket; 0: none).
         self._run_rate_limit = run_rate_per_identity
+        # Raises 503 policy.superseded while other replicas run newer decision inputs
+        # (broker/superseded.py: an in-memory flag, no I/O per request).
+        self._refuse_if_superseded = refuse_if_superseded
 
     @property
     def targets(self) -> Mapping[str, Target]:
@@ -403,6 +407,8 @@ class CredentialBroker:
                 reason="auth.workload_required",
             )
         _require(caller, Role.AGENT, "request a credential")
+        if self._refuse_if_superseded is not None:
+            self._refuse_if_superseded()
         identity = caller.identity
         now = self._clock.now()
         # The run and the quarantines in force, read concurrently (two Redis round trips in

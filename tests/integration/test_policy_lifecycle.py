@@ -246,3 +246,65 @@ async def test_a_quarantine_revokes_the_holders_live_credentials(
     lease = await broker.runtime.ledger.get_lease(issued["credential_id"])
     assert lease is not None
     assert (lease.state.value, lease.revoke_reason) == ("revoked", "continuous_authorization")
+
+
+_ROLLING_REDIS_DB = 13
+
+
+async def test_a_replica_the_fleet_moved_past_issues_nothing_until_it_loads_the_new_set(
+    stack: DevStack, start: StartBroker, actors: Actors, policy_dir: Path
+) -> None:
+    """A rolling policy change on two replicas sharing one ledger (the same policy path, as
+    replicas of one deployment have): the old replica issues under the old set; the new one
+    starts on the new set (demo-db closed) and decides every live credential again, which
+    revokes the old one's demo-db credential and stores the marker. The old replica then
+    answers 503 ``policy.superseded`` and is not ready, until a reload (SIGHUP) loads the
+    new set."""
+    assert stack.endpoints is not None
+    base, _, _ = stack.endpoints.redis_url.rpartition("/")
+    url = f"{base}/{_ROLLING_REDIS_DB}"
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    common = {
+        "TASKLEASE_REDIS__URL": url,
+        "TASKLEASE_POLICY_DIR": str(policy_dir),
+        # Each replica keeps the set it loaded until told (no file polling): the files
+        # change under the old one, as a new deployment's would.
+        "TASKLEASE_POLICY__RELOAD_INTERVAL_SECONDS": "0",
+        "TASKLEASE_POLICY__SUPERSEDED_CHECK_SECONDS": "0.2",
+        "TASKLEASE_VAULT__RECONCILE_GRACE_SECONDS": "86400",
+    }
+    old = await start(**common)
+    run_id = await actors.start_run(old)
+    status, before = await actors.request(old, run_id, "demo-db", "before")
+    assert status == 201, before
+
+    write(policy_dir / "maintenance.cedar", CLOSE_DEMO_DB)
+    new = await start(**common)
+
+    async def old_superseded() -> bool:
+        status, body = await actors.readiness(old)
+        return status == 503 and not body["checks"]["policy_set"]["ok"]
+
+    await until(old_superseded)
+    status, refused = await actors.request(old, run_id, "demo-db", "during")
+    assert (status, refused["reason"]) == (503, "policy.superseded"), refused
+    assert "SIGHUP" in refused["detail"]
+    status, ready = await actors.readiness(new)
+    assert status == 200, ready
+    status, denied = await actors.request(new, run_id, "demo-db", "on-the-new-set")
+    assert (status, denied["reason"]) == (403, "policy.deny"), denied
+    lease = await new.runtime.ledger.get_lease(before["credential_id"])
+    assert lease is not None
+    assert (lease.state.value, lease.revoke_reason) == ("revoked", "continuous_authorization")
+
+    assert old.runtime.reloader is not None
+    await old.runtime.reloader.reload("sighup")
+
+    async def old_current() -> bool:
+        status, _ = await actors.readiness(old)
+        return status == 200
+
+    await until(old_current)
+    status, after = await actors.request(old, run_id, "demo-db", "after")
+    assert (status, after["reason"]) == (403, "policy.deny"), after

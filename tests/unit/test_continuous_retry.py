@@ -29,17 +29,20 @@ from broker.continuous import (
     decision_inputs_digest,
 )
 from broker.core.audit import CredentialRevoked, EventType
-from broker.core.model import Lease, LeaseState, Quarantine, QuarantineKind
+from broker.core.model import CredentialRequest, Lease, LeaseState, Quarantine, QuarantineKind
 from broker.core.policy import WorkingHours
 from broker.core.ports import LeaseSelector, ReevaluationMarker
-from broker.core.roles import parse_role_map
+from broker.core.roles import Role, parse_role_map
 from broker.errors import LedgerUnavailableError
 from broker.policy_reload import PolicyReloader
+from broker.service import CredentialBroker
 from tests.unit.test_continuous import (
+    AGENT,
     DENY_DEMO_DB,
     NOW,
     ROLES,
     World,
+    caller,
     engine_with,
     opened_approval,
     restrict,
@@ -571,3 +574,74 @@ def test_retry_timings_must_be_positive_and_ordered() -> None:
         world.authorizer(retry_base=timedelta(seconds=2), retry_cap=timedelta(seconds=1))
     with pytest.raises(ValueError, match="retry_base"):
         world.authorizer(retry_base=timedelta(0))
+
+
+# --------------------------------------------------------------------------- the follow-up
+
+
+async def test_credentials_an_old_replica_issued_meanwhile_are_decided_in_the_follow_up() -> None:
+    """A re-evaluation of every live lease under new inputs (deny demo-db) completes and
+    stores its marker; a replica still on the previous inputs then issues a demo-db
+    credential. The follow-up, scheduled once the marker is stored, decides again the leases
+    issued since the re-evaluation began (less a minute of skew) and revokes it; a lease
+    issued before that window is left to the full pass."""
+    markers = InMemoryReevaluationMarkers()
+    world = await flaky_world(
+        0,
+        leases=1,
+        markers=markers,
+        inputs=lambda: INPUTS,
+        writer="broker-a",
+        follow_up_after=timedelta(milliseconds=30),
+        **FAST,
+    )
+    await world.continuous.policy_changed(trigger="sighup")
+    # The old replica: the same ledger, the previous policy set (demo-db allowed).
+    old = CredentialBroker(
+        policy=engine_with(),
+        minter=world.minter,
+        ledger=world.ledger,
+        targets=world.targets,
+        clock=world.clock,
+    )
+
+    async def issue_on_old(task: str) -> Lease:
+        issued = await old.request_credential(
+            caller(AGENT, Role.AGENT),
+            CredentialRequest(
+                workflow_id="wf-1", task_id=task, target="demo-db", ttl=timedelta(seconds=300)
+            ),
+            params={},
+        )
+        return issued.lease
+
+    await until(lambda: markers.writes == 1)
+    recent = await issue_on_old("old-replica")
+    world.clock.current = NOW - timedelta(minutes=5)  # stamped before the follow-up's window
+    earlier = await issue_on_old("before-the-window")
+    world.clock.current = NOW
+    assert (await world.state(recent.credential_id))[0] == LeaseState.ACTIVE
+
+    with capture_logs() as logs:
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(world.continuous.drain(), timeout=5)
+
+    assert await world.state(recent.credential_id) == (
+        LeaseState.REVOKED,
+        "continuous_authorization",
+    )
+    assert (await world.state(earlier.credential_id))[0] == LeaseState.ACTIVE
+    (report,) = [e for e in logs if e["event"] == "continuous.reevaluated"]
+    assert report["trigger"].startswith("follow-up:")
+    # The recent one and the two demo-kv leases (issued at NOW too); not the earlier one.
+    assert report["examined"] == 3
+    assert markers.writes == 1  # the follow-up stores no marker of its own
+
+
+async def test_no_follow_up_unless_configured() -> None:
+    markers = InMemoryReevaluationMarkers()
+    world = await flaky_world(0, leases=1, markers=markers, inputs=lambda: INPUTS, **FAST)
+    with capture_logs() as logs:
+        await world.continuous.policy_changed(trigger="sighup")
+        await asyncio.wait_for(world.continuous.drain(), timeout=5)
+    assert [e["event"] for e in logs].count("continuous.reevaluated") == 1

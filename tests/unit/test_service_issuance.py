@@ -17,6 +17,7 @@ from broker.core.model import CredentialRequest, Lease, LeaseState
 from broker.core.ports import (
     IdempotencyBinding,
     IssuanceLimits,
+    LeaseSelector,
     MintedCredential,
     MintSpec,
     RevokeOutcome,
@@ -31,6 +32,7 @@ from broker.errors import (
     MintOutcomeUnknownError,
     NotFoundError,
     PolicyDeniedError,
+    UnavailableError,
     VaultUnavailableError,
 )
 from broker.service import CredentialBroker
@@ -222,6 +224,32 @@ async def test_refusals_mint_nothing(setup: str, error: type[Exception], reason:
         await service.request_credential(caller, req, params=PARAMS)
     assert caught.value.reason == reason  # type: ignore[attr-defined]
     assert minter.minted == []
+
+
+async def test_a_superseded_replica_issues_nothing() -> None:
+    """While other replicas run newer decision inputs (broker/superseded.py) the request is
+    refused before anything is read, decided, written or minted."""
+
+    def superseded() -> None:
+        raise UnavailableError("superseded", reason="policy.superseded")
+
+    minter, ledger = FakeMinter(), InMemoryLedger()
+    service = CredentialBroker(
+        policy=POLICY,
+        minter=minter,
+        ledger=ledger,
+        targets=TARGETS,
+        clock=FrozenClock(),
+        refuse_if_superseded=superseded,
+    )
+    await start_run(service)
+    with pytest.raises(UnavailableError) as caught:
+        await service.request_credential(
+            AGENT_CALLER, request(idempotency_key="k-1"), params=PARAMS
+        )
+    assert (caught.value.reason, caught.value.status) == ("policy.superseded", 503)
+    assert minter.minted == []
+    assert await ledger.find_leases(LeaseSelector(workflow_id="wf-1")) == []
 
 
 async def test_an_idempotency_key_never_mints_twice() -> None:
