@@ -392,6 +392,9 @@ def write_dev_tls(directory: Path) -> tuple[Path, Path]:
             ),
             critical=True,
         )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
@@ -409,6 +412,11 @@ def write_dev_tls(directory: Path) -> tuple[Path, Path]:
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        # X.509 strict verification (OpenSSL's, and Python's default from 3.13) wants it.
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     (directory / DEV_TLS_CA).write_bytes(ca.public_bytes(serialization.Encoding.PEM))

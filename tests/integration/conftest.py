@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from broker.adapters.redis_ledger import RedisLedger
 from broker.bootstrap import RunningBroker, start_broker
 from broker.config import load_settings
 from tests.integration.clients import StartBroker
@@ -28,3 +29,12 @@ async def start(
     yield starter
     for broker in started:
         await broker.stop()
+
+
+@pytest.fixture
+async def ledgers() -> AsyncIterator[list[RedisLedger]]:
+    """Redis ledgers a test opens (append them); all closed at the end of the test."""
+    opened: list[RedisLedger] = []
+    yield opened
+    for ledger in opened:
+        await ledger.close()

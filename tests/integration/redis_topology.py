@@ -15,12 +15,22 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
 
+from broker.adapters.redis_ledger import RedisLedger
 from broker.config import RedisSettings
+from broker.core.model import (
+    DelegationChain,
+    DelegationHop,
+    Lease,
+    Sensitivity,
+    TargetKind,
+    WorkflowRun,
+)
 from broker.devstack import ManagedProcess, free_port, redis_config, wait_until
 from tests.conftest import LOG_DIR, remember_secret
 from tests.redis_tls import RedisTLSFiles, tls_server_config, write_redis_tls_files
@@ -29,6 +39,47 @@ SERVICE = "tl-ledger"
 SENTINEL_PASSWORD_ENV = "TL_TEST_SENTINEL_PASSWORD"
 # Every wait is bounded by this: a broken failover fails the test instead of hanging it.
 BOUND_SECONDS = 20.0
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+AGENT = "spiffe://tasklease.test/agent/planner"
+
+
+def ledger_run(workflow_id: str) -> WorkflowRun:
+    """A run of alice's, an hour long from :data:`NOW`."""
+    return WorkflowRun(
+        id=workflow_id,
+        owner="alice@example.com",
+        purpose="Redis topology test",
+        started_by=AGENT,
+        created_at=NOW,
+        deadline=NOW + timedelta(hours=1),
+    )
+
+
+def ledger_lease(credential_id: str, workflow_id: str = "wf-failover") -> Lease:
+    """A database lease of :data:`AGENT` in ``workflow_id``, 15 minutes from :data:`NOW`."""
+    return Lease(
+        credential_id=credential_id,
+        workflow_id=workflow_id,
+        task_id=f"task-{credential_id}",
+        target="db-orders",
+        kind=TargetKind.DATABASE,
+        sensitivity=Sensitivity.CONFIDENTIAL,
+        holder=AGENT,
+        owner="alice@example.com",
+        chain=DelegationChain((DelegationHop("agent", AGENT, verified=True),)),
+        issued_at=NOW,
+        expires_at=NOW + timedelta(minutes=15),
+    )
+
+
+async def write_and_activate(
+    ledger: RedisLedger, credential_id: str, workflow_id: str = "wf-failover"
+) -> Lease:
+    """An issuance's two writes: the lease written ahead, then activated."""
+    await ledger.write_ahead(ledger_lease(credential_id, workflow_id))
+    return await ledger.activate(
+        credential_id, token_accessor=f"acc-{credential_id}", vault_lease_ids=()
+    )
 
 
 @dataclass

@@ -8,24 +8,20 @@ verifier then accepts: a refresh installs the key set whole, a failed one keeps 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.adapters.oidc_jwks import OidcJwksSource
 from broker.core.oidc import DEFAULT_MAX_JWKS_BYTES, OidcIssuerConfig, OidcVerifier
+from broker.devstack import DEV_TLS_CA, write_dev_tls
 from broker.errors import ConfigurationError, OidcTokenRejectedError, UnavailableError
 from tests.jwt_tokens import NOW, Signer, ec_key, public_jwk, rsa_key, token
 
@@ -77,75 +73,13 @@ class LocalPki:
         return ssl.create_default_context(cadata=self.ca_pem)
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> LocalPki:
-    # Real wall-clock validity: the TLS stack checks dates against the real clock.
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("tasklease test CA"))
-        .issuer_name(_name("tasklease test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(_name("127.0.0.1"))
-        .issuer_name(ca.subject)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    # The dev stack's own maker: a CA and a certificate for 127.0.0.1 valid now (the TLS
+    # stack checks dates against the real clock).
     directory = tmp_path_factory.mktemp("oidc-pki")
-    cert_file, key_file = directory / "server.pem", directory / "server.key"
-    cert_file.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return LocalPki(ca.public_bytes(serialization.Encoding.PEM).decode(), cert_file, key_file)
+    cert_file, key_file = write_dev_tls(directory)
+    return LocalPki((directory / DEV_TLS_CA).read_text(), cert_file, key_file)
 
 
 # ---------------------------------------------------------------------------------------------

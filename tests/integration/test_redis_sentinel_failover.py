@@ -16,52 +16,26 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
 
 import pytest
 
 from broker.adapters.redis_connection import SentinelMasterRedis, WaitingSentinelConnectionPool
 from broker.adapters.redis_ledger import RedisLedger
 from broker.core.model import (
-    DelegationChain,
-    DelegationHop,
     Lease,
     LeaseState,
-    Sensitivity,
-    TargetKind,
-    WorkflowRun,
 )
 from broker.devstack import DevStack
 from broker.errors import LedgerUnavailableError
-from tests.integration.redis_topology import BOUND_SECONDS, Topology, running_topology
-
-NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-AGENT = "spiffe://tasklease.test/agent/planner"
-
-
-def _lease(credential_id: str) -> Lease:
-    return Lease(
-        credential_id=credential_id,
-        workflow_id="wf-failover",
-        task_id=f"task-{credential_id}",
-        target="db-orders",
-        kind=TargetKind.DATABASE,
-        sensitivity=Sensitivity.CONFIDENTIAL,
-        holder=AGENT,
-        owner="alice@example.com",
-        chain=DelegationChain((DelegationHop("agent", AGENT, verified=True),)),
-        issued_at=NOW,
-        expires_at=NOW + timedelta(minutes=15),
-    )
-
-
-async def _write_and_activate(ledger: RedisLedger, credential_id: str) -> Lease:
-    await ledger.write_ahead(_lease(credential_id))
-    return await ledger.activate(
-        credential_id, token_accessor=f"acc-{credential_id}", vault_lease_ids=()
-    )
-
+from tests.integration.redis_topology import (
+    BOUND_SECONDS,
+    Topology,
+    ledger_run,
+    running_topology,
+    write_and_activate,
+)
 
 # --------------------------------------------------------------------------- the topology
 
@@ -73,14 +47,6 @@ def topology(stack: DevStack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Topol
     # processes are not used here.
     with running_topology(monkeypatch, label="sentinel-failover") as topo:
         yield topo
-
-
-@pytest.fixture
-async def ledgers() -> AsyncIterator[list[RedisLedger]]:
-    opened: list[RedisLedger] = []
-    yield opened
-    for ledger in opened:
-        await ledger.close()
 
 
 async def _server_port(ledger: RedisLedger) -> int:
@@ -117,16 +83,9 @@ async def test_a_lease_acknowledged_by_wait_survives_a_failover(
     assert (durability.maxmemory_policy, durability.connected_replicas) == ("noeviction", 1)
     assert topology.ports["master"] == await _server_port(ledger)
 
-    run = WorkflowRun(
-        id="wf-failover",
-        owner="alice@example.com",
-        purpose="failover test",
-        started_by=AGENT,
-        created_at=NOW,
-        deadline=NOW + timedelta(hours=1),
-    )
+    run = ledger_run("wf-failover")
     await ledger.create_run(run)
-    active = await _write_and_activate(ledger, "cred_acked")
+    active = await write_and_activate(ledger, "cred_acked")
     assert active.state == LeaseState.ACTIVE
 
     master = topology.processes["master"].popen
@@ -162,7 +121,7 @@ async def test_a_lease_acknowledged_by_wait_survives_a_failover(
     # The new master has no replica left: WAIT 1 cannot be met, so nothing more is
     # acknowledged (the service revokes such a credential) until a replica joins it.
     with pytest.raises(LedgerUnavailableError) as refused:
-        await _write_and_activate(ledger, "cred_after")
+        await write_and_activate(ledger, "cred_after")
     assert refused.value.reason == "ledger.not_acknowledged"
 
 
@@ -186,7 +145,7 @@ async def test_replicas_durability_refuses_activation_while_the_replica_is_down(
         await ledger.check_durability()
     assert at_start_up.value.reason == "ledger.not_durable"
     with pytest.raises(LedgerUnavailableError, match="WAIT: 0 of 1") as caught:
-        await _write_and_activate(ledger, "cred_unacked")
+        await write_and_activate(ledger, "cred_unacked")
     assert caught.value.reason == "ledger.not_acknowledged"
     stored = await ledger.get_lease("cred_unacked")
     assert stored is not None
@@ -198,4 +157,4 @@ async def test_replicas_durability_refuses_activation_while_the_replica_is_down(
         return (await ledger.durability()).connected_replicas == 1
 
     await _eventually(replica_back, what="the replica to rejoin")
-    assert (await _write_and_activate(ledger, "cred_acked")).state == LeaseState.ACTIVE
+    assert (await write_and_activate(ledger, "cred_acked")).state == LeaseState.ACTIVE

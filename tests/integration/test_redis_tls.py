@@ -15,9 +15,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,8 @@ from broker.adapters.redis_connection import SentinelMasterRedis, SentinelTLSCon
 from broker.adapters.redis_ledger import RedisLedger
 from broker.config import RedisSettings
 from broker.core.model import (
-    DelegationChain,
-    DelegationHop,
     Lease,
     LeaseState,
-    Sensitivity,
-    TargetKind,
-    WorkflowRun,
 )
 from broker.devstack import DevStack, ManagedProcess, free_port, redis_config, wait_until
 from broker.errors import LedgerUnavailableError
@@ -50,14 +44,13 @@ from tests.integration.redis_topology import (
     BOUND_SECONDS,
     SERVICE,
     Topology,
+    ledger_run,
     running_topology,
+    write_and_activate,
 )
 from tests.redis_tls import RedisTLSFiles, tls_server_config, write_redis_tls_files
 
 pytestmark = pytest.mark.stack
-
-NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-AGENT = "spiffe://tasklease.test/agent/planner"
 
 
 @dataclass(frozen=True)
@@ -130,50 +123,11 @@ def tls_redis(stack: DevStack) -> Iterator[TLSRedis]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-async def ledgers() -> AsyncIterator[list[RedisLedger]]:
-    opened: list[RedisLedger] = []
-    yield opened
-    for ledger in opened:
-        await ledger.close()
-
-
-def _lease(credential_id: str, workflow_id: str) -> Lease:
-    return Lease(
-        credential_id=credential_id,
-        workflow_id=workflow_id,
-        task_id=f"task-{credential_id}",
-        target="db-orders",
-        kind=TargetKind.DATABASE,
-        sensitivity=Sensitivity.CONFIDENTIAL,
-        holder=AGENT,
-        owner="alice@example.com",
-        chain=DelegationChain((DelegationHop("agent", AGENT, verified=True),)),
-        issued_at=NOW,
-        expires_at=NOW + timedelta(minutes=15),
-    )
-
-
-def _run(workflow_id: str) -> WorkflowRun:
-    return WorkflowRun(
-        id=workflow_id,
-        owner="alice@example.com",
-        purpose="TLS test",
-        started_by=AGENT,
-        created_at=NOW,
-        deadline=NOW + timedelta(hours=1),
-    )
-
-
 async def _record_one(ledger: RedisLedger, label: str) -> Lease:
     """A run and one lease written ahead and activated: the issuance's writes, end to end."""
     workflow_id = f"wf-{label}-{uuid.uuid4().hex[:8]}"
-    credential_id = f"cred_{uuid.uuid4().hex[:12]}"
-    await ledger.create_run(_run(workflow_id))
-    await ledger.write_ahead(_lease(credential_id, workflow_id))
-    return await ledger.activate(
-        credential_id, token_accessor=f"acc-{credential_id}", vault_lease_ids=()
-    )
+    await ledger.create_run(ledger_run(workflow_id))
+    return await write_and_activate(ledger, f"cred_{uuid.uuid4().hex[:12]}", workflow_id)
 
 
 # --------------------------------------------------------------------------- one Redis
