@@ -175,8 +175,8 @@ leases_app = typer.Typer(help="The lease ledger (admin).", no_args_is_help=True)
 quarantine_app = typer.Typer(help="Block issuance for an identity, a run or a target (admin).")
 approvals_app = typer.Typer(help="Human approvals (approver role).", no_args_is_help=True)
 runs_app = typer.Typer(
-    help="Workflow runs: read one, or end it and revoke its credentials (its orchestrator, "
-    "or admin).",
+    help="Workflow runs: list them, read one, or end it and revoke its credentials (its "
+    "orchestrator, or admin).",
     no_args_is_help=True,
 )
 quarantine_app.info.no_args_is_help = True
@@ -397,6 +397,64 @@ def _report_table(report: dict[str, Any]) -> Table:
 
 
 # --------------------------------------------------------------------------- runs
+
+
+@runs_app.command("ls")
+def runs_ls(
+    ctx: typer.Context,
+    owner: _Owner = None,
+    started_by: Annotated[
+        str | None, typer.Option(help="Only runs this orchestrator (SPIFFE ID) started.")
+    ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated states: active,completed,failed,cancelled,…"),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="Runs to list in all.")] = 100,
+) -> None:
+    """List runs, latest over first (an orchestrator: the runs it started), following the
+    pages until LIMIT runs or the end."""
+    conn: Connection = ctx.obj
+    states = tuple(s for s in (state or "").split(",") if s)
+
+    async def every_page(client: AdminClient) -> list[dict[str, Any]]:
+        runs: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while len(runs) < limit:
+            page = await client.list_runs(
+                owner=owner,
+                started_by=started_by,
+                states=states,
+                limit=limit - len(runs),
+                cursor=cursor,
+            )
+            runs += page["runs"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        return runs
+
+    runs = _run(ctx, every_page)
+    _emit(
+        conn,
+        runs,
+        lambda: _table(
+            f"{len(runs)} runs",
+            ["run", "state", "owner", "started by", "deadline", "ended", "purpose"],
+            [
+                [
+                    r["id"],
+                    r["state"],
+                    r["owner"],
+                    r["started_by"],
+                    r["deadline"],
+                    r["ended_at"] or "",
+                    r["purpose"],
+                ]
+                for r in runs
+            ],
+        ),
+    )
 
 
 @runs_app.command("show")

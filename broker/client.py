@@ -710,6 +710,26 @@ class _RunsClient(TaskleaseClient):
         """The run and its credentials' metadata."""
         return (await self.call_again("GET", f"/v1/workflows/{run_id}"))[1]
 
+    async def list_runs(
+        self,
+        *,
+        owner: str | None = None,
+        started_by: str | None = None,
+        states: Sequence[str] = (),
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """``GET /v1/workflows``: one page of runs, latest over first, and ``next_cursor``
+        (pass it back as ``cursor`` for the next page; None: no more). An orchestrator sees
+        only the runs it started."""
+        params = {"limit": str(limit)}
+        for name, value in (("owner", owner), ("started_by", started_by), ("cursor", cursor)):
+            if value is not None:
+                params[name] = value
+        if states:
+            params["state"] = ",".join(states)
+        return (await self.call_again("GET", "/v1/workflows", params=params))[1]
+
     async def complete_run(
         self, run_id: str, *, outcome: str = "completed", wait: bool = True
     ) -> dict[str, Any]:

@@ -59,6 +59,8 @@ from broker.core.ports import (
     PolicyRequest,
     QuarantineStore,
     ReadinessCheck,
+    RunPage,
+    RunQuery,
     SecretMinter,
 )
 from broker.core.roles import Role, SpiffeIdPattern
@@ -261,6 +263,21 @@ class CredentialBroker:
             )
         leases = await self._ledger.find_leases(LeaseSelector(workflow_id=workflow_id))
         return run, leases
+
+    async def list_workflows(self, caller: Caller, query: RunQuery) -> RunPage:
+        """Runs by owner, orchestrator and state, a page at a time: an admin sees every run,
+        an orchestrator the runs it started (a query naming another orchestrator is
+        refused)."""
+        if Role.ADMIN not in caller.roles:
+            _require(caller, Role.ORCHESTRATOR, "list workflow runs")
+            if query.started_by not in (None, caller.principal_id):
+                raise ForbiddenError(
+                    f"{caller.principal_id} may list only the runs it started, not those of "
+                    f"{printable(query.started_by or '', 200)}",
+                    reason="auth.not_your_runs",
+                )
+            query = dataclasses.replace(query, started_by=caller.principal_id)
+        return await self._ledger.list_runs(query)
 
     # ---- quarantine
 

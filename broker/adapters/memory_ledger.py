@@ -27,11 +27,20 @@ from broker.core.model import (
     QuarantineKind,
     WorkflowRun,
     check_id,
+    epoch_micros,
     purge_recheck_at,
     refuse_quarantined,
     run_over_at,
 )
-from broker.core.ports import IdempotencyBinding, IssuanceLimits, LeaseSelector, PurgePlan
+from broker.core.ports import (
+    IdempotencyBinding,
+    IssuanceLimits,
+    LeaseSelector,
+    PurgePlan,
+    RunPage,
+    RunQuery,
+    run_page,
+)
 from broker.errors import BadRequestError, ConflictError, LimitExceededError, NotFoundError
 
 MAX_FIND_LIMIT = 10_000
@@ -375,6 +384,20 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         """The run, or None."""
         check_id(workflow_id, "workflow id")
         return self._runs.get(workflow_id)
+
+    async def list_runs(self, query: RunQuery) -> RunPage:
+        """The runs ``query`` selects, latest over first (the retention index's order)."""
+        ordered = sorted(
+            ((epoch_micros(over), run_id) for run_id, over in self._run_ends.items()),
+            reverse=True,
+        )
+        after = query.after
+        entries = (
+            (over_us, run_id, self._runs.get(run_id))
+            for over_us, run_id in ordered
+            if after is None or after.follows(over_us, run_id)
+        )
+        return run_page(entries, query, more=False)
 
     async def save_run(self, run: WorkflowRun) -> None:
         """Overwrite an existing run (:class:`NotFoundError` if there is none)."""

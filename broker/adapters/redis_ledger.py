@@ -37,7 +37,8 @@ the MULTI/EXEC it replaced did; the other two also take the lease out of the liv
     tl:quarantines            hash    <kind>|<value> → the quarantine (compact JSON)
     tl:idx:run_ends           zset    W → when the run is over (µs): its deadline, earlier when
                                       it ended earlier, later when a lease outlives that (the
-                                      retention index; ``broker/retention.py`` purges from it)
+                                      retention index; ``broker/retention.py`` purges from it,
+                                      and run listings read it backwards)
 
 Memory, not convenience, shaped this (goal: 1 KiB per lease with its index entries, measured
 by ``bench/bench_ledger.py``): a hash field costs about half of a key, so leases are fields of
@@ -181,11 +182,15 @@ from broker.core.model import (
     run_over_at,
 )
 from broker.core.ports import (
+    RUN_EXAMINE_FACTOR,
     CheckResult,
     IdempotencyBinding,
     IssuanceLimits,
     LeaseSelector,
     PurgePlan,
+    RunPage,
+    RunQuery,
+    run_page,
 )
 from broker.errors import (
     BadRequestError,
@@ -592,6 +597,11 @@ def _encode_run(run: WorkflowRun) -> str:
     if run.outcome:
         doc["oc"] = run.outcome
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+
+def _score(value: bytes | str) -> int:
+    """A sorted-set score of this ledger (integer microseconds, below 2^53) as an int."""
+    return int(float(value))
 
 
 def _decode_run(raw: str, where: str) -> WorkflowRun:
@@ -1171,6 +1181,54 @@ class RedisLedger:  # satisfies core.ports.Ledger
                 self._keys.run_ends, 0, _micros(cutoff), byscore=True, offset=0, num=limit
             )
         return [str(run_id) for run_id in found]
+
+    async def list_runs(self, query: RunQuery) -> RunPage:
+        """The runs ``query`` selects, latest over first: the run-ends index read backwards
+        from the cursor (``ZRANGE BYSCORE REV``), then those runs in one ``MGET``. Reads at
+        most the examining budget of :func:`~broker.core.ports.run_page` (``limit`` entries
+        with no filter); a run that cannot be read is skipped and logged."""
+        filtered = (query.owner, query.started_by, query.states) != (None, None, None)
+        wanted = query.limit * RUN_EXAMINE_FACTOR if filtered else query.limit
+        after = query.after
+        index = self._keys.run_ends
+        with _translated("list_runs"):
+            # Entries at the cursor's own time that the last page already examined are read
+            # again (a score range cannot start in the middle of equal scores) and skipped.
+            ties = 0
+            if after is not None:
+                ties = int(await self._redis.zcount(index, after.over_us, after.over_us))
+            asked = wanted + ties + 1
+            found: list[tuple[str, int]] = await self._redis.zrange(  # type: ignore[assignment]  # withscores, score_cast_func
+                index,
+                "+inf" if after is None else after.over_us,
+                "-inf",
+                desc=True,
+                byscore=True,
+                offset=0,
+                num=asked,
+                withscores=True,
+                score_cast_func=_score,
+            )
+            entries = [
+                (over_us, str(run_id))
+                for run_id, over_us in found
+                if after is None or after.follows(over_us, str(run_id))
+            ][: wanted + 1]
+            keys = [self._keys.run(run_id) for _, run_id in entries[:wanted]]
+            raws = await self._redis.mget(keys) if keys else []
+        runs: list[WorkflowRun | None] = []
+        for key, raw in zip(keys, raws, strict=True):
+            try:
+                runs.append(None if raw is None else _decode_run(str(raw), key))
+            except LedgerUnavailableError as exc:  # one bad record hides no other
+                _log.error("ledger.run_unreadable", key=key, detail=exc.detail)
+                runs.append(None)
+        if len(entries) > wanted:
+            runs.append(None)  # the entry past the budget: never examined, only counted
+        listed = [
+            (over_us, run_id, run) for (over_us, run_id), run in zip(entries, runs, strict=True)
+        ]
+        return run_page(listed, query, more=len(found) == asked)
 
     async def index_runs(self, *, batch: int = 1000) -> int:
         """Put each run stored before the retention index existed into it, at its recorded

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Final
@@ -73,6 +73,16 @@ class TargetKind(StrEnum):
     DATABASE = "database"
     PKI = "pki"
     SSH = "ssh"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def epoch_micros(moment: datetime) -> int:
+    """``moment`` in whole microseconds since the epoch: how Redis stores times (exact in JSON
+    and, below 2^53, in sorted-set scores)."""
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 # The largest live-credential limit one can configure (per identity, or per identity and target).

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from broker.core.approvals import APPROVAL_ID, Approval
 from broker.core.model import (
@@ -16,6 +23,7 @@ from broker.core.model import (
     LeaseState,
     Quarantine,
     QuarantineKind,
+    RunState,
     Sensitivity,
     Target,
     WorkflowRun,
@@ -177,6 +185,86 @@ class LeaseSelector:
         return all(checks)
 
 
+RUN_PAGE_LIMIT: Final = 500
+"""The most runs one listing returns."""
+RUN_EXAMINE_FACTOR: Final = 10
+"""A listing reads at most ``limit`` times this many index entries; a selective filter then
+returns fewer runs (even none) with a cursor to go on from, rather than reading every run."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunCursor:
+    """Where a listing of runs stopped: the last run it examined, by when that run is over
+    (microseconds since the epoch, as the retention index orders runs) and its id."""
+
+    over_us: int
+    workflow_id: str
+
+    def __post_init__(self) -> None:
+        check_id(self.workflow_id, "workflow id")
+
+    def follows(self, over_us: int, workflow_id: str) -> bool:
+        """Whether the run at ``(over_us, workflow_id)`` comes after this cursor (listings go
+        from the latest end to the earliest, ids descending among equal ends)."""
+        return (over_us, workflow_id) < (self.over_us, self.workflow_id)
+
+
+@dataclass(frozen=True, slots=True)
+class RunQuery:
+    """Which runs a listing returns: filters (empty: any), at most ``limit``, after a cursor.
+    Runs come latest first by when they are over (their deadline, their end when they ended
+    earlier, the expiry of a credential that outlives both)."""
+
+    owner: str | None = None
+    started_by: str | None = None
+    states: frozenset[RunState] | None = None
+    limit: int = 100
+    after: RunCursor | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.limit <= RUN_PAGE_LIMIT:
+            raise BadRequestError(f"limit must be 1-{RUN_PAGE_LIMIT}", reason="query.invalid")
+
+    def matches(self, run: WorkflowRun) -> bool:
+        """True when ``run`` satisfies every set filter."""
+        return (
+            (self.owner is None or run.owner == self.owner)
+            and (self.started_by is None or run.started_by == self.started_by)
+            and (self.states is None or run.state in self.states)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RunPage:
+    """One page of a listing: the runs, and where to go on from (None: nothing more)."""
+
+    runs: tuple[WorkflowRun, ...]
+    next: RunCursor | None
+
+
+def run_page(
+    entries: Iterable[tuple[int, str, WorkflowRun | None]], query: RunQuery, *, more: bool
+) -> RunPage:
+    """The page of ``query`` from index entries read in listing order after its cursor: (when
+    over in µs, run id, the run or None when it is gone). At most ``query.limit`` matching
+    runs, having examined at most ``limit * RUN_EXAMINE_FACTOR`` entries; ``more``: the index
+    had entries beyond those given. The cursor is the last entry examined, so a run is never
+    returned twice nor skipped."""
+    runs: list[WorkflowRun] = []
+    last: tuple[int, str] | None = None
+    budget = query.limit * RUN_EXAMINE_FACTOR
+    unexamined = more
+    for examined, (over_us, workflow_id, run) in enumerate(entries):
+        if len(runs) == query.limit or examined == budget:
+            unexamined = True
+            break
+        last = (over_us, workflow_id)
+        if run is not None and query.matches(run):
+            runs.append(run)
+    cursor = RunCursor(*last) if unexamined and last is not None else None
+    return RunPage(tuple(runs), cursor)
+
+
 @dataclass(frozen=True, slots=True)
 class IdempotencyBinding:
     """An ``Idempotency-Key`` to bind to the credential being written ahead.
@@ -231,6 +319,11 @@ class Ledger(Protocol):
 
     async def save_run(self, run: WorkflowRun) -> None:
         """Overwrite a run (state changes)."""
+        ...
+
+    async def list_runs(self, query: RunQuery) -> RunPage:
+        """The runs ``query`` selects, latest over first, a page at a time (see
+        :func:`run_page`)."""
         ...
 
     async def write_ahead(

@@ -31,7 +31,7 @@ from pydantic import BaseModel, TypeAdapter
 from broker import __version__
 from broker.core.approvals import APPROVAL_ID, ApprovalStatus
 from broker.core.audit import MAX_PAGE, EventType
-from broker.core.model import LeaseState, Sensitivity
+from broker.core.model import LeaseState, RunState, Sensitivity
 from broker.core.roles import Role
 from broker.http import responses
 from broker.http.approval_routes import DecisionBody, WithdrawBody
@@ -186,6 +186,7 @@ def _enum(values: Sequence[str], default: str | None = None) -> dict[str, Any]:
 
 _BOOLEAN = {"type": "string", "enum": ["true", "false", "1", "0"], "default": "false"}
 _LEASE_STATES = "|".join(s.value for s in LeaseState)
+_RUN_STATES = "|".join(s.value for s in RunState)
 _EVENT_TYPES = [t.value for t in EventType]
 _REPORT = Answer(
     "Every addressed credential is confirmed revoked (``complete: true``).",
@@ -267,6 +268,40 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         body=StartWorkflowBody,
         description="Give exactly one of ``deadline`` (RFC 3339 with an offset) and "
         "``ttl_seconds``.",
+    ),
+    Operation(
+        "get",
+        "/v1/workflows",
+        "listWorkflows",
+        "List workflow runs",
+        "workflows",
+        (Role.ADMIN, Role.ORCHESTRATOR),
+        {200: Answer("One page of runs, latest over first.", responses.RunList)},
+        errors=(400, 503),
+        parameters=(
+            _query("owner", _text(256), "Only runs of this accountable owner."),
+            _query("started_by", _text(2048), "Only runs this orchestrator started."),
+            _query(
+                "state",
+                {"type": "string", "pattern": f"^({_RUN_STATES})(,({_RUN_STATES}))*$"},
+                "Only runs in these states (comma-separated).",
+            ),
+            _query(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": 500, "default": 100},
+                "At most this many runs.",
+            ),
+            _query(
+                "cursor",
+                {"type": "string", "pattern": r"^\d{1,17}\.[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
+                "The previous page's ``next_cursor``.",
+            ),
+        ),
+        description="Latest over first: by deadline, by end when a run ended earlier, or by "
+        "the expiry of a credential that outlives both. An admin sees every run; an "
+        "orchestrator only those it started (naming another ``started_by`` is a 403). A page "
+        "reads a bounded stretch of the runs, so a selective filter may answer fewer runs "
+        "than ``limit``, even none, with a ``next_cursor`` to go on from; ``null``: no more.",
     ),
     Operation(
         "get",

@@ -5,24 +5,34 @@
 * ``GET /v1/leases`` (admin): lease metadata by ``workflow_id``, ``task_id``, ``holder``,
   ``holder_prefix``, ``owner``, ``target``, ``sensitivity``, ``state`` (comma-separated) and
   ``limit`` (1-1000, default 100); at least one filter, or ``all=true``.
+* ``GET /v1/workflows`` (admin; an orchestrator: its own runs): runs by ``owner``,
+  ``started_by``, ``state`` (comma-separated), latest over first, ``limit`` (1-500, default
+  100) a page, ``cursor`` (the previous page's ``next_cursor``) →
+  ``{"runs": [...], "next_cursor": "…" | null}``. A page reads a bounded stretch of the index,
+  so a selective filter may answer fewer runs, even none, with a cursor to go on from.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
 
-from broker.core.model import LeaseState, Sensitivity, Target
-from broker.core.ports import LeaseSelector
+from broker.core.model import LeaseState, RunState, Sensitivity, Target
+from broker.core.ports import RUN_PAGE_LIMIT, LeaseSelector, RunCursor, RunQuery
 from broker.core.roles import Role
+from broker.core.untrusted import printable
 from broker.errors import BadRequestError
 from broker.http.app import BROKER_KEY
 from broker.http.auth import require_roles
-from broker.http.wire import lease_json
+from broker.http.wire import lease_json, run_json
 
 _FILTERS = ("workflow_id", "task_id", "holder", "holder_prefix", "owner", "target")
 _MAX_LIMIT = 1000
+_RUN_PARAMS = frozenset({"owner", "started_by", "state", "limit", "cursor"})
+# A run cursor: when the last run examined is over (µs since the epoch) and its id.
+_RUN_CURSOR = re.compile(r"(\d{1,17})\.([A-Za-z0-9][A-Za-z0-9._:-]{0,127})")
 
 
 def target_json(target: Target) -> dict[str, Any]:
@@ -97,7 +107,73 @@ async def list_leases(request: web.Request) -> web.Response:
     )
 
 
+def run_cursor_text(cursor: RunCursor) -> str:
+    """A run cursor as ``next_cursor`` carries it."""
+    return f"{cursor.over_us}.{cursor.workflow_id}"
+
+
+def _single(query: Any, name: str, limit: int) -> str | None:
+    values = query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequestError(f"{name} given more than once", reason="query.invalid")
+    if values and not 0 < len(values[0]) <= limit:
+        raise BadRequestError(f"{name} must be 1-{limit} characters", reason="query.invalid")
+    return values[0] if values else None
+
+
+def _run_query(query: Any) -> RunQuery:
+    unknown = sorted(set(query) - _RUN_PARAMS)
+    if unknown:
+        raise BadRequestError(
+            f"unknown query parameters {[printable(u, 40) for u in unknown[:5]]} "
+            f"(known: {sorted(_RUN_PARAMS)})",
+            reason="query.invalid",
+        )
+    states = None
+    raw_states = _single(query, "state", 200)
+    raw_limit = _single(query, "limit", 4) or "100"
+    try:
+        if raw_states is not None:
+            states = frozenset(RunState(s) for s in raw_states.split(","))
+        limit = int(raw_limit)
+    except ValueError:
+        raise BadRequestError(
+            f"state or limit is not a known value (states: {[s.value for s in RunState]}, "
+            f"limit: an integer 1-{RUN_PAGE_LIMIT})",
+            reason="query.invalid",
+        ) from None
+    after = None
+    raw_cursor = _single(query, "cursor", 160)
+    if raw_cursor is not None:
+        match = _RUN_CURSOR.fullmatch(raw_cursor)
+        if match is None:
+            raise BadRequestError(
+                "cursor is not a next_cursor this endpoint gave", reason="query.invalid"
+            )
+        after = RunCursor(int(match[1]), match[2])
+    return RunQuery(
+        owner=_single(query, "owner", 256),
+        started_by=_single(query, "started_by", 2048),
+        states=states,
+        limit=limit,
+        after=after,
+    )
+
+
+async def list_workflows(request: web.Request) -> web.Response:
+    """GET /v1/workflows"""
+    caller = require_roles(request, Role.ADMIN, Role.ORCHESTRATOR)
+    page = await request.app[BROKER_KEY].list_workflows(caller, _run_query(request.query))
+    return web.json_response(
+        {
+            "runs": [run_json(run) for run in page.runs],
+            "next_cursor": None if page.next is None else run_cursor_text(page.next),
+        }
+    )
+
+
 def register_query_routes(app: web.Application) -> None:
     """Add the read-only query routes (needs the broker in the app)."""
     app.router.add_get("/v1/targets", list_targets)
     app.router.add_get("/v1/leases", list_leases)
+    app.router.add_get("/v1/workflows", list_workflows)

@@ -95,6 +95,14 @@ class RunView(TypedDict):
 
 
 @with_config(_CLOSED)
+class RunList(TypedDict):
+    """``GET /v1/workflows``: one page of runs, latest over first."""
+
+    runs: list[RunView]
+    next_cursor: str | None
+
+
+@with_config(_CLOSED)
 class LeaseView(TypedDict):
     """A credential's metadata (never its secret)."""
 

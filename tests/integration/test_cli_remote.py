@@ -17,7 +17,15 @@ from typer.testing import CliRunner, Result
 
 from broker.bootstrap import RunningBroker
 from broker.cli import app
-from broker.client import AgentClient, Credential, OrchestratorClient, PemAuth, PendingApproval
+from broker.client import (
+    AdminClient,
+    AgentClient,
+    ApiError,
+    Credential,
+    OrchestratorClient,
+    PemAuth,
+    PendingApproval,
+)
 from broker.devstack import DevStack
 from tests.conftest import remember_secret
 from tests.integration.clients import workload_id
@@ -191,6 +199,55 @@ async def test_runs_show_then_complete_with_a_final_report(
     unknown = await _cli(broker, admin, "runs", "show", "wf-nowhere")
     assert unknown.exit_code == 1
     assert "workflow.not_found" in unknown.output
+
+
+async def test_runs_ls_lists_an_owners_runs_latest_over_first_and_pages(
+    stack: DevStack, running_broker: RunningBroker, tmp_path: Path
+) -> None:
+    """Three runs of one owner among the session's others: the CLI lists them by deadline,
+    latest first; the SDK pages through them with the cursor; an orchestrator may not list
+    another's runs, an agent none, and a cursor that was never given is a 400."""
+    broker = running_broker
+    owner = f"dana-{secrets.token_hex(3)}@example.test"
+    orchestrator_paths = _pems(stack, tmp_path, workload_id(stack, "orchestrator"))
+    async with OrchestratorClient(broker.url, _sdk(orchestrator_paths)) as client:
+        for ttl in (600, 900, 700):
+            await client.start_run(
+                f"wf-ls-{ttl}-{secrets.token_hex(2)}",
+                owner=owner,
+                purpose="listing OPS-77",
+                ttl_seconds=ttl,
+            )
+        with pytest.raises(ApiError) as refused:
+            await client.list_runs(started_by="spiffe://tasklease.test/orchestrator/other")
+        assert (refused.value.status, refused.value.reason) == (403, "auth.not_your_runs")
+        mine = await client.list_runs(owner=owner)
+        assert len(mine["runs"]) == 3
+    admin = _pems(stack, tmp_path, workload_id(stack, "admin"))
+    listed = await _json(broker, admin, "runs", "ls", "--owner", owner)
+    assert [run["id"].split("-")[2] for run in listed] == ["900", "700", "600"]
+    assert {run["state"] for run in listed} == {"active"}
+    table = await _cli(broker, admin, "runs", "ls", "--owner", owner, "--limit", "2")
+    assert table.exit_code == 0, table.output
+    assert "2 runs" in table.stdout
+
+    async with AdminClient(broker.url, _sdk(admin)) as client:
+        seen: list[str] = []
+        cursor = None
+        for _ in range(50):
+            page = await client.list_runs(owner=owner, states=("active",), limit=1, cursor=cursor)
+            seen += [run["id"] for run in page["runs"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == [run["id"] for run in listed]
+        with pytest.raises(ApiError) as bad:
+            await client.list_runs(cursor="not-a-cursor")
+        assert (bad.value.status, bad.value.reason) == (400, "query.invalid")
+    agent = _pems(stack, tmp_path, workload_id(stack, "agent"))
+    forbidden = await _cli(broker, agent, "runs", "ls")
+    assert forbidden.exit_code == 1
+    assert "auth.role_required" in forbidden.stderr
 
 
 async def test_errors_are_clear_with_exit_codes(
