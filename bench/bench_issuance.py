@@ -28,9 +28,11 @@ throughput ratio the design's mandated calls alone allow (made from a Python cli
 broker in between), and ``direct ÷ broker path`` what the broker reaches at most. "Servers"
 leaves this process out (the clients, and the floor's Python caller): ``direct ÷ floor,
 servers`` is what OpenBao, Redis and PostgreSQL alone allow, with a client that cost nothing.
-Bounded: a fixed number of requests per cell. Asserts nothing.
+Bounded: a fixed number of requests per cell. Asserts nothing. ``--openbao-tls``: every path
+(direct, floor and the broker's) reaches OpenBao over its HTTPS listener, as in production;
+by default all use the stack's plain HTTP listener on loopback.
 
-    .venv/bin/python bench/bench_issuance.py [--requests N]
+    .venv/bin/python bench/bench_issuance.py [--requests N] [--openbao-tls]
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -126,7 +129,11 @@ def _cpu_row(
 
 
 async def _openbao_idle_cost(
-    session: aiohttp.ClientSession, addr: str, broker_token: str, stack: DevStack
+    session: aiohttp.ClientSession,
+    addr: str,
+    bao_ssl: ssl.SSLContext | bool,
+    broker_token: str,
+    stack: DevStack,
 ) -> None:
     """One task token creation at a time, back to back and with the machine idle in between.
 
@@ -148,6 +155,7 @@ async def _openbao_idle_cost(
                 f"{addr}/v1/auth/token/create/tasklease-task",
                 json=body,
                 headers={"X-Vault-Token": broker_token},
+                ssl=bao_ssl,
             ) as response:
                 assert response.status == 200, await response.text()
                 await response.read()
@@ -159,12 +167,23 @@ async def _openbao_idle_cost(
         )
 
 
-async def main(requests_per_cell: int) -> None:
+async def main(requests_per_cell: int, *, openbao_tls: bool) -> None:
     stack = DevStack(x509_svid_ttl="1h", jwt_svid_ttl="5m")
     endpoints = stack.start()
+    # Every path reaches OpenBao the same way: plain HTTP on loopback, or (--openbao-tls) its
+    # HTTPS listener, trusting the stack's CA, as anywhere but a dev machine.
+    bao = endpoints.openbao_tls_addr if openbao_tls else endpoints.openbao_addr
+    bao_ssl: ssl.SSLContext | bool = (
+        ssl.create_default_context(cafile=endpoints.openbao_ca_file) if openbao_tls else True
+    )
+    over_tls = (
+        {"TASKLEASE_VAULT__ADDR": bao, "TASKLEASE_VAULT__CA_FILE": endpoints.openbao_ca_file}
+        if openbao_tls
+        else {}
+    )
     broker_ports = [free_port() for _ in range(REPLICAS)]
     brokers = [
-        start_broker(broker_env(endpoints, TASKLEASE_SERVER__PORT=str(port)))
+        start_broker(broker_env(endpoints, TASKLEASE_SERVER__PORT=str(port), **over_tls))
         for port in broker_ports
     ]
     workdir = Path(tempfile.mkdtemp(prefix="tl-bench-"))
@@ -220,14 +239,16 @@ async def main(requests_per_cell: int) -> None:
             def direct_call(read_creds: bool) -> Callable[[], Awaitable[None]]:
                 async def one() -> None:
                     async with session.post(
-                        f"{endpoints.openbao_addr}/v1/auth/spiffe-jwt/login",
+                        f"{bao}/v1/auth/spiffe-jwt/login",
                         json={"role": "direct-agent", "jwt": jwt_svid},
+                        ssl=bao_ssl,
                     ) as response:
                         token = (await response.json())["auth"]["client_token"]
                     if read_creds:
                         async with session.get(
-                            f"{endpoints.openbao_addr}/v1/database/creds/demo-readonly",
+                            f"{bao}/v1/database/creds/demo-readonly",
                             headers={"X-Vault-Token": token},
+                            ssl=bao_ssl,
                         ) as response:
                             if response.status != 200:
                                 raise RuntimeError(await response.text())
@@ -236,7 +257,8 @@ async def main(requests_per_cell: int) -> None:
                 return one
 
             async with session.post(
-                f"{endpoints.openbao_addr}/v1/auth/token/create",
+                f"{bao}/v1/auth/token/create",
+                ssl=bao_ssl,
                 headers={"X-Vault-Token": endpoints.openbao_root_token},
                 json={"policies": ["tasklease-broker"], "ttl": "2h", "no_default_policy": True},
             ) as response:
@@ -250,9 +272,10 @@ async def main(requests_per_cell: int) -> None:
                 async def vault(method: str, path: str, token: str, body: object) -> dict[str, Any]:
                     async with session.request(
                         method,
-                        f"{endpoints.openbao_addr}/v1/{path}",
+                        f"{bao}/v1/{path}",
                         json=body,
                         headers={"X-Vault-Token": token},
+                        ssl=bao_ssl,
                     ) as response:
                         if response.status != 200:
                             raise RuntimeError(f"{path}: {await response.text()}")
@@ -289,7 +312,8 @@ async def main(requests_per_cell: int) -> None:
 
             print(
                 f"# {requests_per_cell} requests per cell; latency in ms; throughput in req/s; "
-                f"{REPLICAS} broker process(es)"
+                f"{REPLICAS} broker process(es); OpenBao over "
+                f"{'TLS' if openbao_tls else 'plain HTTP'} on every path"
             )
             print(
                 "| kind | clients | direct p50 | direct p99 | direct rps | floor p50 | "
@@ -370,7 +394,7 @@ async def main(requests_per_cell: int) -> None:
             print("\n".join(cpu_rows))
             await floor_redis.delete(f"{floor_key}:run")
             await floor_redis.aclose()
-            await _openbao_idle_cost(session, endpoints.openbao_addr, broker_token, stack)
+            await _openbao_idle_cost(session, bao, bao_ssl, broker_token, stack)
             if FAILURES:
                 print(f"\nfailed requests (excluded from latencies): {FAILURES}")
             # Bytes per lease in Redis: every key the ledger holds, over the leases it holds.
@@ -402,4 +426,10 @@ async def main(requests_per_cell: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=256)
-    asyncio.run(main(parser.parse_args().requests))
+    parser.add_argument(
+        "--openbao-tls",
+        action="store_true",
+        help="every path reaches OpenBao over its HTTPS listener (default: plain HTTP)",
+    )
+    arguments = parser.parse_args()
+    asyncio.run(main(arguments.requests, openbao_tls=arguments.openbao_tls))
