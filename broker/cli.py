@@ -109,11 +109,9 @@ def dev(
         os.environ.update(env)
         _out.print("\n[bold]tasklease dev stack[/]")
         for name, where in [
-            (
-                "OpenBao",
-                f"{endpoints.openbao_tls_addr} (CA {endpoints.openbao_ca_file}); "
-                f"plain HTTP on loopback: {endpoints.openbao_addr}",
-            ),
+            ("OpenBao (the broker's)", endpoints.openbao_tls_addr),
+            ("OpenBao's CA", endpoints.openbao_ca_file),
+            ("OpenBao, plain HTTP", endpoints.openbao_addr),
             ("Redis", f"127.0.0.1:{endpoints.redis_port} (AOF fsync always, noeviction)"),
             ("PostgreSQL", f"127.0.0.1:{endpoints.postgres_port} (database demo)"),
             ("SPIRE server", endpoints.spire_server_socket),
