@@ -163,6 +163,25 @@ _CREDENTIAL_ID = _path_id("credential_id", "The credential's id.", ID_PATTERN)
 _APPROVAL_ID = _path_id("approval_id", "The approval's id.", f"^{APPROVAL_ID.pattern}$")
 
 
+def _states_query(states: str, what: str) -> dict[str, Any]:
+    """``state``: a comma-separated list of ``states`` (``a|b|c``)."""
+    pattern = f"^({states})(,({states}))*$"
+    return _query(
+        "state",
+        {"type": "string", "pattern": pattern},
+        f"Only {what} in these states (comma-separated).",
+    )
+
+
+def _limit_query(maximum: int, what: str) -> dict[str, Any]:
+    """``limit``: 1 to ``maximum``, 100 by default."""
+    return _query(
+        "limit",
+        {"type": "integer", "minimum": 1, "maximum": maximum, "default": 100},
+        f"At most this many {what}.",
+    )
+
+
 def _query(name: str, schema: Mapping[str, Any], description: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -281,16 +300,8 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         parameters=(
             _query("owner", _text(256), "Only runs of this accountable owner."),
             _query("started_by", _text(2048), "Only runs this orchestrator started."),
-            _query(
-                "state",
-                {"type": "string", "pattern": f"^({_RUN_STATES})(,({_RUN_STATES}))*$"},
-                "Only runs in these states (comma-separated).",
-            ),
-            _query(
-                "limit",
-                {"type": "integer", "minimum": 1, "maximum": 500, "default": 100},
-                "At most this many runs.",
-            ),
+            _states_query(_RUN_STATES, "runs"),
+            _limit_query(500, "runs"),
             _query(
                 "cursor",
                 {"type": "string", "pattern": r"^\d{1,17}\.[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
@@ -497,16 +508,8 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
                 _enum([s.value for s in Sensitivity]),
                 "Only leases of targets this sensitive.",
             ),
-            _query(
-                "state",
-                {"type": "string", "pattern": f"^({_LEASE_STATES})(,({_LEASE_STATES}))*$"},
-                "Only leases in these states (comma-separated).",
-            ),
-            _query(
-                "limit",
-                {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-                "At most this many.",
-            ),
+            _states_query(_LEASE_STATES, "leases"),
+            _limit_query(1000, "leases"),
             _query("all", _BOOLEAN, "List every lease (when no filter is given)."),
         ),
         description="At least one filter, or ``all=true``; unknown parameters are refused.",

@@ -8,7 +8,7 @@ import os
 import signal
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -19,36 +19,18 @@ from pydantic import ValidationError
 from broker.adapters.redis_ledger import RedisLedger, RedisReadiness
 from broker.config import RedisSettings
 from broker.core.model import (
-    DelegationChain,
-    DelegationHop,
     Lease,
     LeaseState,
-    Sensitivity,
-    TargetKind,
-    WorkflowRun,
 )
 from broker.devstack import DevStack, free_port
 from broker.errors import LedgerUnavailableError
+from tests.integration.redis_topology import NOW, ledger_lease, ledger_run
 
-NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-AGENT = "spiffe://tasklease.test/agent/planner"
 RESTORED = ("appendonly", "appendfsync", "maxmemory-policy", "maxmemory")
 
 
 def _lease(credential_id: str = "cred_dur") -> Lease:
-    return Lease(
-        credential_id=credential_id,
-        workflow_id="wf-dur",
-        task_id="task-1",
-        target="db-orders",
-        kind=TargetKind.DATABASE,
-        sensitivity=Sensitivity.CONFIDENTIAL,
-        holder=AGENT,
-        owner="alice@example.com",
-        chain=DelegationChain((DelegationHop("agent", AGENT, verified=True),)),
-        issued_at=NOW,
-        expires_at=NOW + timedelta(minutes=15),
-    )
+    return ledger_lease(credential_id, "wf-dur")
 
 
 class RedisAdmin:
@@ -128,14 +110,7 @@ async def test_an_acknowledged_lease_survives_a_redis_crash(
     restarted on the same data: the lease, its run and its due entry are all there."""
     await admin.set("appendfsync", "always")
     ledger = admin.ledger()
-    run = WorkflowRun(
-        id="wf-dur",
-        owner="alice@example.com",
-        purpose="crash test",
-        started_by=AGENT,
-        created_at=NOW,
-        deadline=NOW + timedelta(hours=1),
-    )
+    run = ledger_run("wf-dur")
     await ledger.create_run(run)
     active = await _write_and_activate(ledger)
     await ledger.close()
