@@ -124,7 +124,7 @@ class VaultSettings(_Section):
     # killed mid-pass holds up the others for at most this long.
     reconcile_lock_ttl_seconds: int = Field(default=30, ge=3, le=600)
     # PEM CA that signs OpenBao's server certificate, trusted alone (by the broker's session
-    # and by minting); empty: the system roots (aiohttp) and certifi's (hvac).
+    # and by minting); empty: the system roots, for both.
     ca_file: str = ""
     # Task tokens and dynamic secrets travel on this connection: plain http is accepted only
     # to a loopback address (the dev stack), unless this is set (logged at every start).

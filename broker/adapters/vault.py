@@ -17,6 +17,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -65,6 +66,18 @@ class BrokerSession:
     renewable: bool
 
 
+def system_roots() -> str | bool:
+    """Where OpenSSL finds the system's CA certificates (``SSL_CERT_FILE``/``SSL_CERT_DIR``
+    honoured), for requests' ``verify``: the file, else the directory, else True (requests'
+    own bundle, when the system has none)."""
+    paths = ssl.get_default_verify_paths()
+    if paths.cafile and Path(paths.cafile).is_file():
+        return paths.cafile
+    if paths.capath and Path(paths.capath).is_dir():
+        return paths.capath
+    return True
+
+
 def openbao_tls_context(settings: VaultSettings) -> ssl.SSLContext | None:
     """The context that verifies OpenBao against ``vault.ca_file`` alone (None: empty, the
     libraries' default roots). :class:`ConfigurationError` when the file does not load."""
@@ -97,8 +110,9 @@ class HvacVault:  # the broker's OpenBao/Vault adapter
         self._client = hvac.Client(
             url=settings.addr,
             timeout=settings.request_timeout_seconds,
-            # requests reads the CA file itself; the context above proved it loads.
-            verify=settings.ca_file or True,
+            # requests reads the CA file itself (the context above proved it loads); without
+            # one, the system roots, as minting (aiohttp) uses, rather than certifi's.
+            verify=settings.ca_file or system_roots(),
         )
         self._session: BrokerSession | None = None
         self._login_lock = asyncio.Lock()

@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from broker.adapters.tls import failure_code
-from broker.adapters.vault import HvacVault, openbao_tls_context
+from broker.adapters.vault import HvacVault, openbao_tls_context, system_roots
 from broker.adapters.vault_http import VaultHttp
 from broker.config import VaultSettings
 from broker.devstack import DEV_TLS_CA, write_dev_tls
@@ -66,8 +66,22 @@ def test_plain_http_beyond_loopback_needs_the_insecure_setting() -> None:
     assert settings.plain_http_off_loopback is True
 
 
-def test_no_ca_file_means_the_libraries_roots() -> None:
-    assert openbao_tls_context(VaultSettings(addr="https://openbao.example.org")) is None
+def test_no_ca_file_means_the_system_roots_for_both_clients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = VaultSettings(addr="https://openbao.example.org")
+    assert openbao_tls_context(settings) is None  # aiohttp: ssl.create_default_context()
+    bundle = tmp_path / "system-roots.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))  # where OpenSSL looks, as aiohttp does
+    assert system_roots() == str(bundle)
+    vault = HvacVault(settings=settings, jwt_svid=None, now=lambda: None)  # type: ignore[arg-type,return-value]
+    assert vault.client.session.verify == str(bundle)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "absent.pem"))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    assert system_roots() == str(tmp_path)
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "absent"))
+    assert system_roots() is True
 
 
 def test_the_ca_file_is_trusted_alone(ca_file: Path) -> None:
