@@ -400,7 +400,7 @@ def _report_table(report: dict[str, Any]) -> Table:
 
 
 @runs_app.command("ls")
-def runs_ls(
+def runs_ls(  # noqa: PLR0917 - typer options
     ctx: typer.Context,
     owner: _Owner = None,
     started_by: Annotated[
@@ -410,12 +410,22 @@ def runs_ls(
         str | None,
         typer.Option(help="Comma-separated states: active,completed,failed,cancelled,…"),
     ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(help="key=value, e.g. ticket=OPS-1234 (repeat it: all must match)."),
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=500, help="Runs to list in all.")] = 100,
 ) -> None:
     """List runs, latest over first (an orchestrator: the runs it started), following the
     pages until LIMIT runs or the end."""
     conn: Connection = ctx.obj
     states = tuple(s for s in (state or "").split(",") if s)
+    labels: dict[str, str] = {}
+    for pair in label or ():
+        key, equals, value = pair.partition("=")
+        if not equals:
+            raise typer.BadParameter(f"{pair!r} is not key=value", param_hint="--label")
+        labels[key] = value
 
     async def every_page(client: AdminClient) -> list[dict[str, Any]]:
         runs: list[dict[str, Any]] = []
@@ -425,6 +435,7 @@ def runs_ls(
                 owner=owner,
                 started_by=started_by,
                 states=states,
+                labels=labels,
                 limit=limit - len(runs),
                 cursor=cursor,
             )

@@ -469,7 +469,7 @@ class TaskleaseClient:
         path: str,
         *,
         json_body: Any = None,
-        params: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         headers: Mapping[str, str] | None = None,
         ok: Sequence[int] = (200, 201, 202, 207),
     ) -> tuple[int, dict[str, Any]]:
@@ -716,18 +716,20 @@ class _RunsClient(TaskleaseClient):
         owner: str | None = None,
         started_by: str | None = None,
         states: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
         limit: int = 100,
         cursor: str | None = None,
     ) -> dict[str, Any]:
         """``GET /v1/workflows``: one page of runs, latest over first, and ``next_cursor``
-        (pass it back as ``cursor`` for the next page; None: no more). An orchestrator sees
-        only the runs it started."""
-        params = {"limit": str(limit)}
+        (pass it back as ``cursor`` for the next page; None: no more). ``labels``: every one
+        must match. An orchestrator sees only the runs it started."""
+        params = [("limit", str(limit))]
         for name, value in (("owner", owner), ("started_by", started_by), ("cursor", cursor)):
             if value is not None:
-                params[name] = value
+                params.append((name, value))
         if states:
-            params["state"] = ",".join(states)
+            params.append(("state", ",".join(states)))
+        params += [("label", f"{key}={value}") for key, value in (labels or {}).items()]
         return (await self.call_again("GET", "/v1/workflows", params=params))[1]
 
     async def complete_run(

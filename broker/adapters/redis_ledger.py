@@ -1187,8 +1187,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
         from the cursor (``ZRANGE BYSCORE REV``), then those runs in one ``MGET``. Reads at
         most the examining budget of :func:`~broker.core.ports.run_page` (``limit`` entries
         with no filter); a run that cannot be read is skipped and logged."""
-        filtered = (query.owner, query.started_by, query.states) != (None, None, None)
-        wanted = query.limit * RUN_EXAMINE_FACTOR if filtered else query.limit
+        wanted = query.limit * RUN_EXAMINE_FACTOR if query.filtered else query.limit
         after = query.after
         index = self._keys.run_ends
         with _translated("list_runs"):

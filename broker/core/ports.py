@@ -16,6 +16,7 @@ from typing import Any, Final, Protocol
 
 from broker.core.approvals import APPROVAL_ID, Approval
 from broker.core.model import (
+    MAX_LABELS,
     MAX_LIVE_LIMIT,
     Decision,
     DelegationChain,
@@ -218,12 +219,23 @@ class RunQuery:
     owner: str | None = None
     started_by: str | None = None
     states: frozenset[RunState] | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    """Label key and value pairs the run must all carry (e.g. a ticket reference)."""
     limit: int = 100
     after: RunCursor | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.limit <= RUN_PAGE_LIMIT:
             raise BadRequestError(f"limit must be 1-{RUN_PAGE_LIMIT}", reason="query.invalid")
+        if len(self.labels) > MAX_LABELS:
+            raise BadRequestError(f"at most {MAX_LABELS} labels", reason="query.invalid")
+        for key, _ in self.labels:
+            check_id(key, "label key")
+
+    @property
+    def filtered(self) -> bool:
+        """Whether any filter is set (else every run matches)."""
+        return (self.owner, self.started_by, self.states, self.labels) != (None, None, None, ())
 
     def matches(self, run: WorkflowRun) -> bool:
         """True when ``run`` satisfies every set filter."""
@@ -231,6 +243,7 @@ class RunQuery:
             (self.owner is None or run.owner == self.owner)
             and (self.started_by is None or run.started_by == self.started_by)
             and (self.states is None or run.state in self.states)
+            and all(run.labels.get(key) == value for key, value in self.labels)
         )
 
 

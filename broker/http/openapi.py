@@ -301,6 +301,22 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             _query("owner", _text(256), "Only runs of this accountable owner."),
             _query("started_by", _text(2048), "Only runs this orchestrator started."),
             _states_query(_RUN_STATES, "runs"),
+            {
+                **_query(
+                    "label",
+                    {
+                        "type": "array",
+                        "items": {
+                            "type": "string",
+                            "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}=.{0,256}$",
+                        },
+                        "maxItems": 32,
+                    },
+                    "Only runs with this label (``key=value``); repeat it: all must match.",
+                ),
+                "style": "form",
+                "explode": True,
+            },
             _limit_query(500, "runs"),
             _query(
                 "cursor",

@@ -6,7 +6,8 @@
   ``holder_prefix``, ``owner``, ``target``, ``sensitivity``, ``state`` (comma-separated) and
   ``limit`` (1-1000, default 100); at least one filter, or ``all=true``.
 * ``GET /v1/workflows`` (admin; an orchestrator: its own runs): runs by ``owner``,
-  ``started_by``, ``state`` (comma-separated), latest over first, ``limit`` (1-500, default
+  ``started_by``, ``state`` (comma-separated), ``label`` (``key=value``, repeatable: all must
+  match), latest over first, ``limit`` (1-500, default
   100) a page, ``cursor`` (the previous page's ``next_cursor``) →
   ``{"runs": [...], "next_cursor": "…" | null}``. A page reads a bounded stretch of the index,
   so a selective filter may answer fewer runs, even none, with a cursor to go on from.
@@ -30,7 +31,7 @@ from broker.http.wire import lease_json, run_json
 
 _FILTERS = ("workflow_id", "task_id", "holder", "holder_prefix", "owner", "target")
 _MAX_LIMIT = 1000
-_RUN_PARAMS = frozenset({"owner", "started_by", "state", "limit", "cursor"})
+_RUN_PARAMS = frozenset({"owner", "started_by", "state", "label", "limit", "cursor"})
 # A run cursor: when the last run examined is over (µs since the epoch) and its id.
 _RUN_CURSOR = re.compile(r"(\d{1,17})\.([A-Za-z0-9][A-Za-z0-9._:-]{0,127})")
 
@@ -151,10 +152,20 @@ def _run_query(query: Any) -> RunQuery:
                 "cursor is not a next_cursor this endpoint gave", reason="query.invalid"
             )
         after = RunCursor(int(match[1]), match[2])
+    labels = []
+    for pair in query.getall("label", []):
+        key, equals, value = pair.partition("=")
+        if not equals or len(value) > 256:
+            raise BadRequestError(
+                "label must be key=value (a value of at most 256 characters)",
+                reason="query.invalid",
+            )
+        labels.append((key, value))
     return RunQuery(
         owner=_single(query, "owner", 256),
         started_by=_single(query, "started_by", 2048),
         states=states,
+        labels=tuple(labels),
         limit=limit,
         after=after,
     )

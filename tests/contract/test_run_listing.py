@@ -86,6 +86,19 @@ async def test_filters_select_by_owner_orchestrator_and_state(ledger: Ledger) ->
     assert _ids(await ledger.list_runs(active_alice)) == ["wf-other-orch"]
 
 
+async def test_labels_must_all_match(ledger: Ledger) -> None:
+    await ledger.create_run(make_run("wf-both", labels={"ticket": "OPS-1", "team": "fin"}))
+    await ledger.create_run(make_run("wf-ticket", labels={"ticket": "OPS-1"}))
+    await ledger.create_run(make_run("wf-other", labels={"ticket": "OPS-2"}))
+    await ledger.create_run(make_run("wf-none"))
+    ticket = RunQuery(labels=(("ticket", "OPS-1"),))
+    assert sorted(_ids(await ledger.list_runs(ticket))) == ["wf-both", "wf-ticket"]
+    both = RunQuery(labels=(("ticket", "OPS-1"), ("team", "fin")))
+    assert _ids(await ledger.list_runs(both)) == ["wf-both"]
+    empty_value = RunQuery(labels=(("team", ""),))
+    assert _ids(await ledger.list_runs(empty_value)) == []
+
+
 async def test_pages_follow_one_another_without_repeats_or_gaps(ledger: Ledger) -> None:
     expected: list[str] = []
     for n in range(7):
@@ -141,6 +154,13 @@ async def test_an_empty_ledger_lists_nothing(ledger: Ledger) -> None:
 def test_a_limit_out_of_range_is_refused(limit: int) -> None:
     with pytest.raises(BadRequestError, match="limit must be 1-500"):
         RunQuery(limit=limit)
+
+
+def test_label_filters_are_bounded_and_name_valid_keys() -> None:
+    with pytest.raises(BadRequestError, match="at most 32 labels"):
+        RunQuery(labels=tuple((f"k{n}", "v") for n in range(33)))
+    with pytest.raises(BadRequestError, match="label key"):
+        RunQuery(labels=(("bad key", "v"),))
 
 
 def test_a_cursor_names_a_valid_run_id() -> None:

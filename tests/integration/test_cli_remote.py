@@ -217,6 +217,7 @@ async def test_runs_ls_lists_an_owners_runs_latest_over_first_and_pages(
                 owner=owner,
                 purpose="listing OPS-77",
                 ttl_seconds=ttl,
+                labels={"ticket": f"OPS-{ttl}", "team": "finance"},
             )
         with pytest.raises(ApiError) as refused:
             await client.list_runs(started_by="spiffe://tasklease.test/orchestrator/other")
@@ -227,6 +228,12 @@ async def test_runs_ls_lists_an_owners_runs_latest_over_first_and_pages(
     listed = await _json(broker, admin, "runs", "ls", "--owner", owner)
     assert [run["id"].split("-")[2] for run in listed] == ["900", "700", "600"]
     assert {run["state"] for run in listed} == {"active"}
+    ticket = await _json(
+        broker, admin, "runs", "ls", "--label", "ticket=OPS-700", "--label", "team=finance"
+    )
+    assert [run["id"].split("-")[2] for run in ticket] == ["700"]
+    bad_label = await _cli(broker, admin, "runs", "ls", "--label", "ticket")
+    assert bad_label.exit_code == 2  # a usage error: nothing asked
     table = await _cli(broker, admin, "runs", "ls", "--owner", owner, "--limit", "2")
     assert table.exit_code == 0, table.output
     assert "2 runs" in table.stdout

@@ -44,12 +44,20 @@ ADMIN_CALLER = workload("spiffe://tasklease.test/admin/demo", Role.ADMIN)
         ([("owner", "a"), ("owner", "b")], r"owner given more than once"),
         ([("owner", "")], r"owner must be 1-256 characters"),
         ([("started_by", "s" * 2049)], r"started_by must be 1-2048 characters"),
+        ([("label", "ticket")], r"label must be key=value"),
+        ([("label", "ticket=" + "v" * 257)], r"label must be key=value"),
     ],
 )
 def test_a_bad_query_is_a_400(params: list[tuple[str, str]], message: str) -> None:
     with pytest.raises(BadRequestError, match=message) as caught:
         _run_query(MultiDict(params))
     assert caught.value.reason == "query.invalid"
+
+
+def test_a_label_key_is_an_identifier() -> None:
+    with pytest.raises(BadRequestError, match="label key must be") as caught:
+        _run_query(MultiDict([("label", "bad key=v")]))
+    assert caught.value.reason == "invalid.label_key"
 
 
 def test_a_query_names_its_filters_and_takes_back_its_cursor() -> None:
@@ -60,6 +68,8 @@ def test_a_query_names_its_filters_and_takes_back_its_cursor() -> None:
                 ("owner", "alice@example.com"),
                 ("started_by", ORCH),
                 ("state", "active,completed"),
+                ("label", "ticket=OPS-1=a"),
+                ("label", "team="),
                 ("limit", "25"),
                 ("cursor", run_cursor_text(cursor)),
             ]
@@ -69,6 +79,7 @@ def test_a_query_names_its_filters_and_takes_back_its_cursor() -> None:
         owner="alice@example.com",
         started_by=ORCH,
         states=frozenset({RunState.ACTIVE, RunState.COMPLETED}),
+        labels=(("ticket", "OPS-1=a"), ("team", "")),
         limit=25,
         after=cursor,
     )
