@@ -112,6 +112,13 @@ def openbao_root(stack: DevStack) -> hvac.Client:
     return hvac.Client(url=stack.endpoints.openbao_addr, token=stack.endpoints.openbao_root_token)
 
 
+def token_accessors(stack: DevStack) -> set[str]:
+    """Every token accessor OpenBao holds now. Tests compare these sets ("no new token"),
+    never their sizes: a token an earlier test issued may expire in between, which a count
+    would take for a change."""
+    return set(openbao_root(stack).list("auth/token/accessors")["data"]["keys"])
+
+
 def orders_as(stack: DevStack, user: str, password: str) -> int:
     """Log into the demo PostgreSQL database as ``user`` and count the orders (raises
     ``psycopg.OperationalError`` when the login is refused)."""
