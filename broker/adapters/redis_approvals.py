@@ -47,10 +47,10 @@ from broker.core.approvals import (
     decode_approval,
     encode_approval,
 )
+from broker.core.model import epoch_micros
 from broker.errors import LedgerUnavailableError
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND: Final = timedelta(microseconds=1)
 _MILLISECOND: Final = timedelta(milliseconds=1)
 # Approvals live at most this long (config caps approvals.ttl_seconds): the index pruning
 # below must not drop an entry whose approval can still be open.
@@ -93,10 +93,6 @@ end
 return 1
 """,
 )
-
-
-def _micros(moment: datetime) -> int:
-    return (moment - _EPOCH) // _MICROSECOND
 
 
 def _millis(moment: datetime) -> int:
@@ -144,7 +140,7 @@ class RedisApprovalStore:  # satisfies core.ports.ApprovalStore
     async def create_approval(self, approval: Approval, *, replaces: str | None) -> bool:
         """Store a new approval and point its digest at it, if the pointer holds ``replaces``."""
         check_approval_id(approval.id)
-        prune_below = _micros(approval.created_at - self._retention - MAX_VALIDITY)
+        prune_below = epoch_micros(approval.created_at - self._retention - MAX_VALIDITY)
         with _translated("create"):
             result = await self._script(
                 _CREATE,
@@ -159,7 +155,7 @@ class RedisApprovalStore:  # satisfies core.ports.ApprovalStore
                     encode_approval(approval),
                     approval.version,
                     replaces or "",
-                    _micros(approval.created_at),
+                    epoch_micros(approval.created_at),
                     prune_below,
                     self._gc_at(approval),
                 ],
@@ -196,7 +192,7 @@ class RedisApprovalStore:  # satisfies core.ports.ApprovalStore
                     encode_approval(approval),
                     "1" if approval.state.is_open else "0",
                     "1" if approval.state is ApprovalStatus.PENDING else "0",
-                    _micros(approval.created_at),
+                    epoch_micros(approval.created_at),
                     self._gc_at(approval),
                 ],
             )

@@ -178,6 +178,7 @@ from broker.core.model import (
     TargetKind,
     WorkflowRun,
     check_id,
+    epoch_micros,
     purge_recheck_at,
     run_over_at,
 )
@@ -391,14 +392,10 @@ def _corrupt(what: str, exc: Exception) -> LedgerUnavailableError:
 # --------------------------------------------------------------------------- records
 
 
-def _micros(moment: datetime) -> int:
-    return (moment - _EPOCH) // _MICROSECOND
-
-
 def _live_minute(lease: Lease) -> int:
     """The minute (since the epoch) whose end the lease counts against live limits until: the
     minute its expiry falls in, rounded up."""
-    return -(-_micros(lease.expires_at) // _MINUTE_US)
+    return -(-epoch_micros(lease.expires_at) // _MINUTE_US)
 
 
 def _moment(micros: int) -> datetime:
@@ -443,8 +440,8 @@ def _encode_lease(lease: Lease) -> str:
             [hop.role, _principal_ref(hop.principal, lease), int(hop.verified)]
             for hop in lease.chain.hops
         ],
-        "ia": _micros(lease.issued_at),
-        "ea": _micros(lease.expires_at),
+        "ia": epoch_micros(lease.issued_at),
+        "ea": epoch_micros(lease.expires_at),
         "st": lease.state.value,
     }
     # Fields at their defaults are left out: most leases carry few of them, and every byte is
@@ -464,7 +461,7 @@ def _encode_lease(lease: Lease) -> str:
     if lease.last_error:
         doc["le"] = lease.last_error
     if lease.revoked_at is not None:
-        doc["ra"] = _micros(lease.revoked_at)
+        doc["ra"] = epoch_micros(lease.revoked_at)
     if lease.tool:
         doc["tl"] = lease.tool
     if lease.justification:
@@ -584,8 +581,8 @@ def _encode_run(run: WorkflowRun) -> str:
         "o": run.owner,
         "p": run.purpose,
         "sb": run.started_by,
-        "ca": _micros(run.created_at),
-        "dl": _micros(run.deadline),
+        "ca": epoch_micros(run.created_at),
+        "dl": epoch_micros(run.deadline),
         "st": run.state.value,
     }
     if run.labels:
@@ -593,7 +590,7 @@ def _encode_run(run: WorkflowRun) -> str:
     if run.participants:
         doc["pt"] = list(run.participants)
     if run.ended_at is not None:
-        doc["ed"] = _micros(run.ended_at)
+        doc["ed"] = epoch_micros(run.ended_at)
     if run.outcome:
         doc["oc"] = run.outcome
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
@@ -1178,7 +1175,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
         check_purge_limit(limit)
         with _translated("runs_over_before"):
             found = await self._redis.zrange(
-                self._keys.run_ends, 0, _micros(cutoff), byscore=True, offset=0, num=limit
+                self._keys.run_ends, 0, epoch_micros(cutoff), byscore=True, offset=0, num=limit
             )
         return [str(run_id) for run_id in found]
 
@@ -1251,7 +1248,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
                         except LedgerUnavailableError as exc:  # one bad record stops no other
                             _log.error("ledger.run_unreadable", key=str(key), detail=exc.detail)
                             continue
-                        ends[run.id] = _micros(run_over_at(run, ()))
+                        ends[run.id] = epoch_micros(run_over_at(run, ()))
                 if ends:
                     added += int(await self._redis.zadd(self._keys.run_ends, ends, nx=True) or 0)
                 if int(cursor) == 0:
@@ -1282,7 +1279,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
         later = purge_recheck_at(survey.over, cutoff, unsettled=survey.live)
         if later is not None:
             with _translated("plan_purge"):
-                await self._redis.zadd(keys.run_ends, {workflow_id: _micros(later)}, xx=True)
+                await self._redis.zadd(keys.run_ends, {workflow_id: epoch_micros(later)}, xx=True)
             return PurgePlan(workflow_id, run, survey.over, ready=False, lease_states=survey.states)
         return PurgePlan(
             workflow_id,
@@ -1433,8 +1430,8 @@ class RedisLedger:  # satisfies core.ports.Ledger
             "value": quarantine.value,
             "reason": quarantine.reason,
             "by": quarantine.created_by,
-            "at": _micros(quarantine.created_at),
-            "until": _micros(quarantine.expires_at),
+            "at": epoch_micros(quarantine.created_at),
+            "until": epoch_micros(quarantine.expires_at),
         }
         field = f"{quarantine.kind.value}|{quarantine.value}"
         with _translated("set_quarantine"):
@@ -1545,9 +1542,9 @@ class RedisLedger:  # satisfies core.ports.Ledger
         keys = [self._keys.run(run.id), self._keys.run_ends, self._keys.run_rate(run.started_by)]
         args: list[str | int] = [
             _encode_run(run),
-            _micros(run.deadline),
+            epoch_micros(run.deadline),
             run.id,
-            _micros(run.created_at),
+            epoch_micros(run.created_at),
             per_minute,
         ]
         answer = await self._script("create_run", _CREATE_RUN, keys, args)
@@ -1567,7 +1564,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
         """Overwrite an existing run (:class:`NotFoundError` if there is none)."""
         check_id(run.id, "workflow id")
         keys = [self._keys.run(run.id), self._keys.run_ends]
-        ended = "" if run.ended_at is None else _micros(run.ended_at)
+        ended = "" if run.ended_at is None else epoch_micros(run.ended_at)
         saved = await self._script("save_run", _SAVE_RUN, keys, [_encode_run(run), ended, run.id])
         if not saved:
             raise NotFoundError(
@@ -1631,7 +1628,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
             stored_fingerprint = idempotency.fingerprint[:_STORED_FINGERPRINT]
             binding = json.dumps([stored_fingerprint, cid], separators=(",", ":"))
             binding_ms = max(1, idempotency.ttl // _MILLISECOND)
-        expires_us = _micros(lease.expires_at)
+        expires_us = epoch_micros(lease.expires_at)
         args: list[str | int] = [
             cid,
             wid,
@@ -1640,7 +1637,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
             expires_us,
             binding,
             binding_ms,
-            _micros(lease.issued_at),
+            epoch_micros(lease.issued_at),
             len(live),
             _live_minute(lease),
             # The live counts are garbage-collected by Redis a day after their newest expiry
@@ -1788,7 +1785,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
                     credential_id,
                     raw,
                     lease.task_id,
-                    _micros(lease.issued_at),
+                    epoch_micros(lease.issued_at),
                     active_raw,
                     refused_raw,
                 ],
@@ -2071,7 +2068,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
             "tombstone_task",
             _TOMBSTONE,
             [self._keys.tombstones(workflow_id)],
-            [task_id, _micros(until)],
+            [task_id, epoch_micros(until)],
         )
 
     # ---- due index
@@ -2085,7 +2082,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
         def build(pipe: Pipeline) -> None:
             pipe.zrem(in_flight, credential_id)
             pipe.hdel(claimed, credential_id)
-            pipe.zadd(due, {credential_id: _micros(due_at)})
+            pipe.zadd(due, {credential_id: epoch_micros(due_at)})
 
         await self._checked("schedule", build, transaction=True)
 
@@ -2099,7 +2096,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
         check_claim(limit, visibility)
         await self._ensure_layout()
         keys = self._keys
-        now_us = _micros(now)
+        now_us = epoch_micros(now)
         deadline_us = now_us + visibility // _MICROSECOND
         claimed: list[tuple[int, str]] = []
         for _ in range(_CLAIM_ROUNDS):
@@ -2170,7 +2167,7 @@ class RedisLedger:  # satisfies core.ports.Ledger
         """What is due at ``now`` and not settled (for metrics): four O(log n) reads per
         bucket in one round trip, whatever the number of active leases."""
         await self._ensure_layout()
-        keys, now_us = self._keys, _micros(now)
+        keys, now_us = self._keys, epoch_micros(now)
 
         def build(pipe: Pipeline) -> None:
             for bucket in range(keys.due_buckets):

@@ -58,7 +58,13 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Final
 
-from broker.core.model import DelegationChain, DelegationHop, check_id, check_text
+from broker.core.model import (
+    DelegationChain,
+    DelegationHop,
+    check_id,
+    check_text,
+    epoch_micros,
+)
 from broker.errors import ApprovalRefusedError, ApprovalStateError, BadRequestError
 
 APPROVAL_ID: Final = re.compile(r"apr_[0-9a-f]{24}")
@@ -498,10 +504,6 @@ STORED_APPROVAL_FIELDS: Final = frozenset(
 )
 
 
-def _micros(moment: datetime) -> int:
-    return (moment - _EPOCH) // _MICROSECOND
-
-
 def _moment(value: object) -> datetime:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"expected integer microseconds, got {type(value).__name__}")
@@ -525,15 +527,15 @@ def encode_approval(approval: Approval) -> str:
         "d": approval.digest,
         "o": approval.owner,
         "ch": [[h.role, h.principal, int(h.verified)] for h in approval.chain.hops],
-        "ca": _micros(approval.created_at),
-        "ea": _micros(approval.expires_at),
+        "ca": epoch_micros(approval.created_at),
+        "ea": epoch_micros(approval.expires_at),
         "q": approval.quorum,
         "pi": list(approval.policy_ids),
         "rs": list(approval.reasons),
         "j": approval.justification,
         "st": approval.state.value,
         "vo": [
-            [vote.principal, vote.display, vote.verdict.value, _micros(vote.at), vote.comment]
+            [vote.principal, vote.display, vote.verdict.value, epoch_micros(vote.at), vote.comment]
             for vote in approval.votes
         ],
         "ver": approval.version,
@@ -542,7 +544,7 @@ def encode_approval(approval: Approval) -> str:
         "cr": approval.credential_id,
     }
     if approval.closed_at is not None:
-        doc["cl"] = _micros(approval.closed_at)
+        doc["cl"] = epoch_micros(approval.closed_at)
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 
 
