@@ -30,7 +30,7 @@ from broker.core.roles import Role
 from broker.core.untrusted import printable
 from broker.errors import BadRequestError
 from broker.http.auth import require_roles
-from broker.http.wire import parse_body
+from broker.http.wire import one_query_value, parse_body
 
 AUDIT_SERVICE_KEY = web.AppKey("audit_service", AuditService)
 
@@ -125,15 +125,6 @@ def _types(request: web.Request) -> frozenset[EventType]:
     return frozenset(types)
 
 
-def _one(request: web.Request, name: str, limit: int) -> str | None:
-    values = request.query.getall(name, [])
-    if len(values) > 1:
-        raise BadRequestError(f"{name} given more than once", reason="query.invalid")
-    if values and not 0 < len(values[0]) <= limit:
-        raise BadRequestError(f"{name} must be 1-{limit} characters", reason="query.invalid")
-    return values[0] if values else None
-
-
 async def query_audit(request: web.Request) -> web.Response:
     """GET /v1/audit: one page of the audit stream (admin)."""
     caller = require_roles(request, Role.ADMIN)
@@ -144,11 +135,11 @@ async def query_audit(request: web.Request) -> web.Response:
             f"{sorted(_QUERY_PARAMS)})",
             reason="query.invalid",
         )
-    raw_limit = _one(request, "limit", 4) or "100"
+    raw_limit = one_query_value(request.query, "limit", 4) or "100"
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
         raise BadRequestError(f"limit must be 1..{MAX_PAGE}", reason="query.invalid")
     output: Literal["tasklease", "ocsf"]
-    wanted = _one(request, "format", 16) or "tasklease"
+    wanted = one_query_value(request.query, "format", 16) or "tasklease"
     if wanted == "ocsf":
         output = "ocsf"
     elif wanted == "tasklease":
@@ -159,13 +150,13 @@ async def query_audit(request: web.Request) -> web.Response:
     if since is not None and until is not None and until <= since:
         raise BadRequestError("until must be after since", reason="query.invalid")
     query = AuditQuery(
-        workflow_id=_one(request, "workflow_id", 128),
-        credential_id=_one(request, "credential_id", 128),
-        actor=_one(request, "actor", 2048),
+        workflow_id=one_query_value(request.query, "workflow_id", 128),
+        credential_id=one_query_value(request.query, "credential_id", 128),
+        actor=one_query_value(request.query, "actor", 2048),
         types=_types(request),
         since=since,
         until=until,
-        cursor=_one(request, "cursor", 48),
+        cursor=one_query_value(request.query, "cursor", 48),
         limit=int(raw_limit),
     )
     page = await request.app[AUDIT_SERVICE_KEY].query(caller, query)

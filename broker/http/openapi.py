@@ -37,6 +37,7 @@ from broker.http import responses
 from broker.http.approval_routes import DecisionBody, WithdrawBody
 from broker.http.audit_routes import ReportEventBody
 from broker.http.problems import PROBLEM_JSON
+from broker.http.query_routes import RUN_CURSOR_PATTERN
 from broker.http.revocation_routes import CompleteWorkflowBody, ForceRevocationBody
 from broker.http.wire import (
     ID_PATTERN,
@@ -320,7 +321,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             _limit_query(500, "runs"),
             _query(
                 "cursor",
-                {"type": "string", "pattern": r"^\d{1,17}\.[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
+                {"type": "string", "pattern": f"^{RUN_CURSOR_PATTERN}$"},
                 "The previous page's ``next_cursor``.",
             ),
         ),

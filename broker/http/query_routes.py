@@ -27,13 +27,14 @@ from broker.core.untrusted import printable
 from broker.errors import BadRequestError
 from broker.http.app import BROKER_KEY
 from broker.http.auth import require_roles
-from broker.http.wire import lease_json, run_json
+from broker.http.wire import lease_json, one_query_value, run_json
 
 _FILTERS = ("workflow_id", "task_id", "holder", "holder_prefix", "owner", "target")
 _MAX_LIMIT = 1000
 _RUN_PARAMS = frozenset({"owner", "started_by", "state", "label", "limit", "cursor"})
 # A run cursor: when the last run examined is over (µs since the epoch) and its id.
-_RUN_CURSOR = re.compile(r"(\d{1,17})\.([A-Za-z0-9][A-Za-z0-9._:-]{0,127})")
+RUN_CURSOR_PATTERN = r"(\d{1,17})\.([A-Za-z0-9][A-Za-z0-9._:-]{0,127})"
+_RUN_CURSOR = re.compile(RUN_CURSOR_PATTERN)
 
 
 def target_json(target: Target) -> dict[str, Any]:
@@ -113,15 +114,6 @@ def run_cursor_text(cursor: RunCursor) -> str:
     return f"{cursor.over_us}.{cursor.workflow_id}"
 
 
-def _single(query: Any, name: str, limit: int) -> str | None:
-    values = query.getall(name, [])
-    if len(values) > 1:
-        raise BadRequestError(f"{name} given more than once", reason="query.invalid")
-    if values and not 0 < len(values[0]) <= limit:
-        raise BadRequestError(f"{name} must be 1-{limit} characters", reason="query.invalid")
-    return values[0] if values else None
-
-
 def _run_query(query: Any) -> RunQuery:
     unknown = sorted(set(query) - _RUN_PARAMS)
     if unknown:
@@ -131,8 +123,8 @@ def _run_query(query: Any) -> RunQuery:
             reason="query.invalid",
         )
     states = None
-    raw_states = _single(query, "state", 200)
-    raw_limit = _single(query, "limit", 4) or "100"
+    raw_states = one_query_value(query, "state", 200)
+    raw_limit = one_query_value(query, "limit", 4) or "100"
     try:
         if raw_states is not None:
             states = frozenset(RunState(s) for s in raw_states.split(","))
@@ -144,7 +136,7 @@ def _run_query(query: Any) -> RunQuery:
             reason="query.invalid",
         ) from None
     after = None
-    raw_cursor = _single(query, "cursor", 160)
+    raw_cursor = one_query_value(query, "cursor", 160)
     if raw_cursor is not None:
         match = _RUN_CURSOR.fullmatch(raw_cursor)
         if match is None:
@@ -162,8 +154,8 @@ def _run_query(query: Any) -> RunQuery:
             )
         labels.append((key, value))
     return RunQuery(
-        owner=_single(query, "owner", 256),
-        started_by=_single(query, "started_by", 2048),
+        owner=one_query_value(query, "owner", 256),
+        started_by=one_query_value(query, "started_by", 2048),
         states=states,
         labels=tuple(labels),
         limit=limit,

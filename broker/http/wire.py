@@ -171,3 +171,14 @@ def quarantine_json(quarantine: Quarantine) -> dict[str, Any]:
         "created_at": quarantine.created_at.isoformat(),
         "expires_at": quarantine.expires_at.isoformat(),
     }
+
+
+def one_query_value(query: Any, name: str, limit: int) -> str | None:
+    """The value of query parameter ``name`` (None when absent): given at most once, 1 to
+    ``limit`` characters, else a 400 ``query.invalid``."""
+    values = query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequestError(f"{name} given more than once", reason="query.invalid")
+    if values and not 0 < len(values[0]) <= limit:
+        raise BadRequestError(f"{name} must be 1-{limit} characters", reason="query.invalid")
+    return values[0] if values else None
