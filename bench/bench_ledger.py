@@ -59,7 +59,6 @@ from broker.adapters.redis_ledger import (
     _encode_lease,
     _Keys,
     _live_minute,
-    _micros,
 )
 from broker.config import RedisSettings
 from broker.core.model import (
@@ -69,6 +68,7 @@ from broker.core.model import (
     LeaseState,
     Sensitivity,
     TargetKind,
+    epoch_micros,
 )
 from broker.core.ports import MintedCredential, MintSpec, RevokeOutcome
 from broker.revocation import RevocationSettings, Revoker
@@ -144,11 +144,11 @@ async def _write(client: aioredis.Redis, keys: _Keys, leases: Sequence[Lease]) -
         members[keys.target(lease.target)].append(cid)
         holders[lease.holder] = 0
         claims[(in_flight, claimed)].append(cid)
-        due[due_key][cid] = _micros(lease.expires_at)
+        due[due_key][cid] = epoch_micros(lease.expires_at)
         live_key = keys.live(lease.holder)
         minute = _live_minute(lease)
         live[live_key][minute] = live[live_key].get(minute, 0) + 1
-        gc_ms = _micros(lease.expires_at) // 1000 + _LIVE_SET_GRACE_MS
+        gc_ms = epoch_micros(lease.expires_at) // 1000 + _LIVE_SET_GRACE_MS
         forget_at[live_key] = max(forget_at.get(live_key, 0), gc_ms)
     async with client.pipeline(transaction=False) as pipe:
         for key, mapping in (*creds.items(), *records.items()):

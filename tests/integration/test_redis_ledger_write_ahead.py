@@ -23,7 +23,6 @@ from broker.adapters.redis_ledger import (
     _encode_lease,
     _Keys,
     _live_minute,
-    _micros,
 )
 from broker.config import RedisSettings
 from broker.core.model import (
@@ -33,6 +32,7 @@ from broker.core.model import (
     LeaseState,
     Sensitivity,
     TargetKind,
+    epoch_micros,
 )
 from broker.devstack import DevStack
 from broker.errors import ConflictError, LedgerUnavailableError
@@ -133,7 +133,7 @@ async def _write_ahead_by_multi(client: aioredis.Redis, keys: _Keys, lease: Leas
         pipe.zadd(keys.holders, {lease.holder: 0})
         pipe.zrem(in_flight, cid)
         pipe.hdel(claimed, cid)
-        pipe.zadd(due, {cid: _micros(lease.expires_at)}, lt=True)
+        pipe.zadd(due, {cid: epoch_micros(lease.expires_at)}, lt=True)
         results = await pipe.execute()
     if results[0] and results[1]:
         return await _counted_live(client, keys, lease)
@@ -148,7 +148,7 @@ async def _counted_live(client: aioredis.Redis, keys: _Keys, lease: Lease) -> st
     """What the script added since it replaced the MULTI, for a lease it wrote: the lease
     counted in its holder's live counts (limits), forgotten a day after its newest expiry."""
     live = keys.live(lease.holder)
-    forget_at = _micros(lease.expires_at) // 1000 + _LIVE_SET_GRACE_MS
+    forget_at = epoch_micros(lease.expires_at) // 1000 + _LIVE_SET_GRACE_MS
     async with client.pipeline(transaction=True) as pipe:
         pipe.hincrby(live, str(_live_minute(lease)), 1)
         pipe.pexpireat(live, forget_at, nx=True)

@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,7 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.adapters.redis_ledger import RedisLedger
 from broker.config import RedisSettings
-from broker.core.model import Lease, LeaseState
+from broker.core.model import Lease, LeaseState, epoch_micros
 from broker.core.ports import LeaseSelector
 from broker.devstack import REPO_ROOT, DevStack, ManagedProcess, free_port
 from broker.errors import LedgerUnavailableError
@@ -433,10 +433,6 @@ async def until(probe: Callable[[], Awaitable[bool]], *, within: float, what: st
         await asyncio.sleep(0.25)
 
 
-def _micros(moment: datetime) -> int:
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
-
-
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -556,7 +552,7 @@ async def test_a_broker_killed_mid_sweep_leaves_nothing_unrevoked(
     revoked_by_doomed = sum(1 for x in at_kill.values() if x.state is LeaseState.REVOKED)
     assert stranded, "the kill must land while the sweep holds claims"
     assert 0 < revoked_by_doomed <= 40
-    assert all(deadline > _micros(killed_at) for deadline in stranded.values())
+    assert all(deadline > epoch_micros(killed_at) for deadline in stranded.values())
     # The held calls reach OpenBao after the broker is gone, as a request in flight would.
     env.proxy.release()
 
@@ -573,7 +569,7 @@ async def test_a_broker_killed_mid_sweep_leaves_nothing_unrevoked(
     for cid, deadline in stranded.items():
         if at_kill[cid].state is not LeaseState.REVOKED:
             revoked_at = leases[cid].revoked_at
-            assert revoked_at is not None and _micros(revoked_at) >= deadline, cid
+            assert revoked_at is not None and epoch_micros(revoked_at) >= deadline, cid
     # At-least-once: a lease revoked twice in OpenBao is one the dead broker held.
     repeated = {a for a, n in env.proxy.revokes.items() if n > 1}
     assert repeated <= {accessors[cid] for cid in stranded}
