@@ -98,6 +98,33 @@ async def start_run(
     return body
 
 
+async def ready_then_issue(
+    stack: DevStack, broker: RunningBroker, tmp_path: Path, target: str
+) -> dict[str, Any]:
+    """The broker answers /readyz 200; the demo orchestrator starts a run of alice's and the
+    demo agent gets a ``target`` credential in it (60 s): the 201 body, its secret remembered
+    for the secret scan."""
+    agent = client_context(stack, tmp_path, workload_id(stack, "agent"))
+    orchestrator = client_context(stack, tmp_path, workload_id(stack, "orchestrator"))
+    status, ready = await call(broker, agent, "GET", "/readyz")
+    assert status == 200, ready
+    run_id = f"wf-{uuid.uuid4().hex[:12]}"
+    await start_run(stack, broker, orchestrator, run_id, owner="alice@example.test", purpose="TLS")
+    status, issued = await call(
+        broker,
+        agent,
+        "POST",
+        "/v1/credentials",
+        json_body={"workflow_id": run_id, "task_id": "t1", "target": target, "ttl_seconds": 60},
+        headers={"Idempotency-Key": f"tlk-{uuid.uuid4().hex}"},
+    )
+    assert status == 201, issued
+    for name in ("token", "password"):
+        if name in issued["secret"]:
+            remember_secret(issued["secret"][name])
+    return issued
+
+
 def workload_id(stack: DevStack, name: str) -> str:
     """The SPIFFE ID of a demo workload (agent, orchestrator, admin) in the dev trust domain."""
     return f"spiffe://{stack.trust_domain}/{name}/demo"

@@ -33,13 +33,7 @@ from broker.core.model import (
 from broker.devstack import DevStack, ManagedProcess, free_port, redis_config, wait_until
 from broker.errors import LedgerUnavailableError
 from tests.conftest import LOG_DIR, remember_secret
-from tests.integration.clients import (
-    StartBroker,
-    call,
-    client_context,
-    start_run,
-    workload_id,
-)
+from tests.integration.clients import StartBroker, ready_then_issue
 from tests.integration.redis_topology import (
     BOUND_SECONDS,
     SERVICE,
@@ -218,36 +212,20 @@ async def test_a_broker_issues_through_a_tls_redis(
     """The whole broker on a TLS Redis (ledger, approvals, audit stream and outbox share the
     one factory): it starts (its durability checks pass over TLS), is ready, starts a run and
     issues a credential, and the lease record is on that Redis."""
-    prefix = f"tls{uuid.uuid4().hex[:8]}"
     broker = await start(
         TASKLEASE_REDIS__URL=f"rediss://:{tls_redis.password}@127.0.0.1:{tls_redis.port}/0",
         TASKLEASE_REDIS__TLS_CA_FILE=str(tls_redis.files.ca),
         TASKLEASE_REDIS__TLS_CERT_FILE=str(tls_redis.files.client_cert),
         TASKLEASE_REDIS__TLS_KEY_FILE=str(tls_redis.files.client_key),
     )
-    agent = client_context(stack, tmp_path, workload_id(stack, "agent"))
-    orchestrator = client_context(stack, tmp_path, workload_id(stack, "orchestrator"))
-    status, ready = await call(broker, agent, "GET", "/readyz")
-    assert status == 200, ready
-    run_id = f"wf-{prefix}"
-    await start_run(stack, broker, orchestrator, run_id, owner="alice@example.test", purpose="TLS")
-    status, issued = await call(
-        broker,
-        agent,
-        "POST",
-        "/v1/credentials",
-        json_body={"workflow_id": run_id, "task_id": "t1", "target": "demo-kv", "ttl_seconds": 60},
-        headers={"Idempotency-Key": f"tlk-{prefix}"},
-    )
-    assert status == 201, issued
-    remember_secret(issued["secret"]["token"])
+    issued = await ready_then_issue(stack, broker, tmp_path, "demo-kv")
     ledger = RedisLedger(settings=tls_redis.settings())  # the broker's namespace
     try:
         lease = await ledger.get_lease(issued["credential_id"])
     finally:
         await ledger.close()
     assert lease is not None, "the lease record is not on the TLS Redis"
-    assert (lease.state, lease.workflow_id) == (LeaseState.ACTIVE, run_id)
+    assert (lease.state, lease.workflow_id) == (LeaseState.ACTIVE, issued["workflow_id"])
 
 
 # --------------------------------------------------------------------------- Sentinel

@@ -5,7 +5,6 @@ error that says what OpenSSL said."""
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -13,15 +12,7 @@ import pytest
 
 from broker.devstack import DevStack
 from broker.errors import VaultUnavailableError
-from tests.conftest import remember_secret
-from tests.integration.clients import (
-    StartBroker,
-    call,
-    client_context,
-    orders_as,
-    start_run,
-    workload_id,
-)
+from tests.integration.clients import StartBroker, orders_as, ready_then_issue
 
 pytestmark = pytest.mark.stack
 
@@ -36,23 +27,7 @@ async def test_a_broker_mints_over_tls_trusting_only_the_stacks_ca(
         TASKLEASE_VAULT__ADDR=endpoints.openbao_tls_addr,
         TASKLEASE_VAULT__CA_FILE=endpoints.openbao_ca_file,
     )
-    agent = client_context(stack, tmp_path, workload_id(stack, "agent"))
-    orchestrator = client_context(stack, tmp_path, workload_id(stack, "orchestrator"))
-    status, ready = await call(broker, agent, "GET", "/readyz")
-    assert status == 200, ready
-    run_id = f"wf-vtls-{secrets.token_hex(4)}"
-    await start_run(stack, broker, orchestrator, run_id, owner="alice@example.test", purpose="TLS")
-    status, issued = await call(
-        broker,
-        agent,
-        "POST",
-        "/v1/credentials",
-        json_body={"workflow_id": run_id, "task_id": "t1", "target": "demo-db", "ttl_seconds": 60},
-        headers={"Idempotency-Key": f"tlk-{secrets.token_hex(8)}"},
-    )
-    assert status == 201, issued
-    secret = issued["secret"]
-    remember_secret(secret["password"])
+    secret = (await ready_then_issue(stack, broker, tmp_path, "demo-db"))["secret"]
     # The token create, the database/creds read and the lease renewal all went over TLS.
     assert orders_as(stack, secret["username"], secret["password"]) > 0
 
