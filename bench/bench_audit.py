@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _common import broker_env, cpu_seconds, percentile, start_broker, svid_context, wait_ready
+from _common import (
+    broker_env,
+    cpu_seconds,
+    percentile,
+    start_broker,
+    svid_context,
+    wait_ready,
+    wait_start_up_passes,
+)
 from bench_issuance import FAILURES, _drive
 
 from broker.core.audit import AuditEvent, CredentialIssued
@@ -131,6 +139,7 @@ async def main(requests: int, rounds: int, clients: int, target: str) -> None:
             for name, port in ports.items():
                 url = f"https://127.0.0.1:{port}"
                 await wait_ready(session, url, agent_tls)
+                await wait_start_up_passes(session, url, agent_tls)
                 runs[name] = f"bench-audit-{name}-{secrets.token_hex(3)}"
                 async with session.post(
                     f"{url}/v1/workflows",

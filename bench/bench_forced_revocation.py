@@ -56,7 +56,14 @@ from typing import Any
 
 import aiohttp
 import structlog
-from _common import broker_env, cpu_seconds, start_broker, svid_context, wait_ready
+from _common import (
+    broker_env,
+    cpu_seconds,
+    start_broker,
+    svid_context,
+    wait_ready,
+    wait_start_up_passes,
+)
 
 from broker.adapters.clock import SystemClock
 from broker.adapters.config_files import load_target_catalog
@@ -367,6 +374,7 @@ async def main(count: int) -> None:
         url = f"https://127.0.0.1:{port}"
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
             await wait_ready(session, url, admin)
+            await wait_start_up_passes(session, url, admin)
             print(f"# {COUNT} vault-token credentials per path; the machine may be shared")
             print("\n## the limit: OpenBao sys/leases/revoke-prefix")
             prefix = await bench_prefix(bench, minter, session)

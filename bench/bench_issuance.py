@@ -28,9 +28,11 @@ throughput ratio the design's mandated calls alone allow (made from a Python cli
 broker in between), and ``direct ÷ broker path`` what the broker reaches at most. "Servers"
 leaves this process out (the clients, and the floor's Python caller): ``direct ÷ floor,
 servers`` is what OpenBao, Redis and PostgreSQL alone allow, with a client that cost nothing.
-Bounded: a fixed number of requests per cell. Asserts nothing. ``--openbao-tls``: every path
-(direct, floor and the broker's) reaches OpenBao over its HTTPS listener, as in production;
-by default all use the stack's plain HTTP listener on loopback.
+Measuring starts once each broker's start-up re-evaluation and its follow-up are done
+(``_common.wait_start_up_passes``: one-off work, not issuance). Bounded: a fixed number of
+requests per cell. Asserts nothing. ``--openbao-tls``: every path (direct, floor and the
+broker's) reaches OpenBao over its HTTPS listener, as in production; by default all use the
+stack's plain HTTP listener on loopback.
 
     .venv/bin/python bench/bench_issuance.py [--requests N] [--openbao-tls]
 """
@@ -61,6 +63,7 @@ from _common import (
     start_broker,
     svid_context,
     wait_ready,
+    wait_start_up_passes,
 )
 
 from broker.devstack import DevStack, free_port
@@ -198,6 +201,8 @@ async def main(requests_per_cell: int, *, openbao_tls: bool) -> None:
         async with aiohttp.ClientSession(connector=connector) as session:
             for replica in urls:
                 await wait_ready(session, replica, agent_tls)
+            for replica in urls:
+                await wait_start_up_passes(session, replica, agent_tls)
             run_id = f"bench-{secrets.token_hex(3)}"
             async with session.post(
                 f"{url}/v1/workflows",

@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _common import broker_env, percentile, start_broker, svid_context, wait_ready
+from _common import (
+    broker_env,
+    percentile,
+    start_broker,
+    svid_context,
+    wait_ready,
+    wait_start_up_passes,
+)
 
 from broker.devstack import DevStack, free_port
 
@@ -231,6 +238,7 @@ async def main(expiring: int) -> None:
         url = f"https://127.0.0.1:{port}"
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
             await wait_ready(session, url, tls["agent"])
+            await wait_start_up_passes(session, url, tls["agent"])
             client = Client(session, url, tls)
             agent_id = endpoints.workload_ids["agent"]
             await client.issue(await client.start_run(agent_id), 32, ttl=60)  # warm up

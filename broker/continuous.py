@@ -271,6 +271,13 @@ class ContinuousMetrics:
             ["scope"],
             registry=registry,
         )
+        self.completed = Counter(
+            "tasklease_continuous_completed",
+            "Re-evaluations completed, by scope (a start-up or follow-up pass that found "
+            "nothing changed counts too)",
+            ["scope"],
+            registry=registry,
+        )
 
 
 # --------------------------------------------------------------------------- decision inputs
@@ -958,6 +965,7 @@ class ContinuousAuthorizer:
         except Exception as exc:  # noqa: BLE001 - any failure is retried, never dropped
             self._failed(slot, job, exc)
             return
+        self.metrics.completed.labels(scope=job.scope.kind).inc()
         if job.failures:
             _log.warning(
                 "continuous.recovered",

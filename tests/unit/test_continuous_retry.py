@@ -22,6 +22,7 @@ from broker.adapters.memory_ledger import InMemoryLedger
 from broker.adapters.memory_reevaluation import InMemoryReevaluationMarkers
 from broker.continuous import (
     EVERYTHING,
+    RECENT,
     TARGET,
     ContinuousAuthorizer,
     ContinuousReadiness,
@@ -125,6 +126,10 @@ def failures(authorizer: ContinuousAuthorizer, scope: str) -> float:
     return float(authorizer.metrics.failures.labels(scope=scope)._value.get())
 
 
+def completed(authorizer: ContinuousAuthorizer, scope: str) -> float:
+    return float(authorizer.metrics.completed.labels(scope=scope)._value.get())
+
+
 # --------------------------------------------------------------------------- retries
 
 
@@ -153,6 +158,7 @@ async def test_a_failed_reevaluation_is_retried_until_it_revokes_every_denied_le
     assert (recovered["scope"], recovered["failed_attempts"]) == (EVERYTHING, 3)
     assert ledger(world).iterations == 4
     assert failures(world.continuous, EVERYTHING) == 3
+    assert completed(world.continuous, EVERYTHING) == 1  # the failed attempts do not count
     assert gauge(world.continuous) == 0
     assert world.continuous.pending() == []
 
@@ -636,6 +642,7 @@ async def test_credentials_an_old_replica_issued_meanwhile_are_decided_in_the_fo
     # The recent one and the two demo-kv leases (issued at NOW too); not the earlier one.
     assert report["examined"] == 3
     assert markers.writes == 1  # the follow-up stores no marker of its own
+    assert (completed(world.continuous, EVERYTHING), completed(world.continuous, RECENT)) == (1, 1)
 
 
 async def test_no_follow_up_unless_configured() -> None:
