@@ -282,7 +282,7 @@ async def _audit_trail(
             now=clock.now,
         )
         sinks.append(stream_sink)
-        reader = RedisAuditReader(client=ledger.client, stream=config.redis.stream)
+        reader = RedisAuditReader(client=ledger.client, stream=config.redis.stream, now=clock.now)
         _log.info(
             "audit.redis.configured",
             stream=config.redis.stream,
@@ -535,6 +535,8 @@ async def build_runtime(
             issuance_rate_per_identity=settings.issuance.credentials_per_identity_per_minute,
             run_rate_per_identity=settings.issuance.runs_per_identity_per_minute,
             refuse_if_superseded=superseded.refuse_if_superseded,
+            # Run ids are not reused while the trail shows an earlier run's records under them.
+            run_history=audit_reader,
         )
         app = create_app(
             readiness=readiness,

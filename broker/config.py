@@ -416,7 +416,7 @@ class AuditRedisSettings(_Section):
     # retention_days): older entries are dropped (Redis >= 6.2). With maxlen too, both apply.
     retention_days: int = Field(default=0, ge=0, le=3650)
     # How long a run's copy lives after its last write (at most retention_days when that is
-    # set).
+    # set); while it does, the run's id is not given to a new run (workflow.id_retired).
     index_ttl_days: int = Field(default=90, ge=1, le=3650)
 
 

@@ -49,7 +49,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -75,7 +75,15 @@ _MAX_INDEXED: Final = 100_000
 _LANDED_WINDOW: Final = 256
 # XADD ... MINID appeared in Redis 6.2.
 _MINID_SINCE: Final = (6, 2)
+# PTTL's answers for a key that does not exist and one without an expiry.
+_NO_KEY: Final = -2
+_NO_EXPIRY: Final = -1
 _VERSION: Final = re.compile(r"([0-9]+)\.([0-9]+)")
+
+
+def run_stream_key(stream: str, workflow_id: str) -> str:
+    """The stream holding the copies of run ``workflow_id``'s records (``S:run:W``)."""
+    return f"{stream}:run:{workflow_id}"
 
 
 def _text(value: object) -> object:
@@ -122,7 +130,7 @@ class RedisStreamAuditSink:
 
     def run_key(self, workflow_id: str) -> str:
         """The stream holding the copies of one run's records."""
-        return f"{self.stream}:run:{workflow_id}"
+        return run_stream_key(self.stream, workflow_id)
 
     async def write(self, records: Sequence[SealedRecord]) -> None:
         """One entry with every record on the main stream, one per run touched, in one
@@ -341,16 +349,22 @@ def _flat(entries: Sequence[tuple[str, list[object]]]) -> list[tuple[str, object
     ]
 
 
-class RedisAuditReader:  # satisfies core.audit.AuditReader
+class RedisAuditReader:  # satisfies core.audit.AuditReader and core.audit.RunHistory
     """Reads the audit streams back: paged queries, the tail, and every record for
     verification."""
 
     def __init__(
-        self, *, client: aioredis.Redis, stream: str = "tl:audit", scan_budget: int = 10_000
+        self,
+        *,
+        client: aioredis.Redis,
+        stream: str = "tl:audit",
+        scan_budget: int = 10_000,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self._redis = client
         self.stream = stream
         self._budget = scan_budget
+        self._now = now or SystemClock().now
 
     async def query(self, query: AuditQuery) -> AuditPage:
         """One page of records matching ``query``, oldest first."""
@@ -366,7 +380,7 @@ class RedisAuditReader:  # satisfies core.audit.AuditReader
 
     async def _query(self, query: AuditQuery, cursor: re.Match[str] | None) -> AuditPage:
         stream = (
-            f"{self.stream}:run:{query.workflow_id}"
+            run_stream_key(self.stream, query.workflow_id)
             if query.workflow_id is not None
             else self.stream
         )
@@ -399,6 +413,19 @@ class RedisAuditReader:  # satisfies core.audit.AuditReader
             if len(entries) < _CHUNK:
                 return AuditPage(tuple(found), next_cursor=None, scanned=scanned)
             start = f"({entries[-1][0]}"
+
+    async def run_records_kept_until(self, workflow_id: str) -> datetime | None:
+        """Until when the run's copy (``S:run:W``) is kept: it expires ``run_ttl`` after
+        its last write (core.audit.RunHistory)."""
+        try:
+            left = await self._redis.pttl(run_stream_key(self.stream, workflow_id))
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise _translated("PTTL", exc) from exc
+        if left == _NO_KEY:
+            return None
+        if left == _NO_EXPIRY:
+            return datetime.max.replace(tzinfo=UTC)
+        return self._now() + timedelta(milliseconds=left)
 
     async def tail(self, count: int) -> list[tuple[str, object]]:
         """The last ``count`` records of the main stream, oldest first."""

@@ -113,5 +113,24 @@ async def test_a_broker_purges_a_run_over_for_longer_than_its_retention(
         _, samples = await scrape(broker, admin)
         assert value(samples, "tasklease_ledger_purged_total", record="run") >= 1
         assert value(samples, "tasklease_ledger_purged_total", record="lease") >= 1
+
+        # The trail still shows the purged run under its id (its copy in Redis lives
+        # index_ttl_days): the id is not given to a new run, and nothing is stored.
+        orchestrator = client_context(stack, tmp_path, _workload_id(stack, "orchestrator"))
+        status, refused = await call(
+            broker,
+            orchestrator,
+            "POST",
+            "/v1/workflows",
+            json_body={"id": old_id, "owner": OWNER, "purpose": "again", "ttl_seconds": 600},
+        )
+        assert (status, refused["code"], refused["reason"]) == (
+            409,
+            "conflict",
+            "workflow.id_retired",
+        ), refused
+        kept_until = datetime.fromisoformat(refused["detail"].split(" until ")[1].split(";")[0])
+        assert wall + 89 * DAY < kept_until <= datetime.now(UTC) + 90 * DAY  # index_ttl_days
+        assert await ledger.get_run(old_id) is None
     finally:
         await ledger.close()

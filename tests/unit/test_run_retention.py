@@ -16,10 +16,12 @@ from broker.adapters.metrics_sources import RetentionCollector
 from broker.core.audit import AuditEvent, EventType, WorkflowPurged
 from broker.core.model import LeaseState, RunState
 from broker.core.ports import PurgePlan
-from broker.errors import LedgerUnavailableError
+from broker.errors import AuditUnavailableError, ConflictError, LedgerUnavailableError
 from broker.metrics import BrokerMetrics
 from broker.retention import RunRetentionJob
+from broker.service import CredentialBroker
 from tests.contract.test_ledger import make_lease, make_run
+from tests.unit.test_service_issuance import ORCH_CALLER, POLICY, TARGETS, FakeMinter
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)  # the contract suite's
 BROKER = "spiffe://tasklease.test/broker"
@@ -281,3 +283,116 @@ async def test_a_run_over_with_a_credential_not_settled_waits_and_says_so() -> N
     assert world.audit.events == []
     [warning] = [entry for entry in logs if entry["event"] == "retention.run_unsettled"]
     assert warning["lease_states"] == {"issuing": 1}
+
+
+# --------------------------------------------------------------------------- run ids after a purge
+
+
+def _service(world: World, *, history: bool = True) -> CredentialBroker:
+    return CredentialBroker(
+        policy=POLICY,
+        minter=FakeMinter(),
+        ledger=world.ledger,
+        targets=TARGETS,
+        clock=world.clock,
+        audit=world.audit,
+        run_history=world.audit if history else None,
+    )
+
+
+async def _start(service: CredentialBroker, world: World, run_id: str) -> None:
+    await service.start_workflow(
+        ORCH_CALLER,
+        workflow_id=run_id,
+        owner="bob",
+        purpose="a new run",
+        deadline=world.clock.now() + timedelta(hours=1),
+        labels={},
+        participants=(),
+    )
+
+
+async def _purged(world: World) -> None:
+    await world.run_with_a_revoked_lease("wf-1", "cred_a")
+    world.clock.current = NOW + timedelta(hours=2) + DAYS_30
+    assert (await world.job.purge_pass()).purged == 1
+
+
+async def test_a_purged_runs_id_is_not_given_to_a_new_run_while_the_trail_shows_it() -> None:
+    world = World()
+    await _purged(world)
+    service = _service(world)
+
+    with pytest.raises(ConflictError) as caught:
+        await _start(service, world, "wf-1")
+
+    assert caught.value.reason == "workflow.id_retired"
+    assert "'wf-1' was used by an earlier run" in caught.value.detail
+    assert "with no expiry" in caught.value.detail  # the in-memory trail keeps everything
+    assert await world.ledger.get_run("wf-1") is None  # nothing stored
+    assert world.audit.types() == [EventType.WORKFLOW_PURGED]
+    await _start(service, world, "wf-2")  # an id the trail does not show
+    assert (await world.ledger.get_run("wf-2")) is not None
+
+
+async def test_a_run_still_in_the_ledger_answers_exists_not_retired() -> None:
+    world = World()
+    service = _service(world)
+    await _start(service, world, "wf-1")  # the trail now shows it, and the ledger has it
+
+    with pytest.raises(ConflictError) as caught:
+        await _start(service, world, "wf-1")
+
+    assert caught.value.reason == "workflow.exists"
+
+
+class ExpiringHistory:
+    """A trail that keeps the run's records until ``until`` (the Redis run copy's expiry)."""
+
+    def __init__(self, until: datetime | None) -> None:
+        self.until = until
+        self.asked: list[str] = []
+
+    async def run_records_kept_until(self, workflow_id: str) -> datetime | None:
+        self.asked.append(workflow_id)
+        return self.until
+
+
+async def test_the_refusal_says_until_when_and_an_expired_history_frees_the_id() -> None:
+    world = World()
+    await _purged(world)
+    history = ExpiringHistory(NOW + timedelta(days=60, microseconds=5))
+    service = _service(world)
+    service._run_history = history
+
+    with pytest.raises(ConflictError) as caught:
+        await _start(service, world, "wf-1")
+
+    assert "until 2030-03-02T12:00:00+00:00" in caught.value.detail
+    history.until = None  # the run's copy expired
+    await _start(service, world, "wf-1")
+    assert history.asked == ["wf-1", "wf-1"]
+
+
+async def test_without_a_run_history_a_purged_id_may_be_used_again() -> None:
+    world = World()
+    await _purged(world)
+    await _start(_service(world, history=False), world, "wf-1")
+    assert (await world.ledger.get_run("wf-1")) is not None
+
+
+class FailingHistory:
+    async def run_records_kept_until(self, workflow_id: str) -> datetime | None:
+        raise AuditUnavailableError("Redis is unreachable (test)", reason="audit.unreachable")
+
+
+async def test_a_history_that_cannot_be_read_refuses_the_start() -> None:
+    """Fail closed: an id that cannot be checked is not given out."""
+    world = World()
+    service = _service(world)
+    service._run_history = FailingHistory()
+
+    with pytest.raises(AuditUnavailableError):
+        await _start(service, world, "wf-1")
+
+    assert await world.ledger.get_run("wf-1") is None
