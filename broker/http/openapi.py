@@ -287,7 +287,9 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         errors=(*_WITH_BODY, 409, 429, 503),
         body=StartWorkflowBody,
         description="Give exactly one of ``deadline`` (RFC 3339 with an offset) and "
-        "``ttl_seconds``.",
+        "``ttl_seconds``. A run id names one run: an id the ledger holds answers 409 "
+        "``workflow.exists``, the id of a purged run whose records the audit trail still keeps "
+        "under it 409 ``workflow.id_retired``.",
     ),
     Operation(
         "get",
