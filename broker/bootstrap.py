@@ -82,7 +82,9 @@ from broker.http.audit_routes import register_audit_routes
 from broker.http.metrics_routes import register_metrics_routes
 from broker.http.openapi import register_openapi_route
 from broker.http.query_routes import register_query_routes
+from broker.http.report_routes import register_report_routes
 from broker.http.revocation_routes import register_revocation_routes
+from broker.legacy import LegacyReporter
 from broker.metrics import BrokerMetrics, CountingPolicyEngine
 from broker.policy_reload import PolicyReadiness, PolicyReloader
 from broker.reconciler import Reconciler
@@ -563,6 +565,15 @@ async def build_runtime(
         )
         register_revocation_routes(app, revoker)
         register_query_routes(app)
+        register_report_routes(
+            app,
+            LegacyReporter(
+                ledger=ledger,
+                targets=lambda: broker.targets,  # the catalog in force (hot reloads)
+                clock=clock,
+                ledger_retention=timedelta(days=settings.ledger.retention_days),
+            ),
+        )
         register_audit_routes(
             app,
             AuditService(

@@ -19,11 +19,12 @@ import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -151,7 +152,7 @@ def _run(ctx: typer.Context, work: Callable[[AdminClient], Awaitable[_T]]) -> _T
         _fail_config(f"cannot read {getattr(exc, 'filename', '') or 'a file'}: {exc.strerror}")
 
 
-def _emit(conn: Connection, data: Any, table: Callable[[], Table | str]) -> None:
+def _emit(conn: Connection, data: Any, table: Callable[[], RenderableType]) -> None:
     if conn.json:
         _out.print_json(json.dumps(data, default=str))
         return
@@ -640,6 +641,93 @@ def approvals_deny(
     _decide(ctx, approval_id, False, comment)
 
 
+# --------------------------------------------------------------------------- reports
+
+report_app = typer.Typer(help="Reports for the security team (admin).", no_args_is_help=True)
+
+
+def _since(since: str | None, days: int | None) -> datetime | None:
+    if since is not None and days is not None:
+        raise typer.BadParameter("give --since or --days, not both", param_hint="--days")
+    if days is not None:
+        return datetime.now(UTC).replace(microsecond=0) - timedelta(days=days)
+    if since is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(since)
+    except ValueError:
+        moment = None
+    if moment is None or moment.utcoffset() is None:
+        raise typer.BadParameter(
+            f"{since!r} is not an RFC 3339 time with an offset", param_hint="--since"
+        )
+    return moment
+
+
+def _minute(stamp: str | None) -> str:
+    """An RFC 3339 time as ``YYYY-MM-DD HH:MM`` in UTC (empty for None)."""
+    if stamp is None:
+        return ""
+    return datetime.fromisoformat(stamp).astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _who(usages: Sequence[dict[str, Any]], count: int, shown: int = 3) -> str:
+    named = ", ".join(f"{u['who']} ({u['credentials']})" for u in usages[:shown])
+    more = count - min(len(usages), shown)
+    return f"{named}, +{more} more" if more > 0 else named
+
+
+@report_app.command("legacy")
+def report_legacy(
+    ctx: typer.Context,
+    since: Annotated[
+        str | None, typer.Option(help="Only credentials issued from this RFC 3339 time.")
+    ] = None,
+    days: Annotated[
+        int | None, typer.Option(min=1, max=3650, help="Only the last DAYS days.")
+    ] = None,
+) -> None:
+    """Burn-down of legacy targets (standing static secrets): who still gets credentials for
+    each, most recently used first; unused ones are candidates to retire."""
+    moment = _since(since, days)
+    report = _run(ctx, lambda c: c.legacy_report(since=moment))
+    window = (
+        f"the last {report['ledger_retention_days']} days the ledger keeps"
+        if report["ledger_retention_days"]
+        else "everything the ledger keeps"
+    )
+    if report["since"]:
+        window = f"since {report['since']}"
+    targets = report["targets"]
+
+    def rendered() -> Group:
+        table = _table(
+            f"{len(targets)} legacy target{'' if len(targets) == 1 else 's'} ({window})",
+            ["target", "issued", "live", "runs", "holders", "owners", "last issued (UTC)"],
+            [
+                [
+                    t["target"]["name"],
+                    ("" if t["complete"] else "≥ ") + str(t["credentials"]),
+                    t["live"],
+                    t["runs"],
+                    t["holder_count"],
+                    t["owner_count"],
+                    _minute(t["last_issued_at"]) or "unused: retire it?",
+                ]
+                for t in targets
+            ],
+        )
+        lines = [
+            f"{t['target']['name']}: held by {_who(t['holders'], t['holder_count'])}; "
+            f"for {_who(t['owners'], t['owner_count'])}"
+            for t in targets
+            if not t["unused"]
+        ]
+        return Group(table, *lines)
+
+    _emit(ctx.obj, report, rendered)
+
+
 def register(app: typer.Typer) -> None:
     """Add the remote commands and the connection options to the ``tasklease`` app."""
     app.callback()(connection_options)
@@ -649,3 +737,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(quarantine_app, name="quarantine")
     app.add_typer(approvals_app, name="approvals")
     app.add_typer(runs_app, name="runs")
+    app.add_typer(report_app, name="report")

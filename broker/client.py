@@ -732,6 +732,12 @@ class _RunsClient(TaskleaseClient):
         params += [("label", f"{key}={value}") for key, value in (labels or {}).items()]
         return (await self.call_again("GET", "/v1/workflows", params=params))[1]
 
+    async def legacy_report(self, *, since: datetime | None = None) -> dict[str, Any]:
+        """``GET /v1/reports/legacy``: who still gets credentials for each legacy target
+        (standing static secrets), most recently used first; ``since``: issued from then."""
+        params = [("since", since.isoformat())] if since is not None else []
+        return (await self.call_again("GET", "/v1/reports/legacy", params=params))[1]
+
     async def complete_run(
         self, run_id: str, *, outcome: str = "completed", wait: bool = True
     ) -> dict[str, Any]:

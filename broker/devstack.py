@@ -500,6 +500,7 @@ class DevStack:
             "redis": secrets.token_urlsafe(24),
             "postgres": secrets.token_urlsafe(24),
             "vault_db": secrets.token_urlsafe(24),
+            "legacy_crm": secrets.token_urlsafe(24),
         }
         self._openbao_init: dict[str, str] = {}
         self._ports: dict[str, int] = {}
@@ -859,6 +860,7 @@ class DevStack:
         placeholders: dict[str, Any] = {
             "{pg_port}": str(self._ports["postgres"]),
             "{vault_db_password}": self._secrets["vault_db"],
+            "{legacy_crm_password}": self._secrets["legacy_crm"],
             "{trust_domain}": self.trust_domain,
             "{openbao_addr}": addr,
             "{jwt_pubkeys}": self._spire_jwt_public_keys(),

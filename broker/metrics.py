@@ -96,6 +96,15 @@ class BrokerMetrics:
             buckets=ISSUANCE_BUCKETS,
             registry=registry,
         )
+        # The target label names a catalog entry (a closed set the operator wrote), and only
+        # legacy ones: the burn-down trend beyond what the ledger keeps (broker/legacy.py).
+        self.legacy_requests = Counter(
+            "tasklease_legacy_requests",
+            "Credential requests for targets the catalog marks legacy (standing static "
+            "secrets), by target and outcome",
+            ["target", "outcome"],
+            registry=registry,
+        )
         self.policy_decisions = Counter(
             "tasklease_policy_decisions",
             "Policy decisions by outcome (allow, deny, needs_approval; error when the engine "

@@ -17,7 +17,6 @@ with the same filters), ``format`` (``tasklease`` or ``ocsf``)::
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 
 from aiohttp import web
@@ -30,7 +29,7 @@ from broker.core.roles import Role
 from broker.core.untrusted import printable
 from broker.errors import BadRequestError
 from broker.http.auth import require_roles
-from broker.http.wire import one_query_value, parse_body
+from broker.http.wire import one_query_value, parse_body, query_time
 
 AUDIT_SERVICE_KEY = web.AppKey("audit_service", AuditService)
 
@@ -94,22 +93,6 @@ async def report_event(request: web.Request) -> web.Response:
     )
 
 
-def _moment(request: web.Request, name: str) -> datetime | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        moment = None
-    if moment is None or moment.utcoffset() is None:
-        raise BadRequestError(
-            f"{name} must be an RFC 3339 time with a timezone, got {printable(raw, 40)!r}",
-            reason="query.invalid",
-        )
-    return moment
-
-
 def _types(request: web.Request) -> frozenset[EventType]:
     names = [n.strip() for raw in request.query.getall("type", []) for n in raw.split(",")]
     types = set()
@@ -146,7 +129,7 @@ async def query_audit(request: web.Request) -> web.Response:
         output = "tasklease"
     else:
         raise BadRequestError("format must be tasklease or ocsf", reason="query.invalid")
-    since, until = _moment(request, "since"), _moment(request, "until")
+    since, until = query_time(request, "since"), query_time(request, "until")
     if since is not None and until is not None and until <= since:
         raise BadRequestError("until must be after since", reason="query.invalid")
     query = AuditQuery(

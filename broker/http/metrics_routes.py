@@ -50,22 +50,21 @@ def _success_outcome(status: int) -> str:
     return f"http_{status}"
 
 
-async def _kind(request: web.Request, targets: Mapping[str, Target]) -> str:
-    """The kind of the target the request body names: from the body the handler validated,
+async def _target(request: web.Request, targets: Mapping[str, Target]) -> Target | None:
+    """The catalog's target the request body names: from the body the handler validated,
     else (a body it refused) from one JSON parse of the body it read and cached already;
-    ``unknown`` for anything else."""
+    None for anything else (its kind counts as ``unknown``)."""
     parsed = request.get(PARSED_BODY_KEY)
     if isinstance(parsed, CredentialRequestBody):
         name: object = parsed.target
     elif request.content_length is not None and request.content_length > _MAX_PEEK:
-        return UNKNOWN_KIND
+        return None
     else:
         try:
             name = json.loads(await request.read()).get("target")
         except (ValueError, AttributeError, web.HTTPException):
-            return UNKNOWN_KIND
-    target = targets.get(name) if isinstance(name, str) else None
-    return target.kind.value if target is not None else UNKNOWN_KIND
+            return None
+    return targets.get(name) if isinstance(name, str) else None
 
 
 def issuance_metrics_middleware(
@@ -75,9 +74,12 @@ def issuance_metrics_middleware(
 
     async def record(request: web.Request, outcome: str, started: float) -> None:
         elapsed = time.perf_counter() - started
-        kind = await _kind(request, targets())
+        target = await _target(request, targets())
+        kind = target.kind.value if target is not None else UNKNOWN_KIND
         metrics.issuance.labels(kind=kind, outcome=outcome).inc()
         metrics.issuance_seconds.labels(kind=kind, outcome=outcome).observe(elapsed)
+        if target is not None and target.legacy:
+            metrics.legacy_requests.labels(target=target.name, outcome=outcome).inc()
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

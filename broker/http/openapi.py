@@ -600,6 +600,33 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     ),
     Operation(
         "get",
+        "/v1/reports/legacy",
+        "legacyReport",
+        "Burn-down of legacy targets",
+        "reports",
+        (Role.ADMIN,),
+        {
+            200: Answer(
+                "Every target the catalog in force marks ``legacy`` (a standing static "
+                "secret), with who still gets credentials for it, from the ledger (about the "
+                "last ``ledger_retention_days`` days, and live runs): most recently used "
+                "first, unused ones (candidates to retire) last.",
+                responses.LegacyReportView,
+            )
+        },
+        errors=(400, 503),
+        parameters=(
+            _query(
+                "since",
+                {"type": "string", "format": "date-time"},
+                "Only credentials issued from this time (RFC 3339 with an offset; not in the "
+                "future).",
+            ),
+        ),
+        description="Unknown parameters are refused.",
+    ),
+    Operation(
+        "get",
         "/v1/approvals",
         "listApprovals",
         "Approvals in a state",

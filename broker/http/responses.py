@@ -358,6 +358,45 @@ class TargetList(TypedDict):
 
 
 @with_config(_CLOSED)
+class UsageView(TypedDict):
+    """A holder's or owner's credentials of a legacy target."""
+
+    who: str
+    credentials: int
+    last_issued_at: datetime
+
+
+@with_config(_CLOSED)
+class LegacyTargetView(TypedDict):
+    """What the ledger shows of one legacy target (``complete`` false: the read stopped at
+    its bound, and the figures are a lower bound)."""
+
+    target: TargetView
+    unused: bool
+    credentials: int
+    live: int
+    runs: int
+    first_issued_at: datetime | None
+    last_issued_at: datetime | None
+    holders: list[UsageView]
+    holder_count: int
+    owners: list[UsageView]
+    owner_count: int
+    complete: bool
+
+
+@with_config(_CLOSED)
+class LegacyReportView(TypedDict):
+    """``GET /v1/reports/legacy``: every legacy target of the catalog in force, most recently
+    used first, unused ones last."""
+
+    generated_at: datetime
+    since: datetime | None
+    ledger_retention_days: int
+    targets: list[LegacyTargetView]
+
+
+@with_config(_CLOSED)
 class LeaseList(TypedDict):
     """``GET /v1/leases``."""
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from broker.core.model import Lease, Quarantine, QuarantineKind, WorkflowRun
+from broker.core.untrusted import printable
 from broker.errors import BadRequestError
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -182,3 +183,21 @@ def one_query_value(query: Any, name: str, limit: int) -> str | None:
     if values and not 0 < len(values[0]) <= limit:
         raise BadRequestError(f"{name} must be 1-{limit} characters", reason="query.invalid")
     return values[0] if values else None
+
+
+def query_time(request: web.Request, name: str) -> datetime | None:
+    """Query parameter ``name`` as an RFC 3339 time with a timezone (None when absent), else
+    a 400 ``query.invalid``."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        moment = None
+    if moment is None or moment.utcoffset() is None:
+        raise BadRequestError(
+            f"{name} must be an RFC 3339 time with a timezone, got {printable(raw, 40)!r}",
+            reason="query.invalid",
+        )
+    return moment

@@ -225,7 +225,17 @@ TARGETS: Mapping[str, Target] = {
         max_ttl=timedelta(minutes=5),
         mount="database",
         role="demo-readonly",
-    )
+    ),
+    "legacy-crm": Target(
+        name="legacy-crm",
+        kind=TargetKind.VAULT_TOKEN,
+        policies=("p",),
+        system="crm",
+        environment="dev",
+        sensitivity=Sensitivity.INTERNAL,
+        max_ttl=timedelta(minutes=5),
+        legacy=True,
+    ),
 }
 
 
@@ -326,3 +336,30 @@ async def test_the_kind_comes_from_the_validated_body_or_else_the_raw_one() -> N
         ("unknown", "issued"): 1,
     }
     assert [type(p) for p in parsed] == [CredentialRequestBody, CredentialRequestBody]
+
+
+async def test_requests_for_legacy_targets_are_counted_by_target_and_outcome() -> None:
+    """The burn-down trend: every request naming a legacy target, by outcome; other targets
+    (and unknown names, which a caller chose) get no target label."""
+    metrics = BrokerMetrics()
+    client = await _issuance_client(metrics)
+    try:
+        for task, target in [
+            ("t", "legacy-crm"),
+            ("t", "legacy-crm"),
+            ("deny", "legacy-crm"),
+            ("t", "demo-db"),
+            ("t", "legacy-unknown"),
+        ]:
+            await client.post("/v1/credentials", json={"task_id": task, "target": target})
+        text = await (await client.get("/metrics")).text()
+    finally:
+        await client.close()
+    counted = {
+        (s.labels["target"], s.labels["outcome"]): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "tasklease_legacy_requests"
+        for s in family.samples
+        if s.name == "tasklease_legacy_requests_total"
+    }
+    assert counted == {("legacy-crm", "issued"): 2, ("legacy-crm", "policy.deny"): 1}

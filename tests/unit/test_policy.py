@@ -578,7 +578,8 @@ def test_the_evaluated_context_is_json_and_shows_what_was_decided(
 
 
 def test_the_shipped_targets_meet_the_shipped_policies(engine: CedarPolicyEngine) -> None:
-    """The dev stack's demo targets are allowed to the demo agent; prod-db needs approval."""
+    """The dev stack's demo targets are allowed to the demo agent (legacy-crm for at most 5
+    minutes); prod-db needs approval."""
     catalog = load_target_catalog(Path("config/targets.toml"))
     run = make_run(labels=TICKET)
     outcomes = {
@@ -590,8 +591,11 @@ def test_the_shipped_targets_meet_the_shipped_policies(engine: CedarPolicyEngine
         "demo-cert": ALLOW,
         "demo-ssh": ALLOW,
         "demo-kv": ALLOW,
+        "legacy-crm": ALLOW,
         "prod-db": NEEDS,
     }
+    legacy = engine.decide(make_request(target=catalog["legacy-crm"], run=run))
+    assert (legacy.max_ttl, "legacy-short-ttl" in legacy.policy_ids) == (timedelta(minutes=5), True)
 
 
 @pytest.mark.parametrize("sensitivity", list(Sensitivity))

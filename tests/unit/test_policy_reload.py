@@ -288,8 +288,15 @@ def test_an_invalid_set_at_start_up_stops_the_broker(files: tuple[Path, Path]) -
 
 def test_the_live_catalog_is_a_mapping(files: tuple[Path, Path]) -> None:
     reloader = reloader_for(files)
-    assert list(reloader.targets) == ["demo-db", "demo-cert", "demo-ssh", "demo-kv", "prod-db"]
-    assert len(reloader.targets) == 5
+    assert list(reloader.targets) == [
+        "demo-db",
+        "demo-cert",
+        "demo-ssh",
+        "demo-kv",
+        "legacy-crm",
+        "prod-db",
+    ]
+    assert len(reloader.targets) == 6
     assert make_target().name in reloader.targets
 
 

@@ -33,7 +33,7 @@ def entry(**changes: Any) -> dict[str, Any]:
 
 def test_the_shipped_catalog_loads() -> None:
     catalog = load_target_catalog(Path("config/targets.toml"))
-    assert list(catalog) == ["demo-db", "demo-cert", "demo-ssh", "demo-kv", "prod-db"]
+    assert list(catalog) == ["demo-db", "demo-cert", "demo-ssh", "demo-kv", "legacy-crm", "prod-db"]
     assert catalog["demo-db"] == Target(
         name="demo-db",
         kind=TargetKind.DATABASE,
@@ -67,12 +67,20 @@ def test_the_shipped_catalog_loads() -> None:
             {"valid_principals": "demo"},
         ),
         "demo-kv": (TargetKind.VAULT_TOKEN, Sensitivity.PUBLIC, timedelta(minutes=10), True, {}),
+        "legacy-crm": (
+            TargetKind.VAULT_TOKEN,
+            Sensitivity.INTERNAL,
+            timedelta(minutes=15),
+            True,
+            {},
+        ),
         "prod-db": (TargetKind.DATABASE, Sensitivity.RESTRICTED, timedelta(minutes=15), True, {}),
     }
     assert (catalog["prod-db"].environment, catalog["prod-db"].role) == (
         "production",
         "demo-readonly",
     )
+    assert [name for name, t in catalog.items() if t.legacy] == ["legacy-crm"]
 
 
 @pytest.mark.parametrize(
