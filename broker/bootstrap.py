@@ -26,7 +26,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from broker.adapters.audit_redis import RedisAuditReader, RedisStreamAuditSink
+from broker.adapters.audit_redis import RedisAuditReader, RedisStreamAuditSink, run_copy_ttl
 from broker.adapters.audit_sinks import AuditSink, JsonlFileAuditSink, StructlogAuditSink
 from broker.adapters.audit_trail import AuditReadiness, ChainingAuditTrail
 from broker.adapters.bundle_sources import (
@@ -284,7 +284,7 @@ async def _audit_trail(
             now=clock.now,
         )
         sinks.append(stream_sink)
-        reader = RedisAuditReader(client=ledger.client, stream=config.redis.stream, now=clock.now)
+        reader = RedisAuditReader(client=ledger.client, stream=config.redis.stream)
         _log.info(
             "audit.redis.configured",
             stream=config.redis.stream,
@@ -537,8 +537,6 @@ async def build_runtime(
             issuance_rate_per_identity=settings.issuance.credentials_per_identity_per_minute,
             run_rate_per_identity=settings.issuance.runs_per_identity_per_minute,
             refuse_if_superseded=superseded.refuse_if_superseded,
-            # Run ids are not reused while the trail shows an earlier run's records under them.
-            run_history=audit_reader,
         )
         app = create_app(
             readiness=readiness,
@@ -695,6 +693,12 @@ async def build_runtime(
             actor=str(workload.own_svid().spiffe_id),
             retention=timedelta(days=settings.ledger.retention_days),
             batch=settings.ledger.purge_batch,
+            # As long as the audit stream keeps the purged run's copy (its last write is the
+            # workflow.purged record): a run id names one run while the trail shows it.
+            retire_ids_for=run_copy_ttl(
+                timedelta(days=settings.audit.redis.index_ttl_days),
+                timedelta(days=settings.audit.redis.retention_days),
+            ),
         )
         metrics.registry.register(RetentionCollector(retention))
         runtime.start_background(

@@ -16,6 +16,12 @@ second ``workflow.purged`` record of a run at worst). A pass handles at most ``b
 oldest first, and the next pass goes on. A run that changed since it was read is left for the
 next pass (the purge compares what it deletes with what it read). A run that is not over after
 all (a credential expires later than its run ended) moves in the index to when it will be.
+
+A purged run's id is retired for ``retire_ids_for`` (the lifetime of the run's copy in the
+audit stream, ``audit.redis.index_ttl_days``): in the same step as the deletion, the ledger
+notes until when, and starting a run of that id answers ``409 workflow.id_retired`` until
+then, so ``GET /v1/audit?workflow_id=`` and a run's trace never mix two runs. Only a purge
+retires an id: requests naming a run that does not exist (yet) retire nothing.
 """
 
 from __future__ import annotations
@@ -63,9 +69,12 @@ class RunRetentionJob:
         retention: timedelta,
         batch: int = 100,
         lock_ttl: timedelta = timedelta(seconds=60),
+        retire_ids_for: timedelta = timedelta(0),
     ) -> None:
         if retention < timedelta(days=1):
             raise ValueError(f"retention must be at least a day, got {retention}")
+        if retire_ids_for < timedelta(0):
+            raise ValueError(f"retire_ids_for must not be negative, got {retire_ids_for}")
         self._ledger = ledger
         self._locks = locks
         self._audit = audit
@@ -74,6 +83,8 @@ class RunRetentionJob:
         self._retention = retention
         self._batch = batch
         self._lock_ttl = lock_ttl
+        # How long a purged run's id may not start a new run (0: it may at once).
+        self._retire_for = retire_ids_for
         self._owner = f"retention-{secrets.token_hex(8)}"
         self._indexed = False
         # This process's totals (``tasklease_ledger_purged_total``, ``…_purge_failures_total``).
@@ -120,7 +131,8 @@ class RunRetentionJob:
                         )
                     continue
                 await self._record(plan)
-                if await self._ledger.purge(plan):
+                retire_until = self._clock.now() + self._retire_for if self._retire_for else None
+                if await self._ledger.purge(plan, retire_until=retire_until):
                     purged += 1
                     leases += plan.leases
                 else:

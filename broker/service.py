@@ -10,7 +10,7 @@ import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import MAXYEAR, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -25,7 +25,6 @@ from broker.core.audit import (
     Payload,
     PolicyDecision,
     QuarantineChanged,
-    RunHistory,
     WorkflowStarted,
     current_request_id,
 )
@@ -157,7 +156,6 @@ class CredentialBroker:
         issuance_rate_per_identity: int = 0,
         run_rate_per_identity: int = 0,
         refuse_if_superseded: Callable[[], None] | None = None,
-        run_history: RunHistory | None = None,
     ) -> None:
         # The audit trail (bootstrap always wires one). None only in unit set-ups.
         self._audit = audit
@@ -181,10 +179,6 @@ class CredentialBroker:
         # Raises 503 policy.superseded while other replicas run newer decision inputs
         # (broker/superseded.py: an in-memory flag, no I/O per request).
         self._refuse_if_superseded = refuse_if_superseded
-        # The audit trail's records by run id (the Redis stream sink): an id it still shows
-        # records of is not given to a new run. None: no such trail (ids are checked against
-        # the ledger only).
-        self._run_history = run_history
 
     @property
     def targets(self) -> Mapping[str, Target]:
@@ -229,7 +223,6 @@ class CredentialBroker:
             labels=labels,
             participants=tuple(participants),
         )
-        await self._refuse_retired_id(workflow_id)
         if not await self._ledger.create_run(run, per_minute=self._run_rate_limit):
             raise ConflictError(
                 f"workflow run {workflow_id!r} exists already", reason="workflow.exists"
@@ -257,29 +250,6 @@ class CredentialBroker:
             )
         )
         return run
-
-    async def _refuse_retired_id(self, workflow_id: str) -> None:
-        """A run id names one run while the audit trail shows records under it: the id of a
-        run the ledger has purged (its retention) is not given to a new run until the trail
-        lets those records go, so ``GET /v1/audit?workflow_id=`` and a run's trace never mix
-        two runs. A run still in the ledger is left to ``create_run`` (``workflow.exists``,
-        what a retried start expects)."""
-        if self._run_history is None:
-            return
-        kept_until = await self._run_history.run_records_kept_until(workflow_id)
-        if kept_until is None or await self._ledger.get_run(workflow_id) is not None:
-            return
-        until = (
-            "with no expiry"
-            if kept_until.year == MAXYEAR
-            else f"until {kept_until.replace(microsecond=0).isoformat()}"
-        )
-        raise ConflictError(
-            f"workflow run id {workflow_id!r} was used by an earlier run, whose audit records "
-            f"are kept under it {until}; a run id names one run while the audit trail shows "
-            "it, so choose another id",
-            reason="workflow.id_retired",
-        )
 
     async def get_workflow(
         self, caller: Caller, workflow_id: str

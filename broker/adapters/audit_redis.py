@@ -49,7 +49,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -75,10 +75,15 @@ _MAX_INDEXED: Final = 100_000
 _LANDED_WINDOW: Final = 256
 # XADD ... MINID appeared in Redis 6.2.
 _MINID_SINCE: Final = (6, 2)
-# PTTL's answers for a key that does not exist and one without an expiry.
-_NO_KEY: Final = -2
-_NO_EXPIRY: Final = -1
 _VERSION: Final = re.compile(r"([0-9]+)\.([0-9]+)")
+
+
+def run_copy_ttl(index_ttl: timedelta, retention: timedelta | None) -> timedelta:
+    """How long a run's copy lives after its last record: ``index_ttl``, and no longer than
+    the main stream's ``retention`` (None or zero: kept forever)."""
+    if retention is None or retention <= timedelta(0):
+        return index_ttl
+    return min(index_ttl, retention)
 
 
 def run_stream_key(stream: str, workflow_id: str) -> str:
@@ -119,8 +124,7 @@ class RedisStreamAuditSink:
         self._maxlen = maxlen
         # None (or zero): the main stream keeps every entry (unless maxlen).
         self.retention = retention if retention and retention > timedelta(0) else None
-        # A run's copy does not outlive the main stream's retention.
-        self.run_ttl = index_ttl if self.retention is None else min(index_ttl, self.retention)
+        self.run_ttl = run_copy_ttl(index_ttl, self.retention)
         self._ttl = max(int(self.run_ttl.total_seconds()), 1)
         self._now = now or SystemClock().now
         self._minid_checked = False
@@ -349,22 +353,16 @@ def _flat(entries: Sequence[tuple[str, list[object]]]) -> list[tuple[str, object
     ]
 
 
-class RedisAuditReader:  # satisfies core.audit.AuditReader and core.audit.RunHistory
+class RedisAuditReader:  # satisfies core.audit.AuditReader
     """Reads the audit streams back: paged queries, the tail, and every record for
     verification."""
 
     def __init__(
-        self,
-        *,
-        client: aioredis.Redis,
-        stream: str = "tl:audit",
-        scan_budget: int = 10_000,
-        now: Callable[[], datetime] | None = None,
+        self, *, client: aioredis.Redis, stream: str = "tl:audit", scan_budget: int = 10_000
     ) -> None:
         self._redis = client
         self.stream = stream
         self._budget = scan_budget
-        self._now = now or SystemClock().now
 
     async def query(self, query: AuditQuery) -> AuditPage:
         """One page of records matching ``query``, oldest first."""
@@ -413,19 +411,6 @@ class RedisAuditReader:  # satisfies core.audit.AuditReader and core.audit.RunHi
             if len(entries) < _CHUNK:
                 return AuditPage(tuple(found), next_cursor=None, scanned=scanned)
             start = f"({entries[-1][0]}"
-
-    async def run_records_kept_until(self, workflow_id: str) -> datetime | None:
-        """Until when the run's copy (``S:run:W``) is kept: it expires ``run_ttl`` after
-        its last write (core.audit.RunHistory)."""
-        try:
-            left = await self._redis.pttl(run_stream_key(self.stream, workflow_id))
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise _translated("PTTL", exc) from exc
-        if left == _NO_KEY:
-            return None
-        if left == _NO_EXPIRY:
-            return datetime.max.replace(tzinfo=UTC)
-        return self._now() + timedelta(milliseconds=left)
 
     async def tail(self, count: int) -> list[tuple[str, object]]:
         """The last ``count`` records of the main stream, oldest first."""

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
-from broker.core.audit import AuditEvent, EventType, record_runs
+from broker.core.audit import AuditEvent, EventType
 from broker.errors import AuditUnavailableError
 
 
@@ -31,12 +30,6 @@ class MemoryAuditTrail:
                 "the audit sink is failing (test)", reason="audit.sink_failed"
             )
         self.events.extend(events)
-
-    async def run_records_kept_until(self, workflow_id: str) -> datetime | None:
-        """Kept forever (``datetime.max``) once any event names the run (core.audit.RunHistory)."""
-        if any(workflow_id in record_runs(event.as_dict()) for event in self.events):
-            return datetime.max.replace(tzinfo=UTC)
-        return None
 
     def types(self) -> list[EventType]:
         """The recorded event types, in order."""

@@ -283,6 +283,17 @@ def run_rate_limit_error(run: WorkflowRun, per_minute: int, *, wait: float) -> L
     )
 
 
+def retired_run_id_error(workflow_id: str, until: datetime) -> ConflictError:
+    """A run of this id was purged and its id is retired until ``until``."""
+    return ConflictError(
+        f"workflow run id {workflow_id!r} was used by a run the ledger has since purged; a run "
+        "id names one run while the audit trail keeps that run's records under it, so it "
+        f"cannot start a new run until {until.replace(microsecond=0).isoformat()}: choose "
+        "another id",
+        reason="workflow.id_retired",
+    )
+
+
 def refill(
     held: tuple[float, datetime] | None, per_minute: int, at: datetime
 ) -> tuple[float, datetime]:
@@ -361,6 +372,8 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         self._locks: dict[str, str] = {}
         # run id → its recorded end (the retention index: its deadline, or when it ended)
         self._run_ends: dict[str, datetime] = {}
+        # Purged runs' ids, retired until then (purge(retire_until=...)).
+        self._retired: dict[str, datetime] = {}
 
     # ---- runs
 
@@ -370,6 +383,9 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
         check_id(run.id, "workflow id")
         if run.id in self._runs:
             return False
+        retired = self._retired.get(run.id)
+        if retired is not None and retired > run.created_at:
+            raise retired_run_id_error(run.id, retired)
         if per_minute:
             held = self._run_buckets.get(run.started_by)
             tokens, refilled = refill(held, per_minute, run.created_at)
@@ -695,9 +711,9 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
             version=version,
         )
 
-    async def purge(self, plan: PurgePlan) -> bool:
+    async def purge(self, plan: PurgePlan, *, retire_until: datetime | None = None) -> bool:
         """Delete the run, its leases and tombstones, and their index entries, if unchanged
-        since ``plan``."""
+        since ``plan``; with ``retire_until``, its id may not start a new run until then."""
         check_purge_plan(plan)
         run = self._runs.get(plan.workflow_id)
         leases = sorted(
@@ -708,6 +724,8 @@ class InMemoryLedger:  # satisfies core.ports.Ledger
             return False
         del self._runs[plan.workflow_id]
         self._run_ends.pop(plan.workflow_id, None)
+        if retire_until is not None:
+            self._retired[plan.workflow_id] = retire_until
         for lease in leases:
             cid = lease.credential_id
             del self._leases[cid]

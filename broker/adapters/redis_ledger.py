@@ -18,6 +18,8 @@ the MULTI/EXEC it replaced did; the other two also take the lease out of the liv
     tl:{wf:W}:leases          hash    C → the lease (compact JSON; never a secret): the
                                       run's leases and so also the by-run (and task) index
     tl:{wf:W}:tombs           hash    T → tombstone "until" (µs since the epoch)
+    tl:{wf:W}:retired         string  after W was purged: until when (µs) its id starts no
+                                      run (expires then; ``create_run`` compares its now)
     tl:creds:b                hash    C → W: where lease C lives; together the all-lease index
     tl:idx:holder:<spiffe id> set     C
     tl:idx:owner:<owner>      set     C
@@ -160,6 +162,7 @@ from broker.adapters.memory_ledger import (
     live_limit_error,
     rate_limit_error,
     refused_by_tombstone,
+    retired_run_id_error,
     run_rate_limit_error,
     tombstoned_error,
 )
@@ -644,6 +647,10 @@ class _Keys:
     def tombstones(self, workflow_id: str) -> str:
         return f"{self.ns}:{{wf:{workflow_id}}}:tombs"
 
+    def retired(self, workflow_id: str) -> str:
+        """Until when (µs) a purged run's id may not start a new run."""
+        return f"{self.ns}:{{wf:{workflow_id}}}:retired"
+
     def bucket(self, credential_id: str) -> int:
         # CRC32, not hash(): every process must put an id in the same bucket.
         return zlib.crc32(credential_id.encode()) % self.due_buckets
@@ -930,14 +937,17 @@ return 0
 )
 
 # A new run and its entry in the retention index (score: its deadline, µs): 0 and nothing
-# written when the id is taken; with a rate (runs per minute, 0: none) its orchestrator's
-# token bucket is refilled for the time since it last was, as the write-ahead's is, and
-# without a whole token answers {'rate', <µs until the next>} and writes nothing. KEYS: run,
-# run ends, the bucket; ARGV: the run, its deadline, its id, now (µs), the rate.
+# written when the id is taken; {'retired', <until, µs>} when a purged run's id is retired
+# past now; with a rate (runs per minute, 0: none) its orchestrator's token bucket is
+# refilled for the time since it last was, as the write-ahead's is, and without a whole token
+# answers {'rate', <µs until the next>} and writes nothing. KEYS: run, run ends, the bucket,
+# the id's retirement; ARGV: the run, its deadline, its id, now (µs), the rate.
 _CREATE_RUN = RedisScript(
     "create_run",
     """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local retired = redis.call('GET', KEYS[4])
+if retired and tonumber(retired) > tonumber(ARGV[4]) then return {'retired', retired} end
 local bucket = KEYS[3]
 local rate = tonumber(ARGV[5])
 local now = tonumber(ARGV[4])
@@ -1290,10 +1300,12 @@ class RedisLedger:  # satisfies core.ports.Ledger
             version=f"{_digest(str(raw_run))}:{survey.digest}",
         )
 
-    async def purge(self, plan: PurgePlan) -> bool:
+    async def purge(self, plan: PurgePlan, *, retire_until: datetime | None = None) -> bool:
         """Delete the run of a ready ``plan`` with its leases, tombstones and every index and
         due entry of them, if neither the run nor its leases changed since the plan (read
-        again and compared with its version); False, and nothing deleted, when they did.
+        again and compared with its version); False, and nothing deleted, when they did. With
+        ``retire_until``, the run's id is retired until then in the same transaction as the
+        run's deletion (a key that expires then: ``create_run`` refuses the id meanwhile).
 
         Up to ``PURGE_PAGE`` leases this is one MULTI/EXEC under WATCH of the run and its
         leases. A larger run is deleted a page of leases per MULTI/EXEC (so neither the broker
@@ -1345,6 +1357,14 @@ class RedisLedger:  # satisfies core.ports.Ledger
                 pipe.multi()  # type: ignore[no-untyped-call]  # redis-py
                 pipe.delete(run_key, leases_key, keys.tombstones(workflow_id))
                 pipe.zrem(keys.run_ends, workflow_id)
+                if retire_until is not None:
+                    # The value is what create_run compares with its caller's clock; the expiry
+                    # (Redis's clock) only collects the key afterwards.
+                    pipe.set(
+                        keys.retired(workflow_id),
+                        epoch_micros(retire_until),
+                        pxat=max(epoch_micros(retire_until) // 1000, 1),
+                    )
                 for lease in leases:
                     _unindex(pipe, keys, lease)
                 try:
@@ -1539,7 +1559,12 @@ class RedisLedger:  # satisfies core.ports.Ledger
         taken; :class:`LimitExceededError` when its orchestrator's run-start bucket is empty
         (nothing written)."""
         check_id(run.id, "workflow id")
-        keys = [self._keys.run(run.id), self._keys.run_ends, self._keys.run_rate(run.started_by)]
+        keys = [
+            self._keys.run(run.id),
+            self._keys.run_ends,
+            self._keys.run_rate(run.started_by),
+            self._keys.retired(run.id),
+        ]
         args: list[str | int] = [
             _encode_run(run),
             epoch_micros(run.deadline),
@@ -1548,6 +1573,8 @@ class RedisLedger:  # satisfies core.ports.Ledger
             per_minute,
         ]
         answer = await self._script("create_run", _CREATE_RUN, keys, args)
+        if isinstance(answer, list) and answer[0] == "retired":
+            raise retired_run_id_error(run.id, _moment(int(answer[1])))
         if isinstance(answer, list):
             raise run_rate_limit_error(run, per_minute, wait=int(answer[1]) / 1_000_000)
         return bool(answer)

@@ -403,18 +403,6 @@ class AuditReader(Protocol):
         ...
 
 
-class RunHistory(Protocol):
-    """What the audit trail still shows of a run id: a run id names one run for as long as
-    the trail can show that run's records by its id, so an id is not given to a new run while
-    records of an earlier one are kept under it (the ledger forgets a run at its retention;
-    the trail keeps its records longer)."""
-
-    async def run_records_kept_until(self, workflow_id: str) -> datetime | None:
-        """Until when the trail keeps records under ``workflow_id`` (``datetime.max`` in UTC:
-        with no expiry); ``None`` when it holds none."""
-        ...
-
-
 _SCALARS: Final = frozenset({str, int, float, bool, type(None)})
 
 

@@ -320,10 +320,13 @@ class Ledger(Protocol):
     """The lease ledger (Redis in production, in memory in unit tests). Never a secret."""
 
     async def create_run(self, run: WorkflowRun, *, per_minute: int = 0) -> bool:
-        """Store a new run; False if the id is taken. ``per_minute``: runs its orchestrator
-        (``started_by``) may start per minute, a token bucket of that many refilled at that
-        rate (0: no limit), timed by ``created_at``; over it nothing is written and
-        :class:`~broker.errors.LimitExceededError` (``limit.runs_per_identity``) is raised."""
+        """Store a new run; False if the id is taken. The id of a purged run retired past
+        ``created_at`` (:meth:`RunRetention.purge`) raises
+        :class:`~broker.errors.ConflictError` (``workflow.id_retired``, saying until when).
+        ``per_minute``: runs its orchestrator (``started_by``) may start per minute, a token
+        bucket of that many refilled at that rate (0: no limit), timed by ``created_at``; over
+        it nothing is written and :class:`~broker.errors.LimitExceededError`
+        (``limit.runs_per_identity``) is raised."""
         ...
 
     async def get_run(self, workflow_id: str) -> WorkflowRun | None:
@@ -537,10 +540,12 @@ class RunRetention(Protocol):
         moves to when it will be), or gone."""
         ...
 
-    async def purge(self, plan: PurgePlan) -> bool:
+    async def purge(self, plan: PurgePlan, *, retire_until: datetime | None = None) -> bool:
         """Atomically delete the run of a ready ``plan``, its leases, tombstones and every
         index entry of them, if nothing of it changed since the plan; False (nothing deleted)
-        when something did."""
+        when something did. With ``retire_until``, the run's id is retired until then, in the
+        same step: :meth:`Ledger.create_run` refuses it meanwhile (a run id names one run
+        while the audit trail keeps that run's records under it)."""
         ...
 
 

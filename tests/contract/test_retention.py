@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import pytest
 
 from broker.adapters.memory_ledger import InMemoryLedger
 from broker.adapters.redis_ledger import PURGE_PAGE, RedisLedger
-from broker.core.model import LeaseState, RunState
+from broker.core.model import LeaseState, RunState, WorkflowRun
 from broker.core.ports import LeaseSelector, Ledger, RunRetention
-from broker.errors import BadRequestError
+from broker.errors import BadRequestError, ConflictError
 from tests.contract.conftest import Ledgers
 from tests.contract.test_ledger import AGENT, NOW, make_lease, make_run
 
@@ -240,6 +240,30 @@ async def test_a_large_run_changed_since_its_plan_keeps_every_record(
     assert len(kept) == len(ids) + 1
 
 
+def _started(run_id: str, at: datetime) -> WorkflowRun:
+    return make_run(run_id, created_at=at, deadline=at + HOUR)
+
+
+async def test_a_purge_may_retire_the_id_until_a_time(ledger: RetainingLedger) -> None:
+    """With ``retire_until``, the purged run's id starts no run before then (a typed 409 that
+    says until when, nothing written); from then on it does. Other ids are not affected."""
+    await _run_with_leases(ledger, "wf-1", "cred_a")
+    until = DEADLINE + 90 * 24 * HOUR
+    plan = await ledger.plan_purge("wf-1", cutoff=DEADLINE)
+    assert await ledger.purge(plan, retire_until=until) is True
+
+    for created_at in (NOW, until - timedelta(microseconds=1)):
+        with pytest.raises(ConflictError) as caught:
+            await ledger.create_run(_started("wf-1", created_at))
+        assert caught.value.reason == "workflow.id_retired"
+        assert f"until {until.isoformat()}" in caught.value.detail
+    assert await ledger.get_run("wf-1") is None
+    assert "wf-1" not in await ledger.runs_over_before(until + HOUR, limit=10)
+    assert await ledger.create_run(make_run("wf-2")) is True
+    assert await ledger.create_run(_started("wf-1", until)) is True
+    assert await ledger.create_run(_started("wf-1", until)) is False  # taken now
+
+
 @pytest.mark.parametrize("limit", [0, -1, 10_001])
 async def test_a_pass_takes_a_bounded_number_of_runs(ledger: RetainingLedger, limit: int) -> None:
     with pytest.raises(BadRequestError):
@@ -261,11 +285,18 @@ async def test_nothing_of_a_purged_run_stays_in_redis(ledger: RetainingLedger) -
     redis = ledger.client
     namespace = ledger.namespace
 
-    assert await ledger.purge(await ledger.plan_purge("wf-1", cutoff=DEADLINE)) is True
+    retire_until = datetime.now(UTC) + timedelta(days=90)
+    plan = await ledger.plan_purge("wf-1", cutoff=DEADLINE)
+    assert await ledger.purge(plan, retire_until=retire_until) is True
 
     leftovers = []
     async for key in redis.scan_iter(match=f"{namespace}:*", count=1000):
         name = key.decode() if isinstance(key, bytes) else str(key)
+        if name == f"{namespace}:{{wf:wf-1}}:retired":
+            # The retired id alone stays, and Redis drops it when the retirement ends.
+            expires = await redis.pexpiretime(name)
+            assert abs(expires - int(retire_until.timestamp() * 1000)) <= 1, name
+            continue
         if f":live:{other_holder}" in name or f":rate:{other_holder}" in name:
             # Limits' bookkeeping of the holder, not of the run: Redis drops it by itself.
             assert await redis.pttl(name) > 0, name

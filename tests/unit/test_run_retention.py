@@ -14,14 +14,20 @@ from broker.adapters.memory_audit import MemoryAuditTrail
 from broker.adapters.memory_ledger import InMemoryLedger
 from broker.adapters.metrics_sources import RetentionCollector
 from broker.core.audit import AuditEvent, EventType, WorkflowPurged
-from broker.core.model import LeaseState, RunState
+from broker.core.model import CredentialRequest, LeaseState, RunState
 from broker.core.ports import PurgePlan
-from broker.errors import AuditUnavailableError, ConflictError, LedgerUnavailableError
+from broker.errors import ConflictError, LedgerUnavailableError, NotFoundError
 from broker.metrics import BrokerMetrics
 from broker.retention import RunRetentionJob
 from broker.service import CredentialBroker
 from tests.contract.test_ledger import make_lease, make_run
-from tests.unit.test_service_issuance import ORCH_CALLER, POLICY, TARGETS, FakeMinter
+from tests.unit.test_service_issuance import (
+    AGENT_CALLER,
+    ORCH_CALLER,
+    POLICY,
+    TARGETS,
+    FakeMinter,
+)
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)  # the contract suite's
 BROKER = "spiffe://tasklease.test/broker"
@@ -37,7 +43,7 @@ class Clock:
 
 
 class World:
-    def __init__(self, *, batch: int = 100) -> None:
+    def __init__(self, *, batch: int = 100, retire_ids_for: timedelta = timedelta(0)) -> None:
         self.ledger = InMemoryLedger()
         self.audit = MemoryAuditTrail()
         self.clock = Clock(NOW)
@@ -49,6 +55,7 @@ class World:
             actor=BROKER,
             retention=DAYS_30,
             batch=batch,
+            retire_ids_for=retire_ids_for,
         )
 
     async def run_with_a_revoked_lease(self, workflow_id: str, cid: str) -> None:
@@ -287,8 +294,10 @@ async def test_a_run_over_with_a_credential_not_settled_waits_and_says_so() -> N
 
 # --------------------------------------------------------------------------- run ids after a purge
 
+RETIRED_FOR = timedelta(days=90)
 
-def _service(world: World, *, history: bool = True) -> CredentialBroker:
+
+def _service(world: World) -> CredentialBroker:
     return CredentialBroker(
         policy=POLICY,
         minter=FakeMinter(),
@@ -296,7 +305,6 @@ def _service(world: World, *, history: bool = True) -> CredentialBroker:
         targets=TARGETS,
         clock=world.clock,
         audit=world.audit,
-        run_history=world.audit if history else None,
     )
 
 
@@ -312,87 +320,64 @@ async def _start(service: CredentialBroker, world: World, run_id: str) -> None:
     )
 
 
-async def _purged(world: World) -> None:
+async def _purged(world: World) -> datetime:
+    """wf-1 purged; when."""
     await world.run_with_a_revoked_lease("wf-1", "cred_a")
     world.clock.current = NOW + timedelta(hours=2) + DAYS_30
     assert (await world.job.purge_pass()).purged == 1
+    return world.clock.current
 
 
-async def test_a_purged_runs_id_is_not_given_to_a_new_run_while_the_trail_shows_it() -> None:
-    world = World()
-    await _purged(world)
+async def test_a_purged_runs_id_is_retired_for_as_long_as_the_trail_keeps_its_copy() -> None:
+    world = World(retire_ids_for=RETIRED_FOR)
+    purged_at = await _purged(world)
     service = _service(world)
 
     with pytest.raises(ConflictError) as caught:
         await _start(service, world, "wf-1")
 
     assert caught.value.reason == "workflow.id_retired"
-    assert "'wf-1' was used by an earlier run" in caught.value.detail
-    assert "with no expiry" in caught.value.detail  # the in-memory trail keeps everything
+    until = (purged_at + RETIRED_FOR).isoformat()
+    assert "'wf-1' was used by a run the ledger has since purged" in caught.value.detail
+    assert f"cannot start a new run until {until}: choose another id" in caught.value.detail
     assert await world.ledger.get_run("wf-1") is None  # nothing stored
-    assert world.audit.types() == [EventType.WORKFLOW_PURGED]
-    await _start(service, world, "wf-2")  # an id the trail does not show
-    assert (await world.ledger.get_run("wf-2")) is not None
+    assert world.audit.types() == [EventType.WORKFLOW_PURGED]  # no workflow.started
+    await _start(service, world, "wf-2")  # another id starts
 
-
-async def test_a_run_still_in_the_ledger_answers_exists_not_retired() -> None:
-    world = World()
-    service = _service(world)
-    await _start(service, world, "wf-1")  # the trail now shows it, and the ledger has it
-
-    with pytest.raises(ConflictError) as caught:
+    world.clock.current = purged_at + RETIRED_FOR - timedelta(seconds=1)
+    with pytest.raises(ConflictError):
         await _start(service, world, "wf-1")
-
-    assert caught.value.reason == "workflow.exists"
-
-
-class ExpiringHistory:
-    """A trail that keeps the run's records until ``until`` (the Redis run copy's expiry)."""
-
-    def __init__(self, until: datetime | None) -> None:
-        self.until = until
-        self.asked: list[str] = []
-
-    async def run_records_kept_until(self, workflow_id: str) -> datetime | None:
-        self.asked.append(workflow_id)
-        return self.until
-
-
-async def test_the_refusal_says_until_when_and_an_expired_history_frees_the_id() -> None:
-    world = World()
-    await _purged(world)
-    history = ExpiringHistory(NOW + timedelta(days=60, microseconds=5))
-    service = _service(world)
-    service._run_history = history
-
-    with pytest.raises(ConflictError) as caught:
-        await _start(service, world, "wf-1")
-
-    assert "until 2030-03-02T12:00:00+00:00" in caught.value.detail
-    history.until = None  # the run's copy expired
+    world.clock.current = purged_at + RETIRED_FOR  # the copy is gone: the id is free
     await _start(service, world, "wf-1")
-    assert history.asked == ["wf-1", "wf-1"]
-
-
-async def test_without_a_run_history_a_purged_id_may_be_used_again() -> None:
-    world = World()
-    await _purged(world)
-    await _start(_service(world, history=False), world, "wf-1")
     assert (await world.ledger.get_run("wf-1")) is not None
 
 
-class FailingHistory:
-    async def run_records_kept_until(self, workflow_id: str) -> datetime | None:
-        raise AuditUnavailableError("Redis is unreachable (test)", reason="audit.unreachable")
-
-
-async def test_a_history_that_cannot_be_read_refuses_the_start() -> None:
-    """Fail closed: an id that cannot be checked is not given out."""
+async def test_without_a_retirement_a_purged_id_may_be_used_again_at_once() -> None:
     world = World()
+    await _purged(world)
+    await _start(_service(world), world, "wf-1")
+    assert (await world.ledger.get_run("wf-1")) is not None
+
+
+async def test_only_a_purge_retires_an_id() -> None:
+    """An id is not retired by requests that name it before the run exists (a denial, a
+    quarantine of that run id): nobody can squat on a run id another will start."""
+    world = World(retire_ids_for=RETIRED_FOR)
     service = _service(world)
-    service._run_history = FailingHistory()
+    with pytest.raises(NotFoundError):
+        await service.request_credential(
+            AGENT_CALLER,
+            CredentialRequest(
+                workflow_id="wf-next", task_id="t", target="demo-kv", ttl=timedelta(minutes=5)
+            ),
+            params={},
+        )
+    # The trail names the run id (the denial), yet the id starts a run.
+    assert [e.workflow_id for e in world.audit.events] == ["wf-next"]
+    await _start(service, world, "wf-next")
+    assert (await world.ledger.get_run("wf-next")) is not None
 
-    with pytest.raises(AuditUnavailableError):
-        await _start(service, world, "wf-1")
 
-    assert await world.ledger.get_run("wf-1") is None
+def test_the_retirement_is_not_negative() -> None:
+    with pytest.raises(ValueError, match="retire_ids_for"):
+        World(retire_ids_for=-timedelta(seconds=1))
