@@ -29,6 +29,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from broker.client import AdminClient, ApiError, Auth, BearerAuth, PemAuth, X509SourceAuth
+from broker.core.model import aware_time
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 3
@@ -653,11 +654,8 @@ def _since(since: str | None, days: int | None) -> datetime | None:
         return datetime.now(UTC).replace(microsecond=0) - timedelta(days=days)
     if since is None:
         return None
-    try:
-        moment = datetime.fromisoformat(since)
-    except ValueError:
-        moment = None
-    if moment is None or moment.utcoffset() is None:
+    moment = aware_time(since)
+    if moment is None:
         raise typer.BadParameter(
             f"{since!r} is not an RFC 3339 time with an offset", param_hint="--since"
         )

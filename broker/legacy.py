@@ -22,7 +22,7 @@ from broker.core.legacy import LegacyTally, LegacyTargetUsage, burn_down_order
 from broker.core.model import Target
 from broker.core.ports import Clock, LeaseSelector, Ledger
 from broker.core.roles import Role
-from broker.errors import BadRequestError, ForbiddenError
+from broker.errors import BadRequestError
 
 SCAN_LIMIT: Final = 100_000
 """The most leases read per legacy target for one report."""
@@ -61,12 +61,7 @@ class LegacyReporter:
 
     async def report(self, caller: Caller, *, since: datetime | None = None) -> LegacyReport:
         """Every legacy target's usage in the ledger, issued at or after ``since`` if given."""
-        if Role.ADMIN not in caller.roles:
-            raise ForbiddenError(
-                f"{caller.principal_id} needs the admin role to read the legacy report "
-                f"(has {sorted(r.value for r in caller.roles)})",
-                reason="auth.role_required",
-            )
+        caller.require(Role.ADMIN, "read the legacy report")
         now = self._clock.now()
         if since is not None and since > now:
             raise BadRequestError("since must not be in the future", reason="query.invalid")

@@ -199,7 +199,7 @@ class CredentialBroker:
         participants: Sequence[str],
     ) -> WorkflowRun:
         """An orchestrator starts a run for an accountable owner."""
-        _require(caller, Role.ORCHESTRATOR, "start a workflow run")
+        caller.require(Role.ORCHESTRATOR, "start a workflow run")
         now = self._clock.now()
         if deadline - now > self._max_run_duration:
             raise BadRequestError(
@@ -269,7 +269,7 @@ class CredentialBroker:
         an orchestrator the runs it started (a query naming another orchestrator is
         refused)."""
         if Role.ADMIN not in caller.roles:
-            _require(caller, Role.ORCHESTRATOR, "list workflow runs")
+            caller.require(Role.ORCHESTRATOR, "list workflow runs")
             if query.started_by not in (None, caller.principal_id):
                 raise ForbiddenError(
                     f"{caller.principal_id} may list only the runs it started, not those of "
@@ -285,7 +285,7 @@ class CredentialBroker:
         self, caller: Caller, *, kind: QuarantineKind, value: str, reason: str, ttl: timedelta
     ) -> Quarantine:
         """An admin blocks new issuance for an identity (or prefix), a run or a target."""
-        _require(caller, Role.ADMIN, "quarantine")
+        caller.require(Role.ADMIN, "quarantine")
         store = self._quarantine_store()
         now = self._clock.now()
         if kind in (
@@ -336,7 +336,7 @@ class CredentialBroker:
 
     async def lift_quarantine(self, caller: Caller, *, kind: QuarantineKind, value: str) -> None:
         """An admin lifts a quarantine before it expires."""
-        _require(caller, Role.ADMIN, "lift a quarantine")
+        caller.require(Role.ADMIN, "lift a quarantine")
         if not await self._quarantine_store().lift_quarantine(kind, value):
             raise NotFoundError(
                 f"no {kind.value} quarantine for {value!r}", reason="quarantine.not_found"
@@ -361,12 +361,12 @@ class CredentialBroker:
         self, caller: Caller, selector: LeaseSelector, *, limit: int
     ) -> list[Lease]:
         """Leases' metadata by selector (never a secret): for admins."""
-        _require(caller, Role.ADMIN, "query leases")
+        caller.require(Role.ADMIN, "query leases")
         return await self._ledger.find_leases(selector, limit=limit)
 
     async def list_quarantines(self, caller: Caller) -> list[Quarantine]:
         """The active quarantines."""
-        _require(caller, Role.ADMIN, "list quarantines")
+        caller.require(Role.ADMIN, "list quarantines")
         return await self._quarantine_store().quarantines(self._clock.now())
 
     def _quarantine_store(self) -> QuarantineStore:
@@ -423,7 +423,7 @@ class CredentialBroker:
                 "credentials are issued to workloads (SVIDs) only, not to people",
                 reason="auth.workload_required",
             )
-        _require(caller, Role.AGENT, "request a credential")
+        caller.require(Role.AGENT, "request a credential")
         if self._refuse_if_superseded is not None:
             self._refuse_if_superseded()
         identity = caller.identity
@@ -943,15 +943,6 @@ def _event(
 
 async def _nothing() -> None:
     """Nothing left to finish."""
-
-
-def _require(caller: Caller, role: Role, what: str) -> None:
-    if role not in caller.roles:
-        raise ForbiddenError(
-            f"{caller.principal_id} needs the {role.value} role to {what} "
-            f"(has {sorted(r.value for r in caller.roles)})",
-            reason="auth.role_required",
-        )
 
 
 def _fingerprint(holder: str, request: CredentialRequest, params: Mapping[str, str]) -> str:

@@ -85,6 +85,16 @@ class Caller:
         """True when the caller holds at least one of ``roles``."""
         return not self.roles.isdisjoint(roles)
 
+    def require(self, role: Role, what: str) -> None:
+        """Raise ``403 auth.role_required`` unless the caller holds ``role`` (``what`` it
+        needs it for, in the message)."""
+        if role not in self.roles:
+            raise ForbiddenError(
+                f"{self.principal_id} needs the {role.value} role to {what} "
+                f"(has {sorted(r.value for r in self.roles)})",
+                reason="auth.role_required",
+            )
+
 
 class CallerAuthenticator:
     """Turns what a request presented into a :class:`Caller`, or a typed 401/403."""

@@ -85,6 +85,16 @@ def epoch_micros(moment: datetime) -> int:
     return (moment - _EPOCH) // _MICROSECOND
 
 
+def aware_time(text: str) -> datetime | None:
+    """``text`` as an RFC 3339 time with an offset (``Z`` or ``±hh:mm``); None when it is not
+    one (no offset, not a time)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.utcoffset() is not None else None
+
+
 # The largest live-credential limit one can configure (per identity, or per identity and target).
 MAX_LIVE_LIMIT = 1_000_000
 

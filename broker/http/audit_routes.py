@@ -29,7 +29,7 @@ from broker.core.roles import Role
 from broker.core.untrusted import printable
 from broker.errors import BadRequestError
 from broker.http.auth import require_roles
-from broker.http.wire import one_query_value, parse_body, query_time
+from broker.http.wire import one_query_value, parse_body, query_time, refuse_unknown_params
 
 AUDIT_SERVICE_KEY = web.AppKey("audit_service", AuditService)
 
@@ -111,13 +111,7 @@ def _types(request: web.Request) -> frozenset[EventType]:
 async def query_audit(request: web.Request) -> web.Response:
     """GET /v1/audit: one page of the audit stream (admin)."""
     caller = require_roles(request, Role.ADMIN)
-    unknown = sorted(set(request.query) - _QUERY_PARAMS)
-    if unknown:
-        raise BadRequestError(
-            f"unknown query parameters {[printable(u, 40) for u in unknown[:5]]} (known: "
-            f"{sorted(_QUERY_PARAMS)})",
-            reason="query.invalid",
-        )
+    refuse_unknown_params(request.query, _QUERY_PARAMS)
     raw_limit = one_query_value(request.query, "limit", 4) or "100"
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
         raise BadRequestError(f"limit must be 1..{MAX_PAGE}", reason="query.invalid")

@@ -23,11 +23,10 @@ from aiohttp import web
 from broker.core.model import LeaseState, RunState, Sensitivity, Target
 from broker.core.ports import RUN_PAGE_LIMIT, LeaseSelector, RunCursor, RunQuery
 from broker.core.roles import Role
-from broker.core.untrusted import printable
 from broker.errors import BadRequestError
 from broker.http.app import BROKER_KEY
 from broker.http.auth import require_roles
-from broker.http.wire import lease_json, one_query_value, run_json
+from broker.http.wire import lease_json, one_query_value, refuse_unknown_params, run_json
 
 _FILTERS = ("workflow_id", "task_id", "holder", "holder_prefix", "owner", "target")
 _MAX_LIMIT = 1000
@@ -115,13 +114,7 @@ def run_cursor_text(cursor: RunCursor) -> str:
 
 
 def _run_query(query: Any) -> RunQuery:
-    unknown = sorted(set(query) - _RUN_PARAMS)
-    if unknown:
-        raise BadRequestError(
-            f"unknown query parameters {[printable(u, 40) for u in unknown[:5]]} "
-            f"(known: {sorted(_RUN_PARAMS)})",
-            reason="query.invalid",
-        )
+    refuse_unknown_params(query, _RUN_PARAMS)
     states = None
     raw_states = one_query_value(query, "state", 200)
     raw_limit = one_query_value(query, "limit", 4) or "100"

@@ -20,11 +20,10 @@ from aiohttp import web
 
 from broker.core.legacy import LegacyTargetUsage, Usage
 from broker.core.roles import Role
-from broker.core.untrusted import printable
 from broker.errors import BadRequestError
 from broker.http.auth import require_roles
 from broker.http.query_routes import target_json
-from broker.http.wire import query_time
+from broker.http.wire import query_time, refuse_unknown_params
 from broker.legacy import LegacyReport, LegacyReporter
 
 LEGACY_REPORTER_KEY = web.AppKey("legacy_reporter", LegacyReporter)
@@ -74,13 +73,7 @@ def legacy_report_json(report: LegacyReport) -> dict[str, Any]:
 async def legacy_report(request: web.Request) -> web.Response:
     """GET /v1/reports/legacy"""
     caller = require_roles(request, Role.ADMIN)
-    unknown = sorted(set(request.query) - _LEGACY_PARAMS)
-    if unknown:
-        raise BadRequestError(
-            f"unknown query parameters {[printable(u, 40) for u in unknown[:5]]} (known: "
-            f"{sorted(_LEGACY_PARAMS)})",
-            reason="query.invalid",
-        )
+    refuse_unknown_params(request.query, _LEGACY_PARAMS)
     if len(request.query.getall("since", [])) > 1:
         raise BadRequestError("since given more than once", reason="query.invalid")
     report = await request.app[LEGACY_REPORTER_KEY].report(

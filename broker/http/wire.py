@@ -7,13 +7,14 @@ Parsing is strict: unknown fields are refused, sizes are bounded, and a validati
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from broker.core.model import Lease, Quarantine, QuarantineKind, WorkflowRun
+from broker.core.model import Lease, Quarantine, QuarantineKind, WorkflowRun, aware_time
 from broker.core.untrusted import printable
 from broker.errors import BadRequestError
 
@@ -191,13 +192,22 @@ def query_time(request: web.Request, name: str) -> datetime | None:
     raw = request.query.get(name)
     if raw is None:
         return None
-    try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        moment = None
-    if moment is None or moment.utcoffset() is None:
+    moment = aware_time(raw)
+    if moment is None:
         raise BadRequestError(
             f"{name} must be an RFC 3339 time with a timezone, got {printable(raw, 40)!r}",
             reason="query.invalid",
         )
     return moment
+
+
+def refuse_unknown_params(query: Any, known: Iterable[str]) -> None:
+    """A 400 ``query.invalid`` naming (printably, the first five) the query parameters not
+    in ``known``."""
+    unknown = sorted(set(query) - set(known))
+    if unknown:
+        raise BadRequestError(
+            f"unknown query parameters {[printable(u, 40) for u in unknown[:5]]} (known: "
+            f"{sorted(known)})",
+            reason="query.invalid",
+        )
