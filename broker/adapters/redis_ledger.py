@@ -141,7 +141,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -399,6 +399,18 @@ def _live_minute(lease: Lease) -> int:
     """The minute (since the epoch) whose end the lease counts against live limits until: the
     minute its expiry falls in, rounded up."""
     return -(-epoch_micros(lease.expires_at) // _MINUTE_US)
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _grouped(pairs: Iterable[tuple[_K, _V]]) -> dict[_K, list[_V]]:
+    """The values of ``(key, value)`` pairs by key, each group in the order given."""
+    groups: dict[_K, list[_V]] = {}
+    for name, value in pairs:
+        groups.setdefault(name, []).append(value)
+    return groups
 
 
 def _moment(micros: int) -> datetime:
@@ -2045,36 +2057,43 @@ class RedisLedger:  # satisfies core.ports.Ledger
             low = b"(" + str(holders[-1]).encode()
 
     async def _load_leases(self, credential_ids: Sequence[str]) -> list[Lease]:
-        """Two round trips for any number of leases: their runs, then the records."""
+        """Two round trips for any number of leases: their runs, then the records; one HMGET
+        per id bucket, then one per run (not a command per lease: redis-py's cost is per
+        command)."""
         keys = self._keys
+        by_bucket = _grouped((keys.creds(keys.bucket(cid)), cid) for cid in credential_ids)
 
         def runs(pipe: Pipeline) -> None:
-            for cid in credential_ids:
-                pipe.hget(keys.creds(keys.bucket(cid)), cid)
+            for key, cids in by_bucket.items():
+                pipe.hmget(key, cids)
 
-        located = await self._checked("find_leases", runs)
+        replies = await self._checked("find_leases", runs)
         return await self._load_located(
             [
                 (cid, str(wid))
-                for cid, wid in zip(credential_ids, located, strict=True)
+                for cids, wids in zip(by_bucket.values(), replies, strict=True)
+                for cid, wid in zip(cids, wids, strict=True)
                 if wid is not None
             ]
         )
 
     async def _load_located(self, located: Sequence[tuple[str, str]]) -> list[Lease]:
-        """The records of (credential id, run id) pairs, in one round trip."""
+        """The records of (credential id, run id) pairs, in one round trip (one HMGET per
+        run)."""
         keys = self._keys
         if not located:
             return []
+        by_run = _grouped((wid, cid) for cid, wid in located)
 
         def records(pipe: Pipeline) -> None:
-            for cid, wid in located:
-                pipe.hget(keys.leases(wid), cid)
+            for wid, cids in by_run.items():
+                pipe.hmget(keys.leases(wid), cids)
 
-        raws = await self._checked("find_leases", records)
+        replies = await self._checked("find_leases", records)
         return [
             _decode_lease(str(raw), cid, wid, f"{keys.leases(wid)} {cid}")
-            for (cid, wid), raw in zip(located, raws, strict=True)
+            for (wid, cids), raws in zip(by_run.items(), replies, strict=True)
+            for cid, raw in zip(cids, raws, strict=True)
             if raw is not None
         ]
 
