@@ -14,7 +14,8 @@ Each ``[[target]]`` table becomes one :class:`~broker.core.model.Target`::
     sensitivity = "internal"         # public | internal | confidential | restricted
     max_ttl = "15m"                  # hours/minutes/seconds: "1h", "15m", "90s", "1h30m"
     revocable = true                 # optional, default true; ssh must say false
-    legacy = false                   # optional: a standing static secret (short caps)
+    legacy = false                   # optional: a standing static secret (short caps; its
+                                     # policies may be no other target's)
     max_live_per_identity = 2        # optional: live credentials of it per agent (0: no cap)
     params = { domain = "..." }      # optional, kind-specific (see _PARAMS)
 
@@ -92,7 +93,25 @@ def parse_target_catalog(data: Mapping[str, Any]) -> Mapping[str, Target]:
                 f"targets: target[{index}].name: {target.name!r} is defined twice"
             )
         catalog[target.name] = target
+    _check_legacy_isolated(catalog)
     return MappingProxyType(catalog)
+
+
+def _check_legacy_isolated(catalog: Mapping[str, Target]) -> None:
+    """A legacy target is isolated: no other target's task token carries any of its Vault
+    policies. Otherwise its standing secret could be had through the other target, outside
+    the legacy caps and unseen by the burn-down report (``GET /v1/reports/legacy``)."""
+    for target in catalog.values():
+        if not target.legacy:
+            continue
+        for other in catalog.values():
+            shared = sorted(set(target.policies) & set(other.policies))
+            if other is not target and shared:
+                raise ConfigurationError(
+                    f"targets: legacy target {target.name!r} shares Vault policies {shared} "
+                    f"with target {other.name!r}; a legacy target's policies must be its own, "
+                    "so its standing secret is reached through it alone"
+                )
 
 
 def _parse_target(index: int, entry: Any) -> Target:

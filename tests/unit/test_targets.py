@@ -103,7 +103,8 @@ def test_optional_keys_and_kind_parameters() -> None:
     catalog = parse_target_catalog(
         {
             "target": [
-                entry(legacy=True, description="old static secret"),
+                # A legacy target's policies are its own (the others share target-db).
+                entry(legacy=True, description="old static secret", policies=["legacy-db"]),
                 entry(name="capped", max_live_per_identity=2),
                 entry(
                     name="kv",
@@ -158,6 +159,14 @@ def test_optional_keys_and_kind_parameters() -> None:
         ({"target": [entry(max_ttl="25h")]}, r"\('db'\)\.max_ttl must be .* at most 24h"),
         ({"target": [entry(revocable="no")]}, r"\('db'\)\.revocable must be true or false"),
         ({"target": [entry(legacy=1)]}, r"\('db'\)\.legacy must be true or false"),
+        (
+            {"target": [entry(legacy=True), entry(name="db2", policies=["x", "target-db"])]},
+            r"legacy target 'db' shares Vault policies \['target-db'\] with target 'db2'",
+        ),
+        (
+            {"target": [entry(), entry(name="old", legacy=True)]},
+            r"legacy target 'old' shares Vault policies \['target-db'\] with target 'db'",
+        ),
         ({"target": [entry(description="a\nb")]}, r"\('db'\)\.description must be printable"),
         ({"target": [entry(max_live_per_identity=-1)]}, r"\.max_live_per_identity must be an int"),
         ({"target": [entry(max_live_per_identity=True)]}, r"\.max_live_per_identity must be"),
