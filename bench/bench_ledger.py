@@ -51,7 +51,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from _common import with_redis
+from _common import drop_namespace, with_redis
 
 from broker.adapters.redis_ledger import (
     _LIVE_SET_GRACE_MS,
@@ -208,7 +208,7 @@ async def _check_fill_matches_write_ahead(client: aioredis.Redis, url: str) -> N
                 await _write(client, ledger._keys, leases)
             dumps.append(await _dump(client, ledger.namespace))
         finally:
-            await _drop(client, ledger.namespace)
+            await drop_namespace(client, ledger.namespace)
             await ledger.close()
     if dumps[0] != dumps[1]:
         raise SystemExit(f"the pipelined fill differs from write_ahead:\n{dumps[0]}\n{dumps[1]}")
@@ -235,12 +235,6 @@ async def _dump(client: aioredis.Redis, namespace: str) -> dict[str, object]:
 
 async def _keys(client: aioredis.Redis, namespace: str) -> list[str]:
     return [str(k) async for k in client.scan_iter(match=f"{namespace}:*", count=5000)]
-
-
-async def _drop(client: aioredis.Redis, namespace: str) -> None:
-    keys = await _keys(client, namespace)
-    for start in range(0, len(keys), 5000):
-        await client.unlink(*keys[start : start + 5000])
 
 
 async def _usage(client: aioredis.Redis, keys: list[str]) -> int:
@@ -425,7 +419,7 @@ async def _run(url: str, sizes: list[int]) -> None:
         )
     finally:
         for population in populations:
-            await _drop(client, population.ledger.namespace)
+            await drop_namespace(client, population.ledger.namespace)
             await population.ledger.close()
         await client.aclose()
 

@@ -54,7 +54,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 import structlog
-from _common import with_redis
+from _common import drop_namespace, with_redis
 
 from broker.adapters.redis_ledger import RedisLedger
 from broker.config import RedisSettings
@@ -305,9 +305,7 @@ async def _run(url: str, args: argparse.Namespace) -> None:
         _report(figures, args)
     finally:
         for ledger in ledgers.values():
-            keys = [k async for k in admin.scan_iter(match=f"{ledger.namespace}:*", count=5000)]
-            for start in range(0, len(keys), 5000):
-                await admin.unlink(*keys[start : start + 5000])
+            await drop_namespace(admin, ledger.namespace)
             await ledger.close()
         await admin.aclose()
 

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import structlog
-from _common import with_redis
+from _common import drop_namespace, with_redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -162,7 +162,8 @@ async def main(url: str, leases: int, rounds: int) -> None:
             [usage] = report.targets
             assert usage.credentials == min(leases, bound), usage.credentials
             assert usage.complete == (bound >= leases)
-            assert (usage.holder_count, usage.owner_count) == (20, 5)
+            if usage.complete:  # a cut reads whichever runs come first
+                assert (usage.holder_count, usage.owner_count) == (20, 5)
             wall = statistics.median(walls)
             print(
                 f"| {'all' if bound >= leases else 'cut'} | {bound} | {usage.credentials} | "
@@ -170,9 +171,7 @@ async def main(url: str, leases: int, rounds: int) -> None:
                 f"{usage.credentials / wall:,.0f} |"
             )
     finally:
-        keys = [key async for key in ledger.client.scan_iter(match="bench-legacy:*", count=1000)]
-        for start in range(0, len(keys), 500):
-            await ledger.client.unlink(*keys[start : start + 500])
+        await drop_namespace(ledger.client, "bench-legacy")
         await ledger.close()
 
 

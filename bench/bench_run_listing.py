@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import structlog
-from _common import percentile, with_redis
+from _common import drop_namespace, percentile, with_redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -106,9 +106,7 @@ async def main(url: str, runs: int, every: int) -> None:
         listed, took, _ = await _walk(ledger, query)
         _report("label ticket=OPS-7, state active", rare, listed, took, runs)
     finally:
-        keys = [key async for key in ledger.client.scan_iter(match="bench-listing:*", count=1000)]
-        for start in range(0, len(keys), 500):
-            await ledger.client.unlink(*keys[start : start + 500])
+        await drop_namespace(ledger.client, "bench-listing")
         await ledger.close()
 
 
