@@ -9,8 +9,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import TypeAdapter
+from typer.testing import CliRunner
 
 from broker.adapters.memory_ledger import InMemoryLedger
+from broker.cli import app
 from broker.core.authn import Caller
 from broker.core.legacy import LegacyTally, burn_down_order
 from broker.core.model import Lease, LeaseState, Sensitivity, Target, TargetKind
@@ -237,3 +239,28 @@ async def test_the_json_is_the_documented_view() -> None:
     }
     assert body["targets"][1]["unused"] is True
     assert body["targets"][1]["last_issued_at"] is None
+
+
+# --------------------------------------------------------------------------- the CLI's options
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--since", "yesterday"], "is not an RFC 3339 time with an offset"),
+        (["--since", "2030-01-01T00:00:00"], "is not an RFC 3339 time with an offset"),
+        (["--since", "2030-01-01T00:00:00Z", "--days", "1"], "give --since or --days, not both"),
+        (["--days", "0"], "--days"),
+    ],
+)
+def test_report_legacy_refuses_a_bad_window_before_calling_the_broker(
+    args: list[str], message: str
+) -> None:
+    """A usage error (exit 2) with no connection attempted (the URL points nowhere)."""
+    result = CliRunner().invoke(
+        app,
+        ["--url", "https://127.0.0.1:9", "report", "legacy", *args],
+        env={"SPIFFE_ENDPOINT_SOCKET": "", "COLUMNS": "200"},
+    )
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
